@@ -1,0 +1,682 @@
+//! Snapshot archives: `./db` (exactly the file etcd wrote, trailer intact) then
+//! `./manifest.yaml`, in a tar inside parallel gzip.
+//!
+//! Writing is one streaming pass: `File -> HashingWriter -> ParGzWriter -> tar::Builder`, with
+//! the db hashed (and its etcd sha256 trailer checked) as it is read, so the archive's hash
+//! covers the exact bytes on disk. Reading is one pass too, and accepts nothing but what a
+//! snapshot archive (ours or the original charm's) can hold: every other entry, path or size
+//! is refused before a byte of it is written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use flate2::bufread::MultiGzDecoder;
+use sha2::{Digest, Sha256};
+
+use crate::error::{human_size, Error, IoContext};
+use crate::manifest::{Manifest, SOURCE_SNAPSHOT};
+use crate::pgzip::{ParGzReader, ParGzWriter};
+
+pub const DB_ENTRY: &str = "db";
+pub const MANIFEST_ENTRY: &str = "manifest.yaml";
+const MANIFEST_MAX: u64 = 64 * 1024;
+/// Zero padding GNU tar may add after the end-of-archive blocks.
+const TRAILING_MAX: u64 = 1 << 20;
+
+/// Counts and hashes everything written through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, [u8; 32], u64) {
+        (self.inner, self.hasher.finalize().into(), self.bytes)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts and hashes everything read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn finish(self) -> ([u8; 32], u64) {
+        (self.hasher.finalize().into(), self.bytes)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Whether a db of this size ends in etcd's 32-byte sha256 trailer (etcd's own test).
+pub fn has_trailer(size: u64) -> bool {
+    size >= 32 && size % 512 == 32
+}
+
+/// Hashes a db as it streams past: the sha256 of the whole file, and, when the file carries
+/// etcd's trailer, whether the trailer is the sha256 of everything before it. One pass.
+pub struct DbDigest {
+    full: Sha256,
+    boundary: u64,
+    pos: u64,
+    body: Option<[u8; 32]>,
+    tail: Vec<u8>,
+}
+
+/// What `DbDigest` found.
+#[derive(Debug, Clone, Copy)]
+pub struct DbHashes {
+    pub sha256: [u8; 32],
+    pub size: u64,
+    /// `None`: no trailer; `Some(ok)`: a trailer that matches or not.
+    pub trailer: Option<bool>,
+}
+
+impl DbDigest {
+    pub fn new(size: u64) -> Self {
+        let boundary = if has_trailer(size) {
+            size - 32
+        } else {
+            u64::MAX
+        };
+        let mut d = DbDigest {
+            full: Sha256::new(),
+            boundary,
+            pos: 0,
+            body: None,
+            tail: Vec::new(),
+        };
+        if boundary == 0 {
+            d.body = Some(d.full.clone().finalize().into());
+        }
+        d
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        if self.pos < self.boundary {
+            let n = (self.boundary - self.pos).min(data.len() as u64) as usize;
+            self.full.update(&data[..n]);
+            self.pos += n as u64;
+            if self.pos == self.boundary {
+                self.body = Some(self.full.clone().finalize().into());
+            }
+            data = &data[n..];
+        }
+        if !data.is_empty() {
+            self.full.update(data);
+            self.pos += data.len() as u64;
+            if self.tail.len() < 32 {
+                let take = (32 - self.tail.len()).min(data.len());
+                self.tail.extend_from_slice(&data[..take]);
+            }
+        }
+    }
+
+    pub fn finish(self) -> DbHashes {
+        let trailer =
+            (self.boundary != u64::MAX).then(|| self.body.is_some_and(|b| b[..] == self.tail[..]));
+        DbHashes {
+            sha256: self.full.finalize().into(),
+            size: self.pos,
+            trailer,
+        }
+    }
+}
+
+/// A reader that feeds a `DbDigest`.
+struct DigestReader<'a, R> {
+    inner: R,
+    digest: &'a mut DbDigest,
+}
+
+impl<R: Read> Read for DigestReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What `pack` wrote.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub sha256: String,
+    pub bytes: u64,
+    pub manifest: Manifest,
+}
+
+fn entry_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_mtime(mtime);
+    header.set_uid(0);
+    header.set_gid(0);
+    // `./db`, as `tar czf x.tar.gz .` writes it: the original charm's restore looks for `*/db`.
+    let path = format!("./{name}");
+    let gnu = header.as_gnu_mut().expect("gnu header");
+    gnu.name[..path.len()].copy_from_slice(path.as_bytes());
+    header.set_cksum();
+    Ok(header)
+}
+
+/// Streams `db` and a manifest into `out` as a snapshot archive. `manifest` gets the db's
+/// size and sha256 filled in. With `expect_trailer`, a db without a valid etcd sha256 trailer
+/// is an error and nothing is published. `out` is synced before this returns.
+pub fn pack(
+    db: &Path,
+    mut manifest: Manifest,
+    expect_trailer: bool,
+    out: File,
+    level: u32,
+) -> Result<Packed, Error> {
+    let io_err = |what: &str| {
+        let what = format!("cannot write archive ({what})");
+        move |e: io::Error| Error::io(what, e)
+    };
+    let src = File::open(db).ctx(|| format!("cannot open `{}`", db.display()))?;
+    let size = src
+        .metadata()
+        .ctx(|| format!("cannot stat `{}`", db.display()))?
+        .len();
+    if expect_trailer && !has_trailer(size) {
+        return Err(Error::Mismatch {
+            what: "etcd snapshot layout".into(),
+            expected: "a db ending in etcd's 32-byte sha256 trailer".into(),
+            actual: format!("{size} bytes with no trailer"),
+            hint: "the snapshot etcdctl wrote is incomplete; take it again".into(),
+        });
+    }
+    let mtime = crate::manifest::now_secs();
+    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
+    let gz = ParGzWriter::new(hashing, level);
+    let mut tar = tar::Builder::new(gz);
+
+    let mut digest = DbDigest::new(size);
+    let header = entry_header(DB_ENTRY, size, mtime).map_err(io_err("db header"))?;
+    let mut reader = DigestReader {
+        inner: BufReader::with_capacity(1 << 20, src).take(size),
+        digest: &mut digest,
+    };
+    tar.append(&header, &mut reader).map_err(io_err("db"))?;
+    let hashes = digest.finish();
+    if hashes.size != size {
+        return Err(Error::io(
+            format!("`{}` changed size while being archived", db.display()),
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    if expect_trailer && hashes.trailer != Some(true) {
+        return Err(Error::Mismatch {
+            what: "etcd's sha256 trailer of the snapshot".into(),
+            expected: "the sha256 of the db pages".into(),
+            actual: "a different digest".into(),
+            hint: "the snapshot was damaged in transit from etcd; take it again".into(),
+        });
+    }
+    manifest.db_size = size;
+    manifest.db_sha256 = hex::encode(hashes.sha256);
+    let text = manifest.to_yaml();
+    let header =
+        entry_header(MANIFEST_ENTRY, text.len() as u64, mtime).map_err(io_err("manifest"))?;
+    tar.append(&header, text.as_bytes())
+        .map_err(io_err("manifest"))?;
+
+    let gz = tar.into_inner().map_err(io_err("tar end"))?;
+    let hashing = gz.finish().map_err(io_err("gzip"))?;
+    let (buffered, sha, bytes) = hashing.finish();
+    let file = buffered
+        .into_inner()
+        .map_err(|e| io_err("flush")(e.into_error()))?;
+    file.sync_all().map_err(io_err("fsync"))?;
+    Ok(Packed {
+        sha256: hex::encode(sha),
+        bytes,
+        manifest,
+    })
+}
+
+/// How a verified archive was laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Ours: `db` and `manifest.yaml` at the root.
+    Ours,
+    /// The original charm's: a raw `db` at the root or in one subdirectory, no manifest.
+    Legacy,
+}
+
+/// A verified archive whose db was written to the destination.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    pub sha256: String,
+    pub bytes: u64,
+    pub db: DbHashes,
+    pub manifest: Option<Manifest>,
+    pub layout: Layout,
+}
+
+/// Limits on what `unpack` writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest db the destination has room for.
+    pub max_db: u64,
+}
+
+fn refuse(path: &Path, problem: impl Into<String>) -> Error {
+    Error::BadArchive {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+/// Normalizes an entry path: no absolute paths, no `..`, `./` and empty parts dropped.
+fn entry_parts(raw: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
+    if text.starts_with('/') {
+        return Err(format!("entry `{text}` has an absolute path"));
+    }
+    let mut parts = Vec::new();
+    for part in text.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "entry `{text}` climbs out of the archive with `..`"
+                ))
+            }
+            p => parts.push(p.to_string()),
+        }
+    }
+    Ok(parts)
+}
+
+fn is_v2_or_data_dir(parts: &[String]) -> bool {
+    parts
+        .windows(2)
+        .any(|w| w[0] == "member" && (w[1] == "wal" || w[1] == "snap"))
+}
+
+/// Reads `archive` in one pass, writes its db to `dest` (created, mode 0600), and checks it:
+/// the expected archive sha256 if given, then the manifest's db size and sha256, then etcd's
+/// trailer. On any error `dest` is removed.
+pub fn unpack(
+    archive: &Path,
+    dest: &Path,
+    expected_sha256: Option<&str>,
+    limits: Limits,
+) -> Result<Unpacked, Error> {
+    let result = unpack_inner(archive, dest, expected_sha256, limits);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    result
+}
+
+struct Scan {
+    db: Option<DbHashes>,
+    db_depth: usize,
+    manifest: Option<Manifest>,
+}
+
+fn unpack_inner(
+    archive: &Path,
+    dest: &Path,
+    expected_sha256: Option<&str>,
+    limits: Limits,
+) -> Result<Unpacked, Error> {
+    let file =
+        File::open(archive).ctx(|| format!("cannot open archive `{}`", archive.display()))?;
+    let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
+    let scanned = scan(archive, &mut buf, dest, limits);
+    // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
+    let drained = io::copy(&mut buf, &mut io::sink());
+    let (sha, bytes) = buf.into_inner().finish();
+    let sha = hex::encode(sha);
+    if let Some(expected) = expected_sha256 {
+        if !expected.eq_ignore_ascii_case(&sha) {
+            return Err(Error::Mismatch {
+                what: "the archive's sha256".into(),
+                expected: expected.to_ascii_lowercase(),
+                actual: sha,
+                hint: "the archive is not the one the sha256 param names, or it was damaged in \
+                       transfer; copy it again and compare with the snapshot action's result"
+                    .into(),
+            });
+        }
+    }
+    let scan = scanned?;
+    drained.ctx(|| format!("cannot read archive `{}`", archive.display()))?;
+    let db = scan.db.ok_or_else(|| {
+        refuse(
+            archive,
+            "it holds no `db` file; is it an etcd snapshot archive?",
+        )
+    })?;
+    let layout = match (&scan.manifest, scan.db_depth) {
+        (Some(_), 1) => Layout::Ours,
+        (None, _) => Layout::Legacy,
+        (Some(_), _) => {
+            return Err(refuse(
+                archive,
+                "its manifest sits beside a `db` that is not at the root",
+            ))
+        }
+    };
+    if let Some(m) = &scan.manifest {
+        if m.db_size != db.size {
+            return Err(Error::Mismatch {
+                what: "the db size recorded in the manifest".into(),
+                expected: m.db_size.to_string(),
+                actual: db.size.to_string(),
+                hint: "the archive was altered after it was made; use another snapshot".into(),
+            });
+        }
+        if !m.db_sha256.eq_ignore_ascii_case(&hex::encode(db.sha256)) {
+            return Err(Error::Mismatch {
+                what: "the db sha256 recorded in the manifest".into(),
+                expected: m.db_sha256.clone(),
+                actual: hex::encode(db.sha256),
+                hint: "the archive was altered after it was made; use another snapshot".into(),
+            });
+        }
+    }
+    match db.trailer {
+        Some(true) => {}
+        Some(false) => {
+            return Err(Error::Mismatch {
+                what: "etcd's sha256 trailer of the db".into(),
+                expected: "the sha256 of the db pages".into(),
+                actual: "a different digest".into(),
+                hint: "the snapshot is corrupt; use another snapshot".into(),
+            })
+        }
+        None if scan
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.source == SOURCE_SNAPSHOT) =>
+        {
+            return Err(refuse(
+                archive,
+                "its manifest says the db came from etcd's snapshot API, but the db has no etcd \
+                 sha256 trailer; the db was truncated or replaced",
+            ))
+        }
+        None => {}
+    }
+    Ok(Unpacked {
+        sha256: sha,
+        bytes,
+        db,
+        manifest: scan.manifest,
+        layout,
+    })
+}
+
+fn scan<R: BufRead>(
+    archive: &Path,
+    buf: &mut R,
+    dest: &Path,
+    limits: Limits,
+) -> Result<Scan, Error> {
+    let head = buf
+        .fill_buf()
+        .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
+    if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
+        return Err(refuse(
+            archive,
+            "it is not a gzip file (expected a .tar.gz snapshot archive)",
+        ));
+    }
+    let decoder: Box<dyn Read + '_> = if ParGzReader::<&mut R>::recognizes(head) {
+        Box::new(ParGzReader::new(buf))
+    } else {
+        Box::new(MultiGzDecoder::new(buf))
+    };
+    let corrupt = |e: io::Error| refuse(archive, format!("it is corrupt or truncated: {e}"));
+    let mut tar = tar::Archive::new(decoder);
+    let mut scan = Scan {
+        db: None,
+        db_depth: 0,
+        manifest: None,
+    };
+    {
+        let entries = tar.entries().map_err(corrupt)?;
+        for entry in entries {
+            let mut entry = entry.map_err(corrupt)?;
+            let parts = entry_parts(&entry.path_bytes()).map_err(|p| refuse(archive, p))?;
+            let shown = parts.join("/");
+            if is_v2_or_data_dir(&parts) {
+                return Err(refuse(
+                    archive,
+                    format!(
+                        "it holds an etcd data directory or a v2-era backup (`{shown}`); only v3 \
+                         snapshots (a `db` file) can be restored: take a v3 snapshot with the \
+                         snapshot action"
+                    ),
+                ));
+            }
+            let kind = entry.header().entry_type();
+            match kind {
+                tar::EntryType::Directory => continue,
+                tar::EntryType::Regular | tar::EntryType::Continuous => {}
+                other => {
+                    return Err(refuse(
+                        archive,
+                        format!(
+                            "entry `{shown}` is a {}; snapshot archives hold only regular files",
+                            type_name(other)
+                        ),
+                    ))
+                }
+            }
+            let size = entry.header().size().map_err(corrupt)?;
+            let name = parts.last().map(String::as_str).unwrap_or_default();
+            match (name, parts.len()) {
+                (DB_ENTRY, 1 | 2) => {
+                    if scan.db.is_some() {
+                        return Err(refuse(archive, "it holds more than one `db` file"));
+                    }
+                    if size > limits.max_db {
+                        return Err(refuse(
+                            archive,
+                            format!(
+                                "its `db` claims {} but there is room for at most {}; free space \
+                                 on the data filesystem or check the archive",
+                                human_size(size),
+                                human_size(limits.max_db)
+                            ),
+                        ));
+                    }
+                    scan.db = Some(extract_db(archive, &mut entry, size, dest)?);
+                    scan.db_depth = parts.len();
+                }
+                (MANIFEST_ENTRY, 1) => {
+                    if scan.manifest.is_some() {
+                        return Err(refuse(archive, "it holds more than one manifest"));
+                    }
+                    if size > MANIFEST_MAX {
+                        return Err(refuse(archive, format!("its manifest is {size} bytes, far more than a manifest can be")));
+                    }
+                    let mut text = String::new();
+                    entry.read_to_string(&mut text).map_err(|e| refuse(archive, format!("its manifest is unreadable: {e}")))?;
+                    let m = Manifest::from_yaml(&text).map_err(|e| refuse(archive, format!("its manifest is invalid: {e}")))?;
+                    scan.manifest = Some(m);
+                }
+                _ => {
+                    return Err(refuse(
+                        archive,
+                        format!("it holds an unexpected file `{shown}`; a snapshot archive holds only `db` and `manifest.yaml`"),
+                    ))
+                }
+            }
+        }
+    }
+    // Read what follows the tar's end so every gzip member's CRC is checked; allow only the
+    // zero padding tar writes.
+    let mut rest = tar.into_inner().take(TRAILING_MAX + 1);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = rest.read(&mut chunk).map_err(corrupt)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > TRAILING_MAX || chunk[..n].iter().any(|&b| b != 0) {
+            return Err(refuse(
+                archive,
+                "it has unexpected data after the end of the tar archive",
+            ));
+        }
+    }
+    Ok(scan)
+}
+
+fn extract_db<R: Read>(
+    archive: &Path,
+    entry: &mut R,
+    size: u64,
+    dest: &Path,
+) -> Result<DbHashes, Error> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .ctx(|| format!("cannot create `{}`", dest.display()))?;
+    let mut digest = DbDigest::new(size);
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        let n = match entry.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(refuse(
+                    archive,
+                    format!("it is corrupt or truncated inside `db`: {e}"),
+                ))
+            }
+        };
+        digest.update(&buffer[..n]);
+        out.write_all(&buffer[..n])
+            .ctx(|| format!("cannot write `{}`", dest.display()))?;
+        written += n as u64;
+    }
+    if written != size {
+        return Err(refuse(
+            archive,
+            format!("it is truncated: `db` should hold {size} bytes but has {written}"),
+        ));
+    }
+    out.sync_all()
+        .ctx(|| format!("cannot fsync `{}`", dest.display()))?;
+    Ok(digest.finish())
+}
+
+fn type_name(t: tar::EntryType) -> &'static str {
+    match t {
+        tar::EntryType::Symlink => "symlink",
+        tar::EntryType::Link => "hard link",
+        tar::EntryType::Char => "character device",
+        tar::EntryType::Block => "block device",
+        tar::EntryType::Fifo => "FIFO",
+        _ => "special entry",
+    }
+}
+
+/// Path of a sidecar `<archive>.sha256`.
+pub fn sidecar_path(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".sha256");
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_db(pages: usize, trailer: bool) -> Vec<u8> {
+        let mut db: Vec<u8> = (0..pages * 4096).map(|i| (i * 31 % 251) as u8).collect();
+        if trailer {
+            let d: [u8; 32] = Sha256::digest(&db).into();
+            db.extend_from_slice(&d);
+        }
+        db
+    }
+
+    #[test]
+    fn digest_checks_the_trailer_in_any_chunking() {
+        let db = fake_db(5, true);
+        for chunk in [1, 7, 32, 4096, 100_000] {
+            let mut d = DbDigest::new(db.len() as u64);
+            for c in db.chunks(chunk) {
+                d.update(c);
+            }
+            let h = d.finish();
+            assert_eq!(h.trailer, Some(true), "chunk {chunk}");
+            assert_eq!(h.sha256, <[u8; 32]>::from(Sha256::digest(&db)));
+        }
+        let mut bad = db.clone();
+        bad[100] ^= 1;
+        let mut d = DbDigest::new(bad.len() as u64);
+        d.update(&bad);
+        assert_eq!(d.finish().trailer, Some(false));
+        let raw = fake_db(5, false);
+        let mut d = DbDigest::new(raw.len() as u64);
+        d.update(&raw);
+        assert_eq!(d.finish().trailer, None);
+    }
+
+    #[test]
+    fn entry_paths_are_confined() {
+        assert_eq!(entry_parts(b"./db").unwrap(), vec!["db"]);
+        assert_eq!(entry_parts(b"snap-1/./db").unwrap(), vec!["snap-1", "db"]);
+        assert!(entry_parts(b"/etc/passwd").is_err());
+        assert!(entry_parts(b"a/../../db").is_err());
+        assert!(entry_parts(b"\xff").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! Command-line interface: one clap parser for the binary and its multi-call names.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_ETCD_CONFIG: &str = "/var/snap/etcd/common/etcd.conf.yml";
+pub const DEFAULT_TARGET: &str = "/home/ubuntu/etcd-snapshots";
+pub const DEFAULT_STOP: &str = "systemctl stop snap.etcd.etcd";
+pub const DEFAULT_START: &str = "systemctl start snap.etcd.etcd";
+
+/// Snapshot and restore etcd for a Juju charm, or standalone from a shell.
+///
+/// Invoked as `snapshot` or `restore` (the charm's `actions/<name>` links), it runs that
+/// action. With JUJU_ACTION_NAME set it talks to Juju through the hook tools; otherwise it
+/// takes flags and prints the results as YAML.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-actions", version, propagate_version = true)]
+pub struct Arguments {
+    #[command(flatten)]
+    pub settings: SettingArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings shared by both actions. Each has an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct SettingArgs {
+    /// etcd's own YAML config file (as given to `etcd --config-file`).
+    #[arg(long, global = true, env = "ETCD_ACTIONS_ETCD_CONFIG", default_value = DEFAULT_ETCD_CONFIG)]
+    pub etcd_config: PathBuf,
+
+    /// etcdctl binary; found on PATH when unset.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_ETCDCTL")]
+    pub etcdctl: Option<PathBuf>,
+
+    /// etcdutl binary (etcd >= 3.5); found on PATH when unset, optional.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_ETCDUTL")]
+    pub etcdutl: Option<PathBuf>,
+
+    /// Shell command that stops the etcd service.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_STOP_COMMAND", default_value = DEFAULT_STOP)]
+    pub stop_command: String,
+
+    /// Shell command that starts the etcd service.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_START_COMMAND", default_value = DEFAULT_START)]
+    pub start_command: String,
+
+    /// Seconds to wait for etcd to become healthy after a start.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_START_TIMEOUT",
+        default_value_t = 120
+    )]
+    pub start_timeout: u64,
+
+    /// Seconds to wait for another run's lock before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_LOCK_TIMEOUT",
+        default_value_t = 600
+    )]
+    pub lock_timeout: u64,
+
+    /// Revisions to add on restore (with --mark-compacted) where the restore tool supports it,
+    /// so that watchers never see revisions go backwards. 0 disables.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_BUMP_REVISION",
+        default_value_t = 1_000_000_000
+    )]
+    pub bump_revision: u64,
+
+    /// gzip level of archives, 1 (fastest) to 9 (smallest).
+    #[arg(long, global = true, env = "ETCD_ACTIONS_COMPRESSION_LEVEL", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub compression_level: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a consistent snapshot of this unit's etcd into a .tar.gz archive.
+    Snapshot(SnapshotArgs),
+    /// Restore a snapshot archive as a new single-member cluster on this unit.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// Directory the archive is written to (absolute; created 0700 if missing).
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Snapshot archive to restore. In Juju mode the `snapshot` resource is used when empty.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+
+    /// Directory the unit's current data is backed up to first.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    /// Do not back up the current data first.
+    #[arg(long)]
+    pub skip_backup: bool,
+
+    /// Expected sha256 of the archive (hex).
+    #[arg(long)]
+    pub sha256: Option<String>,
+}
+
+/// Rewrites argv for multi-call use: invoked as `snapshot` or `restore` (a link to this binary),
+/// the name becomes the subcommand.
+pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
+    let Some(first) = args.first() else {
+        return vec!["etcd-actions".into()];
+    };
+    let name = Path::new(first)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    match name.as_deref() {
+        Some(action @ ("snapshot" | "restore")) => {
+            let mut out: Vec<OsString> = vec!["etcd-actions".into(), action.into()];
+            out.extend(args.into_iter().skip(1));
+            out
+        }
+        _ => args,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_call_names_become_subcommands() {
+        let args = normalize_args(vec!["/charm/actions/snapshot".into(), "--target".into()]);
+        assert_eq!(
+            args,
+            vec![
+                OsString::from("etcd-actions"),
+                "snapshot".into(),
+                "--target".into()
+            ]
+        );
+        let args = normalize_args(vec!["etcd-actions".into(), "restore".into()]);
+        assert_eq!(args, vec![OsString::from("etcd-actions"), "restore".into()]);
+    }
+
+    #[test]
+    fn parser_is_consistent() {
+        use clap::CommandFactory;
+        Arguments::command().debug_assert();
+    }
+}

@@ -1,0 +1,233 @@
+//! Validated settings: the CLI/env settings plus what is read from etcd's own config file.
+//!
+//! Everything here is resolved before any side effect: binaries are looked up with `which`
+//! and paths are made absolute, so a missing tool fails the action before it touches data.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::SettingArgs;
+use crate::error::{Error, IoContext};
+
+/// The settings every action uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub etcd_config: PathBuf,
+    pub etcdctl: Option<PathBuf>,
+    pub etcdutl: Option<PathBuf>,
+    pub stop_command: String,
+    pub start_command: String,
+    pub start_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub bump_revision: u64,
+    pub compression_level: u32,
+}
+
+impl Settings {
+    pub fn from_args(args: SettingArgs) -> Settings {
+        Settings {
+            etcd_config: args.etcd_config,
+            etcdctl: args.etcdctl.filter(|p| !p.as_os_str().is_empty()),
+            etcdutl: args.etcdutl.filter(|p| !p.as_os_str().is_empty()),
+            stop_command: args.stop_command,
+            start_command: args.start_command,
+            start_timeout: Duration::from_secs(args.start_timeout),
+            lock_timeout: Duration::from_secs(args.lock_timeout),
+            bump_revision: args.bump_revision,
+            compression_level: args.compression_level,
+        }
+    }
+
+    /// The etcdctl binary: the setting, or `etcdctl` on PATH.
+    pub fn etcdctl(&self) -> Result<PathBuf, Error> {
+        resolve_tool("etcdctl", self.etcdctl.as_deref(), "ETCD_ACTIONS_ETCDCTL")
+    }
+
+    /// The etcdutl binary if there is one (etcd >= 3.5).
+    pub fn etcdutl(&self) -> Result<Option<PathBuf>, Error> {
+        match &self.etcdutl {
+            Some(p) => resolve_tool("etcdutl", Some(p), "ETCD_ACTIONS_ETCDUTL").map(Some),
+            None => Ok(which::which("etcdutl").ok()),
+        }
+    }
+}
+
+fn resolve_tool(name: &str, configured: Option<&Path>, var: &str) -> Result<PathBuf, Error> {
+    match configured {
+        Some(path) => {
+            let found = if path.components().count() > 1 {
+                path.is_file().then(|| path.to_path_buf())
+            } else {
+                which::which(path).ok()
+            };
+            found.ok_or_else(|| Error::ToolMissing {
+                tool: path.display().to_string(),
+                hint: format!("{var} names a {name} binary that does not exist; fix the setting"),
+            })
+        }
+        None => which::which(name).map_err(|_| Error::ToolMissing {
+            tool: name.to_string(),
+            hint: format!(
+                "it is not on PATH; install etcd's client tools or set {var} to the binary"
+            ),
+        }),
+    }
+}
+
+/// Client TLS from etcd's `client-transport-security` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClientTls {
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert_auth: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawConfig {
+    name: Option<String>,
+    data_dir: Option<PathBuf>,
+    wal_dir: Option<PathBuf>,
+    listen_client_urls: Option<String>,
+    advertise_client_urls: Option<String>,
+    listen_peer_urls: Option<String>,
+    initial_advertise_peer_urls: Option<String>,
+    client_transport_security: Option<ClientTls>,
+}
+
+/// What the agent needs from etcd's config file.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub path: PathBuf,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub wal_dir: Option<PathBuf>,
+    /// Client URLs, advertised ones first.
+    pub client_urls: Vec<String>,
+    /// Peer URLs this member advertises.
+    pub peer_urls: Vec<String>,
+    pub tls: ClientTls,
+}
+
+fn split_urls(s: Option<&str>) -> Vec<String> {
+    s.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Turns a listen URL on a wildcard address into one a client can dial.
+fn dialable(url: &str) -> String {
+    url.replace("://0.0.0.0", "://127.0.0.1")
+        .replace("://[::]", "://[::1]")
+}
+
+impl EtcdConfig {
+    pub fn load(path: &Path) -> Result<EtcdConfig, Error> {
+        let text = fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, Error> {
+        let invalid = |problem: String| Error::ConfigInvalid {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let raw: RawConfig = serde_yaml::from_str(text)
+            .map_err(|e| invalid(format!("it is not valid YAML: {e}")))?;
+        let data_dir = raw
+            .data_dir
+            .ok_or_else(|| invalid("it has no `data-dir`".into()))?;
+        if !data_dir.is_absolute() {
+            return Err(invalid(format!(
+                "`data-dir` `{}` is not absolute",
+                data_dir.display()
+            )));
+        }
+        let mut client_urls = split_urls(raw.advertise_client_urls.as_deref());
+        for url in split_urls(raw.listen_client_urls.as_deref()) {
+            let url = dialable(&url);
+            if !client_urls.contains(&url) {
+                client_urls.push(url);
+            }
+        }
+        client_urls.retain(|u| u.starts_with("http://") || u.starts_with("https://"));
+        if client_urls.is_empty() {
+            client_urls.push("http://127.0.0.1:2379".to_string());
+        }
+        let mut peer_urls = split_urls(raw.initial_advertise_peer_urls.as_deref());
+        if peer_urls.is_empty() {
+            peer_urls = split_urls(raw.listen_peer_urls.as_deref());
+        }
+        if peer_urls.is_empty() {
+            peer_urls.push("http://localhost:2380".to_string());
+        }
+        Ok(EtcdConfig {
+            path: path.to_path_buf(),
+            name: raw
+                .name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".to_string()),
+            data_dir,
+            wal_dir: raw.wal_dir.filter(|p| !p.as_os_str().is_empty()),
+            client_urls,
+            peer_urls,
+            tls: raw.client_transport_security.unwrap_or_default(),
+        })
+    }
+
+    /// The endpoint etcdctl dials: the first advertised client URL.
+    pub fn endpoint(&self) -> &str {
+        &self.client_urls[0]
+    }
+
+    /// The directory etcd keeps its member data in: the unit of the atomic swap.
+    pub fn member_dir(&self) -> PathBuf {
+        self.data_dir.join("member")
+    }
+}
+
+/// Reads a file that must exist, naming it in the error.
+pub fn metadata(path: &Path) -> Result<fs::Metadata, Error> {
+    fs::metadata(path).ctx(|| format!("cannot read `{}`", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_charm_layout() {
+        let text = "name: etcd0\ndata-dir: /var/snap/etcd/current/etcd0.etcd\n\
+            listen-client-urls: https://0.0.0.0:2379\n\
+            advertise-client-urls: https://10.0.0.5:2379\n\
+            initial-advertise-peer-urls: https://10.0.0.5:2380\n\
+            client-transport-security:\n  cert-file: /c.crt\n  key-file: /c.key\n  trusted-ca-file: /ca.crt\n  client-cert-auth: true\n";
+        let c = EtcdConfig::parse(Path::new("/x"), text).unwrap();
+        assert_eq!(c.name, "etcd0");
+        assert_eq!(c.endpoint(), "https://10.0.0.5:2379");
+        assert_eq!(c.client_urls[1], "https://127.0.0.1:2379");
+        assert_eq!(c.peer_urls, vec!["https://10.0.0.5:2380"]);
+        assert_eq!(c.tls.key_file.as_deref(), Some(Path::new("/c.key")));
+    }
+
+    #[test]
+    fn data_dir_is_required() {
+        let err = EtcdConfig::parse(Path::new("/x"), "name: a\n").unwrap_err();
+        assert!(err.to_string().contains("no `data-dir`"), "{err}");
+    }
+}

@@ -1,0 +1,318 @@
+//! The two ways an action talks to the world: Juju hook tools, or a terminal.
+//!
+//! Juju mode follows `shared/juju-contract.md`: params from `action-get --format=json`,
+//! results through one `action-set` call, progress through `action-log` (optional: older Juju
+//! has none), and failure as `action-fail "<message>"` followed by exit 0, because a non-zero
+//! exit would replace our message with `exit status N`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::process::run_checked;
+
+/// Results as ordered dotted keys (`snapshot.path`), exactly what `action-set` takes.
+#[derive(Debug, Default, Clone)]
+pub struct Results {
+    entries: BTreeMap<String, String>,
+}
+
+impl Results {
+    pub fn set(&mut self, key: &str, value: impl ToString) {
+        debug_assert!(valid_key(key), "invalid action-set key {key}");
+        self.entries.insert(key.to_string(), value.to_string());
+    }
+
+    pub fn extend(&mut self, other: Results) {
+        self.entries.extend(other.entries);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.entries.get(key).map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Nested YAML mapping, as `juju show-action-output` prints results.
+    pub fn to_yaml(&self) -> serde_yaml::Value {
+        let mut root = serde_yaml::Mapping::new();
+        for (key, value) in &self.entries {
+            let mut node = &mut root;
+            let mut parts = key.split('.').peekable();
+            while let Some(part) = parts.next() {
+                let k = serde_yaml::Value::String(part.to_string());
+                if parts.peek().is_none() {
+                    node.insert(k, serde_yaml::Value::String(value.clone()));
+                    break;
+                }
+                let entry = node
+                    .entry(k)
+                    .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+                if !entry.is_mapping() {
+                    *entry = serde_yaml::Value::Mapping(Default::default());
+                }
+                node = entry.as_mapping_mut().expect("just made a mapping");
+            }
+        }
+        serde_yaml::Value::Mapping(root)
+    }
+
+    fn action_set_args(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    }
+}
+
+/// The key rule of `action-set`: dot-separated segments of lowercase letters, digits and
+/// inner hyphens, none of them reserved.
+pub fn valid_key(key: &str) -> bool {
+    key.split('.').all(|seg| {
+        let b = seg.as_bytes();
+        !b.is_empty()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+            && !matches!(
+                seg,
+                "stdout" | "stdout-encoding" | "stderr" | "stderr-encoding"
+            )
+    })
+}
+
+/// How an action reports: to Juju, or to a terminal.
+#[derive(Debug)]
+pub enum Reporter {
+    Juju { unit: String, app: String },
+    Standalone { host: String },
+}
+
+impl Reporter {
+    /// Juju mode is on when `JUJU_ACTION_NAME` is set.
+    pub fn from_env() -> Reporter {
+        if std::env::var_os("JUJU_ACTION_NAME").is_some() {
+            let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+            let app = unit.split('/').next().unwrap_or_default().to_string();
+            Reporter::Juju {
+                unit,
+                app: if app.is_empty() { "etcd".into() } else { app },
+            }
+        } else {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".to_string());
+            Reporter::Standalone { host }
+        }
+    }
+
+    pub fn is_juju(&self) -> bool {
+        matches!(self, Reporter::Juju { .. })
+    }
+
+    /// The unit name, or the host name standalone.
+    pub fn unit(&self) -> &str {
+        match self {
+            Reporter::Juju { unit, .. } => unit,
+            Reporter::Standalone { host } => host,
+        }
+    }
+
+    /// The Juju application name, for hints.
+    pub fn app(&self) -> &str {
+        match self {
+            Reporter::Juju { app, .. } => app,
+            Reporter::Standalone { .. } => "etcd",
+        }
+    }
+
+    /// The command that copies a file off this machine.
+    pub fn copy_command(&self, path: &std::path::Path) -> String {
+        match self {
+            Reporter::Juju { unit, .. } => format!("juju scp {unit}:{} .", path.display()),
+            Reporter::Standalone { host } => format!("scp {host}:{} .", path.display()),
+        }
+    }
+
+    /// Progress for the operator. Never fails the action.
+    pub fn log(&self, msg: &str) {
+        match self {
+            Reporter::Juju { .. } => {
+                let sent = which::which("action-log")
+                    .ok()
+                    .map(|tool| run_checked(Command::new(tool).arg(msg)).is_ok());
+                if sent != Some(true) {
+                    eprintln!("etcd-actions: {msg}");
+                }
+            }
+            Reporter::Standalone { .. } => eprintln!("etcd-actions: {msg}"),
+        }
+    }
+
+    /// Workload status (Juju only). Never fails the action.
+    pub fn status(&self, state: &str, msg: &str) {
+        if let Reporter::Juju { .. } = self {
+            if let Ok(tool) = which::which("status-set") {
+                if let Err(e) = run_checked(Command::new(tool).arg(state).arg(msg)) {
+                    eprintln!("etcd-actions: status-set failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// The action's params (Juju mode), as a JSON object.
+    pub fn params(&self) -> Result<serde_json::Map<String, Value>, Error> {
+        let out = run_checked(Command::new(hook_tool("action-get")?).arg("--format=json"))?;
+        let text = out.stdout.trim();
+        if text.is_empty() || text == "null" {
+            return Ok(Default::default());
+        }
+        match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => Ok(map),
+            _ => Err(Error::BadOutput {
+                command: "action-get --format=json".into(),
+                problem: format!("expected a JSON object, got `{text}`"),
+            }),
+        }
+    }
+
+    /// Path of a Juju resource, or `None` when none is attached (`resource-get` fails).
+    pub fn resource(&self, name: &str) -> Result<Option<PathBuf>, Error> {
+        let tool = hook_tool("resource-get")?;
+        match run_checked(Command::new(tool).arg(name)) {
+            Ok(out) if !out.stdout.trim().is_empty() => Ok(Some(PathBuf::from(out.stdout.trim()))),
+            Ok(_) => Ok(None),
+            Err(Error::CommandFailed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The other units on the peer relation `endpoint`.
+    pub fn peers(&self, endpoint: &str) -> Result<Vec<String>, Error> {
+        let ids = run_checked(
+            Command::new(hook_tool("relation-ids")?).args(["--format=json", endpoint]),
+        )?;
+        let ids: Vec<String> = parse_list("relation-ids", &ids.stdout)?;
+        let mut units = Vec::new();
+        for id in ids {
+            let out = run_checked(Command::new(hook_tool("relation-list")?).args([
+                "--format=json",
+                "-r",
+                &id,
+            ]))?;
+            for unit in parse_list::<String>("relation-list", &out.stdout)? {
+                if !units.contains(&unit) {
+                    units.push(unit);
+                }
+            }
+        }
+        Ok(units)
+    }
+
+    /// Reports the outcome. In Juju mode this is the single place `action-fail` is called;
+    /// the process then exits 0. Standalone, prints YAML and returns the exit code.
+    pub fn finish(&self, results: &Results, outcome: Result<(), Error>) -> u8 {
+        match self {
+            Reporter::Juju { .. } => {
+                let mut code = 0;
+                if !results.is_empty() {
+                    let set = hook_tool("action-set").and_then(|tool| {
+                        run_checked(Command::new(tool).args(results.action_set_args()))
+                    });
+                    if let Err(e) = set {
+                        eprintln!("etcd-actions: {e}");
+                        code = 1;
+                    }
+                }
+                if let Err(err) = &outcome {
+                    let failed = hook_tool("action-fail")
+                        .and_then(|tool| run_checked(Command::new(tool).arg(err.to_string())));
+                    eprintln!("etcd-actions: {err}");
+                    if let Err(e) = failed {
+                        // Without action-fail the only way left to signal failure is the exit code.
+                        eprintln!("etcd-actions: {e}");
+                        code = err.exit_code();
+                    }
+                }
+                code
+            }
+            Reporter::Standalone { .. } => {
+                let mut doc = serde_yaml::Mapping::new();
+                doc.insert("results".into(), results.to_yaml());
+                match &outcome {
+                    Ok(()) => {
+                        doc.insert("status".into(), "completed".into());
+                    }
+                    Err(err) => {
+                        doc.insert("status".into(), "failed".into());
+                        doc.insert("message".into(), err.to_string().into());
+                    }
+                }
+                print!("{}", serde_yaml::to_string(&doc).unwrap_or_default());
+                match outcome {
+                    Ok(()) => 0,
+                    Err(err) => {
+                        eprintln!("etcd-actions: {err}");
+                        err.exit_code()
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn hook_tool(name: &str) -> Result<PathBuf, Error> {
+    which::which(name).map_err(|_| Error::ToolMissing {
+        tool: name.to_string(),
+        hint: "this Juju hook tool is not on PATH; JUJU_ACTION_NAME is set, so the agent \
+               expects to run as a Juju action (unset it to run standalone)"
+            .to_string(),
+    })
+}
+
+fn parse_list<T: serde::de::DeserializeOwned>(tool: &str, text: &str) -> Result<Vec<T>, Error> {
+    let text = text.trim();
+    if text.is_empty() || text == "null" {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(text).map_err(|e| Error::BadOutput {
+        command: format!("{tool} --format=json"),
+        problem: format!("{e}: `{text}`"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_action_set_rules() {
+        for ok in ["snapshot.path", "copy.cmd", "a1", "etcd-version", "a.b.c"] {
+            assert!(valid_key(ok), "{ok}");
+        }
+        for bad in [
+            "Foo", "foo-", "-foo", "foo..bar", ".foo", "foo.", "", "a.stderr", "stdout",
+        ] {
+            assert!(!valid_key(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn results_nest_like_juju() {
+        let mut r = Results::default();
+        r.set("snapshot.path", "/x");
+        r.set("snapshot.size", "68K");
+        r.set("copy.cmd", "juju scp etcd/0:/x .");
+        let yaml = serde_yaml::to_string(&r.to_yaml()).unwrap();
+        assert_eq!(
+            yaml,
+            "copy:\n  cmd: juju scp etcd/0:/x .\nsnapshot:\n  path: /x\n  size: 68K\n"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! etcd-actions: snapshot and restore for etcd deployed with Juju.
+//!
+//! `run` parses arguments (multi-call aware), builds the reporter for Juju or standalone
+//! mode, runs the action, and reports its results exactly once.
+
+pub mod actions;
+pub mod archive;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod etcd;
+pub mod fsutil;
+pub mod juju;
+pub mod manifest;
+pub mod pgzip;
+pub mod process;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde_json::{Map, Value};
+
+use actions::restore::RestoreOptions;
+use actions::snapshot::SnapshotOptions;
+use actions::Unit;
+use cli::{Arguments, Command};
+use config::Settings;
+use error::Error;
+use juju::{Reporter, Results};
+
+/// Runs the agent and returns the process exit code.
+pub fn run(args: Vec<OsString>) -> u8 {
+    #[cfg(feature = "failpoints")]
+    let _scenario = fail::FailScenario::setup();
+    let args = match Arguments::try_parse_from(cli::normalize_args(args)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                error::code::USAGE
+            } else {
+                0
+            };
+        }
+    };
+    let reporter = Reporter::from_env();
+    let settings = Settings::from_args(args.settings);
+    let mut results = Results::default();
+    let outcome = execute(&reporter, &settings, args.command, &mut results);
+    reporter.finish(&results, outcome)
+}
+
+fn execute(
+    reporter: &Reporter,
+    settings: &Settings,
+    command: Command,
+    results: &mut Results,
+) -> Result<(), Error> {
+    match command {
+        Command::Snapshot(a) => {
+            let mut opts = SnapshotOptions { target: a.target };
+            if reporter.is_juju() {
+                let mut params = Params::new(reporter.params()?);
+                if let Some(t) = params.string("target")? {
+                    opts.target = PathBuf::from(t);
+                }
+                params.finish()?;
+            }
+            let unit = Unit::open(reporter, settings)?;
+            actions::snapshot::run(&unit, &opts, results)
+        }
+        Command::Restore(a) => {
+            let mut opts = RestoreOptions {
+                snapshot: a.snapshot,
+                target: a.target,
+                skip_backup: a.skip_backup,
+                sha256: a.sha256,
+            };
+            if reporter.is_juju() {
+                let mut params = Params::new(reporter.params()?);
+                if let Some(t) = params.string("target")? {
+                    opts.target = PathBuf::from(t);
+                }
+                if let Some(s) = params.string("snapshot")? {
+                    opts.snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
+                }
+                if let Some(s) = params.string("sha256")? {
+                    opts.sha256 = Some(s);
+                }
+                if let Some(b) = params.boolean("skip-backup")? {
+                    opts.skip_backup = b;
+                }
+                params.finish()?;
+            }
+            let unit = Unit::open(reporter, settings)?;
+            actions::restore::run(&unit, &opts, results)
+        }
+    }
+}
+
+/// Action params from `action-get --format=json`, checked by type; unknown ones are refused.
+struct Params {
+    map: Map<String, Value>,
+}
+
+impl Params {
+    fn new(map: Map<String, Value>) -> Params {
+        Params { map }
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, Error> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(Error::usage(format!(
+                "param `{key}` must be a string, got `{other}`"
+            ))),
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> Result<Option<bool>, Error> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            Some(other) => Err(Error::usage(format!(
+                "param `{key}` must be true or false, got `{other}`"
+            ))),
+        }
+    }
+
+    fn finish(self) -> Result<(), Error> {
+        match self.map.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(Error::usage(format!(
+                "unknown param `{k}`; see `juju actions --schema` for the params this action takes"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Parallel gzip: a stream of independent gzip members, compressed and decompressed on every
+//! core with bounded memory.
+//!
+//! Each member carries its own total length in a gzip FEXTRA subfield `EA` (like BGZF's `BC`),
+//! so a reader can find member boundaries without inflating. The output is plain RFC 1952
+//! multi-member gzip: GNU gzip/tar and flate2's `MultiGzDecoder` read it as one stream.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use flate2::{Compress, Compression, Crc, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// Uncompressed bytes per member.
+pub const BLOCK: usize = 1 << 20;
+/// Largest uncompressed member a reader accepts (hostile input cannot make us allocate more).
+const MAX_BLOCK: usize = 4 * BLOCK;
+/// Largest compressed member a reader accepts.
+const MAX_MEMBER: usize = MAX_BLOCK + (MAX_BLOCK >> 4) + 4096;
+const HEADER_LEN: usize = 20;
+
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16)
+}
+
+type Job = (u64, Vec<u8>);
+type Done = (u64, io::Result<Vec<u8>>);
+
+/// A fixed pool of workers applying `work` to numbered jobs.
+struct Pool {
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<Done>,
+    workers: Vec<JoinHandle<()>>,
+    capacity: usize,
+    in_flight: usize,
+    pending: BTreeMap<u64, io::Result<Vec<u8>>>,
+    next_out: u64,
+    next_in: u64,
+}
+
+impl Pool {
+    fn new(work: fn(&[u8], u32) -> io::Result<Vec<u8>>, arg: u32) -> Pool {
+        let n = threads();
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(n);
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let (done_tx, done) = mpsc::channel::<Done>();
+        let workers = (0..n)
+            .map(|_| {
+                let rx = Arc::clone(&jobs_rx);
+                let tx: Sender<Done> = done_tx.clone();
+                std::thread::spawn(move || loop {
+                    let job = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((seq, data))) = job else { return };
+                    if tx.send((seq, work(&data, arg))).is_err() {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        Pool {
+            jobs: Some(jobs_tx),
+            done,
+            workers,
+            capacity: 2 * n,
+            in_flight: 0,
+            pending: BTreeMap::new(),
+            next_out: 0,
+            next_in: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.in_flight >= self.capacity
+    }
+
+    fn submit(&mut self, data: Vec<u8>) -> io::Result<()> {
+        let tx = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| io::Error::other("pool is closed"))?;
+        tx.send((self.next_in, data))
+            .map_err(|_| io::Error::other("worker thread died"))?;
+        self.next_in += 1;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// The next result in submission order, waiting for it. `None` when nothing is in flight.
+    fn next(&mut self) -> Option<io::Result<Vec<u8>>> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        loop {
+            if let Some(r) = self.pending.remove(&self.next_out) {
+                self.next_out += 1;
+                self.in_flight -= 1;
+                return Some(r);
+            }
+            match self.done.recv() {
+                Ok((seq, r)) => {
+                    self.pending.insert(seq, r);
+                }
+                Err(_) => return Some(Err(io::Error::other("worker thread died"))),
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Compresses one block into a complete gzip member with our `EA` length subfield.
+fn compress_member(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(HEADER_LEN + data.len() + data.len() / 100 + 64);
+    out.extend_from_slice(&[
+        0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 3, 8, 0, b'E', b'A', 4, 0, 0, 0, 0, 0,
+    ]);
+    let mut z = Compress::new(Compression::new(level), false);
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(data.len() / 4 + 1024);
+        }
+        let consumed = z.total_in() as usize;
+        let status = z
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Finish)
+            .map_err(io::Error::other)?;
+        if status == Status::StreamEnd {
+            break;
+        }
+    }
+    let mut crc = Crc::new();
+    crc.update(data);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let total = u32::try_from(out.len()).map_err(io::Error::other)?;
+    out[16..20].copy_from_slice(&total.to_le_bytes());
+    Ok(out)
+}
+
+/// Writes gzip members compressed in parallel, in order, to `inner`.
+pub struct ParGzWriter<W: Write> {
+    inner: Option<W>,
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl<W: Write> ParGzWriter<W> {
+    pub fn new(inner: W, level: u32) -> Self {
+        ParGzWriter {
+            inner: Some(inner),
+            buf: Vec::with_capacity(BLOCK),
+            pool: Pool::new(compress_member, level),
+        }
+    }
+
+    fn write_ready(&mut self, wait: bool) -> io::Result<()> {
+        while self.pool.in_flight > 0 && (wait || self.pool.full()) {
+            let member = self.pool.next().expect("in flight")?;
+            self.inner
+                .as_mut()
+                .expect("not finished")
+                .write_all(&member)?;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> io::Result<()> {
+        let block = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
+        self.pool.submit(block)?;
+        self.write_ready(false)
+    }
+
+    /// Compresses what is left, writes every member and returns the inner writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        if !self.buf.is_empty() || self.pool.next_in == 0 {
+            self.flush_block()?;
+        }
+        self.write_ready(true)?;
+        let mut inner = self.inner.take().expect("finish runs once");
+        inner.flush()?;
+        Ok(inner)
+    }
+}
+
+impl<W: Write> Write for ParGzWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(BLOCK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == BLOCK {
+            self.flush_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Inflates one complete member read by `ParGzReader` and checks its CRC and length.
+fn decompress_member(member: &[u8], _: u32) -> io::Result<Vec<u8>> {
+    let body = &member[HEADER_LEN..member.len() - 8];
+    let trailer = &member[member.len() - 8..];
+    let crc_expected = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
+    let size = u32::from_le_bytes(trailer[4..].try_into().expect("4 bytes")) as usize;
+    if size > MAX_BLOCK {
+        return Err(invalid("gzip member is larger than any this tool writes"));
+    }
+    let mut out = Vec::with_capacity(size);
+    let mut z = Decompress::new(false);
+    loop {
+        let consumed = z.total_in() as usize;
+        let before = out.len();
+        let status = z
+            .decompress_vec(&body[consumed..], &mut out, FlushDecompress::Finish)
+            .map_err(|e| invalid(format!("corrupt deflate data: {e}")))?;
+        match status {
+            Status::StreamEnd => break,
+            _ if out.len() == out.capacity() => {
+                if out.len() >= size {
+                    return Err(invalid("gzip member inflates past its recorded length"));
+                }
+                out.reserve(size - out.len());
+            }
+            _ if z.total_in() as usize == consumed && out.len() == before => {
+                return Err(invalid("truncated deflate data"));
+            }
+            _ => {}
+        }
+    }
+    if z.total_in() as usize != body.len() {
+        return Err(invalid("gzip member has data after its deflate stream"));
+    }
+    let mut crc = Crc::new();
+    crc.update(&out);
+    if crc.sum() != crc_expected || out.len() != size {
+        return Err(invalid("gzip member fails its CRC check"));
+    }
+    Ok(out)
+}
+
+/// Reads a stream written by `ParGzWriter`, inflating members on every core.
+pub struct ParGzReader<R: Read> {
+    inner: R,
+    pool: Pool,
+    current: Vec<u8>,
+    pos: usize,
+    eof: bool,
+}
+
+impl<R: Read> ParGzReader<R> {
+    /// Whether `header` (the first bytes of a file) starts a member with our length subfield.
+    pub fn recognizes(header: &[u8]) -> bool {
+        header.len() >= HEADER_LEN
+            && header[..4] == [0x1f, 0x8b, 8, 4]
+            && header[10..16] == [8, 0, b'E', b'A', 4, 0]
+    }
+
+    pub fn new(inner: R) -> Self {
+        ParGzReader {
+            inner,
+            pool: Pool::new(decompress_member, 0),
+            current: Vec::new(),
+            pos: 0,
+            eof: false,
+        }
+    }
+
+    /// Reads the next whole member, or `None` at a clean end of input.
+    fn read_member(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut header = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            let n = self.inner.read(&mut header[got..])?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < HEADER_LEN || !Self::recognizes(&header) {
+            return Err(invalid(
+                "truncated or foreign gzip member in an etcd-actions archive",
+            ));
+        }
+        let total = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+        if !(HEADER_LEN + 8..=MAX_MEMBER).contains(&total) {
+            return Err(invalid(format!(
+                "gzip member length {total} is out of range"
+            )));
+        }
+        let mut member = vec![0u8; total];
+        member[..HEADER_LEN].copy_from_slice(&header);
+        self.inner
+            .read_exact(&mut member[HEADER_LEN..])
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    invalid("archive is truncated inside a gzip member")
+                } else {
+                    e
+                }
+            })?;
+        Ok(Some(member))
+    }
+
+    fn refill(&mut self) -> io::Result<()> {
+        while !self.eof && !self.pool.full() {
+            match self.read_member()? {
+                Some(m) => self.pool.submit(m)?,
+                None => self.eof = true,
+            }
+        }
+        match self.pool.next() {
+            Some(block) => {
+                self.current = block?;
+                self.pos = 0;
+            }
+            None => self.current.clear(),
+        }
+        Ok(())
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for ParGzReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.current.len() {
+            if self.eof && self.pool.in_flight == 0 {
+                return Ok(0);
+            }
+            self.refill()?;
+        }
+        let n = out.len().min(self.current.len() - self.pos);
+        out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::read::MultiGzDecoder;
+
+    fn sample(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..len)
+            .map(|i| {
+                if (i / 10_000) % 2 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                } else {
+                    b"etcd-key-value "[i % 15]
+                }
+            })
+            .collect()
+    }
+
+    fn compress(data: &[u8], chunk: usize) -> Vec<u8> {
+        let mut w = ParGzWriter::new(Vec::new(), 1);
+        for c in data.chunks(chunk.max(1)) {
+            w.write_all(c).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn round_trips_through_both_readers() {
+        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345] {
+            let data = sample(len);
+            let gz = compress(&data, 7919);
+            let mut a = Vec::new();
+            MultiGzDecoder::new(&gz[..]).read_to_end(&mut a).unwrap();
+            assert_eq!(a, data, "MultiGzDecoder, len {len}");
+            assert!(ParGzReader::<&[u8]>::recognizes(&gz));
+            let mut b = Vec::new();
+            ParGzReader::new(&gz[..]).read_to_end(&mut b).unwrap();
+            assert_eq!(b, data, "ParGzReader, len {len}");
+        }
+    }
+
+    #[test]
+    fn corruption_is_an_error_not_a_panic() {
+        let gz = compress(&sample(2 * BLOCK + 5), 65536);
+        for pos in [
+            0,
+            3,
+            10,
+            16,
+            17,
+            30,
+            gz.len() / 2,
+            gz.len() - 5,
+            gz.len() - 1,
+        ] {
+            let mut bad = gz.clone();
+            bad[pos] ^= 0x40;
+            let mut out = Vec::new();
+            assert!(
+                ParGzReader::new(&bad[..]).read_to_end(&mut out).is_err(),
+                "flip at {pos}"
+            );
+        }
+        let mut out = Vec::new();
+        assert!(ParGzReader::new(&gz[..gz.len() - 3])
+            .read_to_end(&mut out)
+            .is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests: real etcd, fake Juju hook tools.
