@@ -1,6 +1,6 @@
 //! etcdctl and etcdutl behind typed methods.
 //!
-//! Online commands (`endpoint status`, `member list`, `get --count-only`, `snapshot save`) go
+//! Online commands (`endpoint status`, `member list`, `get`, `snapshot save`) go
 //! to this unit's client URL with the TLS files from etcd's config. Offline commands
 //! (`snapshot status`, `snapshot restore`) use etcdutl where it exists (3.5+) and etcdctl
 //! otherwise (3.4); etcd 3.6's etcdctl has neither.
@@ -198,9 +198,10 @@ impl Etcdctl {
             count: u64,
         }
         let rev = format!("--rev={revision}");
-        Ok(self
-            .json::<Count>(&["get", "", "--prefix", "--count-only", &rev])?
-            .count)
+        // `count` is the size of the whole range whatever the limit; etcdctl 3.4 has no
+        // --count-only, so ask for one key name and read the count.
+        let args = ["get", "", "--prefix", "--keys-only", "--limit=1", &rev];
+        Ok(self.json::<Count>(&args)?.count)
     }
 
     /// `etcdctl snapshot save`: a consistent copy through the snapshot API.
