@@ -1,1 +1,12 @@
-//! Integration tests: real etcd, fake Juju hook tools.
+//! Integration tests: the real binary against real etcd on loopback, with fake Juju hook
+//! tools that follow shared/juju-contract.md. etcd must be installed (scripts/install-deps);
+//! a missing etcd fails the tests, it never skips them.
+
+mod util;
+
+mod crash;
+mod errors;
+mod hooktools;
+mod hostile;
+mod restore;
+mod snapshot;

