@@ -33,6 +33,12 @@ use juju::{Reporter, Results};
 pub fn run(args: Vec<OsString>) -> u8 {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
+    // An empty setting means "unset", as in a shell profile that says `ETCD_ACTIONS_ETCDUTL=`.
+    for (key, value) in std::env::vars_os() {
+        if value.is_empty() && key.to_string_lossy().starts_with("ETCD_ACTIONS_") {
+            std::env::remove_var(key);
+        }
+    }
     let args = match Arguments::try_parse_from(cli::normalize_args(args)) {
         Ok(a) => a,
         Err(e) => {

@@ -30,7 +30,10 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
     // etcdctl missing.
     let msg = snapshot_fails_cleanly(&node, &target, Agent::standalone(&node, &["snapshot", "--target", t]).env("ETCD_ACTIONS_ETCDCTL", "/nonexistent/etcdctl"));
     assert!(msg.contains("/nonexistent/etcdctl") && msg.contains("ETCD_ACTIONS_ETCDCTL"), "{msg}");
-    let run = Agent::standalone(&node, &["snapshot", "--target", t]).env("ETCD_ACTIONS_ETCDCTL", "").env("PATH", "/nonexistent").run();
+    let run = Agent::standalone(&node, &["snapshot", "--target", t]).env("PATH", "/nonexistent");
+    let mut run = run;
+    run.command().env_remove("ETCD_ACTIONS_ETCDCTL");
+    let run = run.run();
     let msg = run.failure();
     assert!(msg.contains("`etcdctl`") && msg.contains("PATH"), "{msg}");
 
