@@ -27,12 +27,28 @@ fn bench(base: &Path) -> Bench {
     let unit = Node::single(base, "unit", &v35());
     unit.fill("old/", 80);
     let (old_archive, _) = snapshot(&unit, &base.join("snaps-old"));
-    Bench { old: unit.dump(), new: src.dump(), unit, old_archive, new_archive, _src: src }
+    Bench {
+        old: unit.dump(),
+        new: src.dump(),
+        unit,
+        old_archive,
+        new_archive,
+        _src: src,
+    }
 }
 
 impl Bench {
     fn restore(&self, archive: &Path, backups: &Path) -> Agent {
-        Agent::standalone(&self.unit, &["restore", "--snapshot", archive.to_str().unwrap(), "--target", backups.to_str().unwrap()])
+        Agent::standalone(
+            &self.unit,
+            &[
+                "restore",
+                "--snapshot",
+                archive.to_str().unwrap(),
+                "--target",
+                backups.to_str().unwrap(),
+            ],
+        )
     }
 
     /// As after a power cut: stop whatever runs, start etcd on what is on disk.
@@ -47,7 +63,10 @@ impl Bench {
         } else if got == self.new {
             "new"
         } else {
-            panic!("after {context}: etcd holds neither the old nor the new keys ({} keys)", got.len());
+            panic!(
+                "after {context}: etcd holds neither the old nor the new keys ({} keys)",
+                got.len()
+            );
         }
     }
 
@@ -57,8 +76,15 @@ impl Bench {
         r.success();
         assert_eq!(self.unit.dump(), self.new, "rerun after {context}");
         let state = files_in(&self.unit.data_dir().join(".etcd-actions"));
-        assert_eq!(state, vec!["lock".to_string()], "leftovers after the rerun that followed {context}");
-        self.restore(&self.old_archive, backups).env("X", "").run().success();
+        assert_eq!(
+            state,
+            vec!["lock".to_string()],
+            "leftovers after the rerun that followed {context}"
+        );
+        self.restore(&self.old_archive, backups)
+            .env("X", "")
+            .run()
+            .success();
         assert_eq!(self.unit.dump(), self.old);
     }
 }
@@ -70,13 +96,25 @@ fn crash_at_every_restore_step() {
     let backups = tmp.path().join("backups");
     let mut seen = Vec::new();
     for point in CRASH_POINTS {
-        let run = b.restore(&b.new_archive, &backups).env("FAILPOINTS", format!("{point}=return")).run();
-        assert_eq!(run.out.status.signal(), Some(6), "the crash point {point} did not fire (build with --features failpoints): {}", run.stderr());
+        let run = b
+            .restore(&b.new_archive, &backups)
+            .env("FAILPOINTS", format!("{point}=return"))
+            .run();
+        assert_eq!(
+            run.out.status.signal(),
+            Some(6),
+            "the crash point {point} did not fire (build with --features failpoints): {}",
+            run.stderr()
+        );
         let state = b.power_cycle_sees_old_or_new(point);
         seen.push(format!("{point}:{state}"));
         b.rerun_then_reset(&backups, point);
     }
-    eprintln!("crash points covered: {} ({})", CRASH_POINTS.len(), seen.join(", "));
+    eprintln!(
+        "crash points covered: {} ({})",
+        CRASH_POINTS.len(),
+        seen.join(", ")
+    );
     assert!(seen.iter().any(|s| s.ends_with(":old")) && seen.iter().any(|s| s.ends_with(":new")));
 }
 
@@ -94,7 +132,13 @@ fn kill_9_at_many_moments() {
     for frac in [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97] {
         let delay = full.mul_f64(frac);
         let mut agent = b.restore(&b.new_archive, &backups);
-        let child = agent.command().process_group(0).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = agent
+            .command()
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(delay);
         let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
@@ -104,7 +148,11 @@ fn kill_9_at_many_moments() {
         outcomes.push(format!("{:.0}ms:{state}", delay.as_secs_f64() * 1000.0));
         b.rerun_then_reset(&backups, &context);
     }
-    eprintln!("kill -9 trials: {} over a {full:?} restore ({})", outcomes.len(), outcomes.join(", "));
+    eprintln!(
+        "kill -9 trials: {} over a {full:?} restore ({})",
+        outcomes.len(),
+        outcomes.join(", ")
+    );
 }
 
 #[test]
@@ -113,19 +161,38 @@ fn concurrent_restores_serialize_and_a_held_lock_fails_clearly() {
     let b = bench(tmp.path());
     let backups = tmp.path().join("backups");
     let children: Vec<_> = (0..2)
-        .map(|_| b.restore(&b.new_archive, &backups).command().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .map(|_| {
+            b.restore(&b.new_archive, &backups)
+                .command()
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(b.unit.dump(), b.new);
 
     // Another holder of the lock: with no time to wait, the action fails and says why.
     let lock = b.unit.data_dir().join(".etcd-actions/lock");
-    let mut holder = std::process::Command::new("flock").arg(&lock).args(["sleep", "30"]).spawn().unwrap();
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let run = b.restore(&b.old_archive, &backups).env("ETCD_ACTIONS_LOCK_TIMEOUT", "1").run();
+    let run = b
+        .restore(&b.old_archive, &backups)
+        .env("ETCD_ACTIONS_LOCK_TIMEOUT", "1")
+        .run();
     let _ = holder.kill();
     let _ = holder.wait();
     let msg = run.failure();
@@ -133,6 +200,9 @@ fn concurrent_restores_serialize_and_a_held_lock_fails_clearly() {
     assert_eq!(run.code(), 4);
     assert_eq!(b.unit.dump(), b.new, "nothing changed");
     // The holder is gone (as after kill -9): the lock does not block.
-    b.restore(&b.old_archive, &backups).env("ETCD_ACTIONS_LOCK_TIMEOUT", "1").run().success();
+    b.restore(&b.old_archive, &backups)
+        .env("ETCD_ACTIONS_LOCK_TIMEOUT", "1")
+        .run()
+        .success();
     assert_eq!(b.unit.dump(), b.old);
 }

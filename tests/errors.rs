@@ -7,7 +7,11 @@ use crate::util::*;
 fn snapshot_fails_cleanly(node: &Node, target: &std::path::Path, agent: Agent) -> String {
     let before = files_in(target);
     let msg = agent.run().failure();
-    assert_eq!(files_in(target), before, "nothing left in the target after: {msg}");
+    assert_eq!(
+        files_in(target),
+        before,
+        "nothing left in the target after: {msg}"
+    );
     let _ = node;
     msg
 }
@@ -22,14 +26,29 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
 
     // etcd unreachable: the service is stopped.
     node.stop();
-    let msg = snapshot_fails_cleanly(&node, &target, Agent::standalone(&node, &["snapshot", "--target", t]));
-    assert!(msg.contains("not reachable") && msg.contains(&node.endpoint()), "{msg}");
+    let msg = snapshot_fails_cleanly(
+        &node,
+        &target,
+        Agent::standalone(&node, &["snapshot", "--target", t]),
+    );
+    assert!(
+        msg.contains("not reachable") && msg.contains(&node.endpoint()),
+        "{msg}"
+    );
     node.start();
     node.wait_healthy();
 
     // etcdctl missing.
-    let msg = snapshot_fails_cleanly(&node, &target, Agent::standalone(&node, &["snapshot", "--target", t]).env("ETCD_ACTIONS_ETCDCTL", "/nonexistent/etcdctl"));
-    assert!(msg.contains("/nonexistent/etcdctl") && msg.contains("ETCD_ACTIONS_ETCDCTL"), "{msg}");
+    let msg = snapshot_fails_cleanly(
+        &node,
+        &target,
+        Agent::standalone(&node, &["snapshot", "--target", t])
+            .env("ETCD_ACTIONS_ETCDCTL", "/nonexistent/etcdctl"),
+    );
+    assert!(
+        msg.contains("/nonexistent/etcdctl") && msg.contains("ETCD_ACTIONS_ETCDCTL"),
+        "{msg}"
+    );
     let run = Agent::standalone(&node, &["snapshot", "--target", t]).env("PATH", "/nonexistent");
     let mut run = run;
     run.command().env_remove("ETCD_ACTIONS_ETCDCTL");
@@ -38,11 +57,24 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
     assert!(msg.contains("`etcdctl`") && msg.contains("PATH"), "{msg}");
 
     // Config missing or unreadable.
-    let msg = snapshot_fails_cleanly(&node, &target, Agent::standalone(&node, &["snapshot", "--target", t]).env("ETCD_ACTIONS_ETCD_CONFIG", "/nonexistent/etcd.conf.yml"));
-    assert!(msg.contains("/nonexistent/etcd.conf.yml") && msg.contains("ETCD_ACTIONS_ETCD_CONFIG"), "{msg}");
+    let msg = snapshot_fails_cleanly(
+        &node,
+        &target,
+        Agent::standalone(&node, &["snapshot", "--target", t])
+            .env("ETCD_ACTIONS_ETCD_CONFIG", "/nonexistent/etcd.conf.yml"),
+    );
+    assert!(
+        msg.contains("/nonexistent/etcd.conf.yml") && msg.contains("ETCD_ACTIONS_ETCD_CONFIG"),
+        "{msg}"
+    );
     let garbage = tmp.path().join("garbage.yml");
     fs::write(&garbage, "name: [unclosed\n").unwrap();
-    let msg = snapshot_fails_cleanly(&node, &target, Agent::standalone(&node, &["snapshot", "--target", t]).env("ETCD_ACTIONS_ETCD_CONFIG", &garbage));
+    let msg = snapshot_fails_cleanly(
+        &node,
+        &target,
+        Agent::standalone(&node, &["snapshot", "--target", t])
+            .env("ETCD_ACTIONS_ETCD_CONFIG", &garbage),
+    );
     assert!(msg.contains("not valid YAML"), "{msg}");
 }
 
@@ -52,13 +84,18 @@ fn bad_targets_are_refused() {
     let node = Node::single(tmp.path(), "t0", &v35());
     let run = Agent::standalone(&node, &["snapshot", "--target", "relative/dir"]).run();
     let msg = run.failure();
-    assert!(msg.contains("relative") && msg.contains("absolute"), "{msg}");
+    assert!(
+        msg.contains("relative") && msg.contains("absolute"),
+        "{msg}"
+    );
     assert_eq!(run.code(), 2);
     assert!(!std::path::Path::new("relative").exists());
 
     let file = tmp.path().join("a-file");
     fs::write(&file, "x").unwrap();
-    let msg = Agent::standalone(&node, &["snapshot", "--target", file.to_str().unwrap()]).run().failure();
+    let msg = Agent::standalone(&node, &["snapshot", "--target", file.to_str().unwrap()])
+        .run()
+        .failure();
     assert!(msg.contains("not a directory"), "{msg}");
     assert_eq!(fs::read(&file).unwrap(), b"x");
 
@@ -67,15 +104,27 @@ fn bad_targets_are_refused() {
     let ro = tmp.path().join("ro");
     fs::create_dir(&ro).unwrap();
     mount_tmpfs(&ro, "1m", true);
-    let msg = Agent::standalone(&node, &["snapshot", "--target", ro.to_str().unwrap()]).run().failure();
+    let msg = Agent::standalone(&node, &["snapshot", "--target", ro.to_str().unwrap()])
+        .run()
+        .failure();
     umount(&ro);
-    assert!(msg.contains("not writable") || msg.contains("Read-only"), "{msg}");
+    assert!(
+        msg.contains("not writable") || msg.contains("Read-only"),
+        "{msg}"
+    );
 }
 
 pub fn mount_tmpfs(dir: &std::path::Path, size: &str, read_only: bool) {
     let opts = format!("size={size}{}", if read_only { ",ro" } else { "" });
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(dir).status().unwrap();
-    assert!(st.success(), "mounting a tmpfs needs root (the test suite runs as root on CI)");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs needs root (the test suite runs as root on CI)"
+    );
 }
 
 pub fn umount(dir: &std::path::Path) {
@@ -94,7 +143,9 @@ fn full_target_fails_cleanly() {
     let small = tmp.path().join("small");
     fs::create_dir(&small).unwrap();
     mount_tmpfs(&small, "3m", false);
-    let msg = Agent::standalone(&node, &["snapshot", "--target", small.to_str().unwrap()]).run().failure();
+    let msg = Agent::standalone(&node, &["snapshot", "--target", small.to_str().unwrap()])
+        .run()
+        .failure();
     let left = files_in(&small);
     umount(&small);
     assert!(msg.contains("not enough free space"), "{msg}");
@@ -116,12 +167,18 @@ fn full_target_fails_cleanly() {
     )
     .unwrap();
     set_mode(&wrapper, 0o755);
-    let run = Agent::standalone(&node, &["snapshot", "--target", full.to_str().unwrap()]).env("ETCD_ACTIONS_ETCDCTL", &wrapper).run();
+    let run = Agent::standalone(&node, &["snapshot", "--target", full.to_str().unwrap()])
+        .env("ETCD_ACTIONS_ETCDCTL", &wrapper)
+        .run();
     let msg = run.failure();
     let left = files_in(&full);
     umount(&full);
     assert!(msg.contains("No space left"), "{msg}");
-    assert_eq!(left, vec!["filler".to_string()], "no partial archive or temp file");
+    assert_eq!(
+        left,
+        vec!["filler".to_string()],
+        "no partial archive or temp file"
+    );
     assert_eq!(node.dump(), before, "live data intact");
 }
 
@@ -131,26 +188,44 @@ fn juju_params_are_checked() {
     let node = Node::single(tmp.path(), "p0", &v35());
     let juju = Juju::new(tmp.path(), "etcd/0");
     juju.params("snapshot", serde_json::json!({"target": 5}));
-    let msg = Agent::juju(&node, &juju, "snapshot").run().juju_failed(&juju);
+    let msg = Agent::juju(&node, &juju, "snapshot")
+        .run()
+        .juju_failed(&juju);
     assert!(msg.contains("`target`") && msg.contains("string"), "{msg}");
     juju.reset();
     juju.params("snapshot", serde_json::json!({"bogus": "x"}));
-    let msg = Agent::juju(&node, &juju, "snapshot").run().juju_failed(&juju);
+    let msg = Agent::juju(&node, &juju, "snapshot")
+        .run()
+        .juju_failed(&juju);
     assert!(msg.contains("unknown param `bogus`"), "{msg}");
     juju.reset();
     juju.params("snapshot", serde_json::json!({"target": "rel"}));
-    let msg = Agent::juju(&node, &juju, "snapshot").run().juju_failed(&juju);
+    let msg = Agent::juju(&node, &juju, "snapshot")
+        .run()
+        .juju_failed(&juju);
     assert!(msg.contains("relative"), "{msg}");
 }
 
 #[test]
 fn help_and_version() {
-    let out = std::process::Command::new(AGENT).arg("--help").output().unwrap();
+    let out = std::process::Command::new(AGENT)
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("snapshot") && text.contains("restore"), "{text}");
-    let out = std::process::Command::new(AGENT).arg("--version").output().unwrap();
+    assert!(
+        text.contains("snapshot") && text.contains("restore"),
+        "{text}"
+    );
+    let out = std::process::Command::new(AGENT)
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("etcd-actions "));
-    let out = std::process::Command::new(AGENT).arg("frobnicate").output().unwrap();
+    let out = std::process::Command::new(AGENT)
+        .arg("frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

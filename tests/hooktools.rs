@@ -18,15 +18,36 @@ fn tool(juju: &Juju, name: &str, args: &[&str]) -> std::process::Output {
 fn action_set_rejects_what_juju_rejects_and_stores_nothing() {
     let tmp = tempdir();
     let juju = Juju::new(tmp.path(), "etcd/0");
-    for bad in ["Foo=1", "foo-=1", "-foo=1", "foo..bar=1", ".foo=1", "foo.=1", "=1", "a.stderr=1", "stdout=x", "novalue"] {
+    for bad in [
+        "Foo=1",
+        "foo-=1",
+        "-foo=1",
+        "foo..bar=1",
+        ".foo=1",
+        "foo.=1",
+        "=1",
+        "a.stderr=1",
+        "stdout=x",
+        "novalue",
+    ] {
         let out = tool(&juju, "action-set", &["good=1", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad}");
-        assert!(String::from_utf8_lossy(&out.stderr).starts_with("ERROR "), "{bad}");
-        assert_eq!(juju.results(), serde_json::json!({}), "nothing stored for {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("ERROR "),
+            "{bad}"
+        );
+        assert_eq!(
+            juju.results(),
+            serde_json::json!({}),
+            "nothing stored for {bad}"
+        );
     }
     let out = tool(&juju, "action-set", &["a.b=c=d", "x="]);
     assert!(out.status.success());
-    assert_eq!(juju.results(), serde_json::json!({"a": {"b": "c=d"}, "x": ""}));
+    assert_eq!(
+        juju.results(),
+        serde_json::json!({"a": {"b": "c=d"}, "x": ""})
+    );
     tool(&juju, "action-set", &["a=flat"]);
     assert_eq!(juju.results()["a"], "flat", "last write wins");
 }
@@ -39,7 +60,10 @@ fn action_fail_does_not_stop_and_action_get_formats() {
     let out = tool(&juju, "action-fail", &["boom"]);
     assert!(out.status.success());
     assert_eq!(juju.failure().as_deref(), Some("boom"));
-    assert_eq!(tool(&juju, "action-fail", &["a", "b"]).status.code(), Some(2));
+    assert_eq!(
+        tool(&juju, "action-fail", &["a", "b"]).status.code(),
+        Some(2)
+    );
     let out = tool(&juju, "action-get", &["skip-backup"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "False\n");
     let out = tool(&juju, "action-get", &["--format=json", "skip-backup"]);
@@ -48,16 +72,27 @@ fn action_fail_does_not_stop_and_action_get_formats() {
     assert_eq!(out.stdout, b"", "empty string prints nothing");
     let out = tool(&juju, "action-get", &["--format=json", "missing"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "null\n");
-    let out = Command::new(juju.bin.join("action-get")).env("FAKE_JUJU_STATE", &juju.state).env_remove("JUJU_ACTION_NAME").output().unwrap();
+    let out = Command::new(juju.bin.join("action-get"))
+        .env("FAKE_JUJU_STATE", &juju.state)
+        .env_remove("JUJU_ACTION_NAME")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let out = tool(&juju, "resource-get", &["snapshot"]);
     assert_eq!(out.status.code(), Some(1));
     juju.attach_bytes("snapshot", b"x");
     let out = tool(&juju, "resource-get", &["snapshot"]);
     assert!(out.status.success());
-    assert!(!out.stdout.ends_with(b"\n"), "resource-get prints no newline");
+    assert!(
+        !out.stdout.ends_with(b"\n"),
+        "resource-get prints no newline"
+    );
     juju.peers(&["etcd/1"]);
-    let out = tool(&juju, "relation-list", &["--format=json", "-r", "cluster:0"]);
+    let out = tool(
+        &juju,
+        "relation-list",
+        &["--format=json", "-r", "cluster:0"],
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[\"etcd/1\"]\n");
     assert_eq!(tool(&juju, "relation-list", &[]).status.code(), Some(2));
     assert_eq!(tool(&juju, "action-log", &[]).status.code(), Some(2));

@@ -7,7 +7,13 @@ use std::process::Command;
 use crate::util::*;
 
 fn manifest_of(archive: &std::path::Path) -> serde_yaml::Value {
-    let out = Command::new("tar").arg("xzf").arg(archive).arg("-O").arg("./manifest.yaml").output().unwrap();
+    let out = Command::new("tar")
+        .arg("xzf")
+        .arg(archive)
+        .arg("-O")
+        .arg("./manifest.yaml")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     serde_yaml::from_slice(&out.stdout).unwrap()
 }
@@ -24,42 +30,93 @@ fn standalone_snapshot_is_complete_and_restores_with_upstream_tools() {
 
     // Name, results and sidecar.
     let name = path.file_name().unwrap().to_str().unwrap().to_string();
-    assert!(name.starts_with("etcd-snapshot-") && name.ends_with(".tar.gz"), "{name}");
+    assert!(
+        name.starts_with("etcd-snapshot-") && name.ends_with(".tar.gz"),
+        "{name}"
+    );
     assert_eq!(path.parent().unwrap(), target);
-    assert_eq!(r["snapshot"]["sha256"].as_str().unwrap(), sha256_file(&path));
+    assert_eq!(
+        r["snapshot"]["sha256"].as_str().unwrap(),
+        sha256_file(&path)
+    );
     let bytes = fs::metadata(&path).unwrap().len();
     assert_eq!(r["snapshot"]["bytes"].as_str().unwrap(), bytes.to_string());
-    assert!(r["snapshot"]["size"].as_str().unwrap().ends_with('K'), "{:?}", r["snapshot"]["size"]);
+    assert!(
+        r["snapshot"]["size"].as_str().unwrap().ends_with('K'),
+        "{:?}",
+        r["snapshot"]["size"]
+    );
     assert_eq!(r["snapshot"]["keys"].as_str(), Some("250"));
-    assert_eq!(r["snapshot"]["revision"].as_str().unwrap(), node.revision().to_string());
+    assert_eq!(
+        r["snapshot"]["revision"].as_str().unwrap(),
+        node.revision().to_string()
+    );
     assert_eq!(r["snapshot"]["etcd-version"].as_str(), Some("3.5.1"));
-    assert_eq!(r["snapshot"]["cluster-id"].as_str().unwrap(), format!("{:x}", node.cluster_id()));
+    assert_eq!(
+        r["snapshot"]["cluster-id"].as_str().unwrap(),
+        format!("{:x}", node.cluster_id())
+    );
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    assert_eq!(r["copy"]["cmd"].as_str().unwrap(), format!("scp {host}:{} .", path.display()));
-    let check = Command::new("sha256sum").arg("-c").arg(format!("{name}.sha256")).current_dir(&target).output().unwrap();
-    assert!(check.status.success(), "sha256sum -c: {}", String::from_utf8_lossy(&check.stdout));
+    assert_eq!(
+        r["copy"]["cmd"].as_str().unwrap(),
+        format!("scp {host}:{} .", path.display())
+    );
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg(format!("{name}.sha256"))
+        .current_dir(&target)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "sha256sum -c: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 
     // Permissions: 0600 archive in a 0700 directory it created.
-    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
 
     // Content: ./db then ./manifest.yaml, nothing else.
     let list = Command::new("tar").arg("tzf").arg(&path).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&list.stdout), "./db\n./manifest.yaml\n");
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout),
+        "./db\n./manifest.yaml\n"
+    );
     let db = extract_db(&path, &tmp.path().join("x"));
     let raw = fs::read(&db).unwrap();
     assert_eq!(raw.len() % 512, 32, "etcd's sha256 trailer is kept");
     use sha2::Digest;
-    assert_eq!(&raw[raw.len() - 32..], &sha2::Sha256::digest(&raw[..raw.len() - 32])[..], "trailer verifies");
+    assert_eq!(
+        &raw[raw.len() - 32..],
+        &sha2::Sha256::digest(&raw[..raw.len() - 32])[..],
+        "trailer verifies"
+    );
     let m = manifest_of(&path);
     assert_eq!(m["format-version"].as_u64(), Some(1));
     assert_eq!(m["source"].as_str(), Some("snapshot-api"));
     assert_eq!(m["db-size"].as_u64(), Some(raw.len() as u64));
-    assert_eq!(m["db-sha256"].as_str().unwrap(), hex::encode(sha2::Sha256::digest(&raw)));
+    assert_eq!(
+        m["db-sha256"].as_str().unwrap(),
+        hex::encode(sha2::Sha256::digest(&raw))
+    );
     assert_eq!(m["keys"].as_u64(), Some(250));
     assert_eq!(m["member-name"].as_str(), Some("s0"));
     assert_eq!(m["etcd-version"].as_str(), Some("3.5.1"));
-    for key in ["created", "tool-version", "unit", "cluster-id", "member-id", "revision"] {
+    for key in [
+        "created",
+        "tool-version",
+        "unit",
+        "cluster-id",
+        "member-id",
+        "revision",
+    ] {
         assert!(!m[key].is_null(), "manifest lacks {key}: {m:?}");
     }
 
@@ -76,10 +133,17 @@ fn standalone_snapshot_is_complete_and_restores_with_upstream_tools() {
         .arg(format!("--data-dir={}", fresh.data_dir().display()))
         .arg("--name=s0")
         .arg(format!("--initial-cluster=s0={}", fresh.peer_url()))
-        .arg(format!("--initial-advertise-peer-urls={}", fresh.peer_url()))
+        .arg(format!(
+            "--initial-advertise-peer-urls={}",
+            fresh.peer_url()
+        ))
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     fresh.start();
     fresh.wait_healthy();
     assert_eq!(fresh.dump(), before);
@@ -92,17 +156,44 @@ fn juju_snapshot_via_the_charm_link_reports_through_hook_tools() {
     node.fill("a", 20);
     let juju = Juju::new(tmp.path(), "etcd/0");
     let target = tmp.path().join("backups");
-    juju.params("snapshot", serde_json::json!({"target": target.to_str().unwrap()}));
+    juju.params(
+        "snapshot",
+        serde_json::json!({"target": target.to_str().unwrap()}),
+    );
     let run = Agent::juju(&node, &juju, "snapshot").run();
     let r = run.juju_ok(&juju);
     let path = r["snapshot"]["path"].as_str().unwrap();
-    assert_eq!(r["snapshot"]["sha256"].as_str().unwrap(), sha256_file(std::path::Path::new(path)));
-    assert_eq!(r["copy"]["cmd"].as_str().unwrap(), format!("juju scp etcd/0:{path} ."));
-    for key in ["size", "bytes", "revision", "keys", "etcd-version", "cluster-id"] {
-        assert!(r["snapshot"][key].is_string(), "missing snapshot.{key}: {r}");
+    assert_eq!(
+        r["snapshot"]["sha256"].as_str().unwrap(),
+        sha256_file(std::path::Path::new(path))
+    );
+    assert_eq!(
+        r["copy"]["cmd"].as_str().unwrap(),
+        format!("juju scp etcd/0:{path} .")
+    );
+    for key in [
+        "size",
+        "bytes",
+        "revision",
+        "keys",
+        "etcd-version",
+        "cluster-id",
+    ] {
+        assert!(
+            r["snapshot"][key].is_string(),
+            "missing snapshot.{key}: {r}"
+        );
     }
-    assert!(juju.log().contains("saving snapshot"), "progress goes to action-log: {}", juju.log());
-    assert!(run.stdout().is_empty(), "Juju mode prints no YAML: {}", run.stdout());
+    assert!(
+        juju.log().contains("saving snapshot"),
+        "progress goes to action-log: {}",
+        juju.log()
+    );
+    assert!(
+        run.stdout().is_empty(),
+        "Juju mode prints no YAML: {}",
+        run.stdout()
+    );
 }
 
 #[test]
@@ -113,11 +204,21 @@ fn juju_snapshot_uses_the_default_target_param() {
     juju.params("snapshot", serde_json::json!({}));
     let p = juju.state.join("params.json");
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
-    assert_eq!(v["target"].as_str(), Some("/home/ubuntu/etcd-snapshots"), "actions.yaml default");
+    assert_eq!(
+        v["target"].as_str(),
+        Some("/home/ubuntu/etcd-snapshots"),
+        "actions.yaml default"
+    );
     // Point the default somewhere harmless: the fake applies defaults exactly as Juju would.
-    juju.params("snapshot", serde_json::json!({"target": tmp.path().join("t").to_str().unwrap()}));
+    juju.params(
+        "snapshot",
+        serde_json::json!({"target": tmp.path().join("t").to_str().unwrap()}),
+    );
     let r = Agent::juju(&node, &juju, "snapshot").run().juju_ok(&juju);
-    assert!(r["snapshot"]["path"].as_str().unwrap().starts_with(tmp.path().join("t").to_str().unwrap()));
+    assert!(r["snapshot"]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with(tmp.path().join("t").to_str().unwrap()));
 }
 
 #[test]
@@ -126,10 +227,25 @@ fn snapshot_of_one_member_of_a_three_member_cluster() {
     let nodes = cluster(tmp.path(), "m", &v34());
     nodes[0].fill("c", 100);
     let target = tmp.path().join("snaps");
-    let r = Agent::standalone(&nodes[1], &["snapshot", "--target", target.to_str().unwrap()]).run().success();
+    let r = Agent::standalone(
+        &nodes[1],
+        &["snapshot", "--target", target.to_str().unwrap()],
+    )
+    .run()
+    .success();
     assert_eq!(r["snapshot"]["keys"].as_str(), Some("100"));
-    assert_eq!(r["snapshot"]["etcd-version"].as_str().unwrap().split('.').take(2).collect::<Vec<_>>(), ["3", "4"]);
-    let m = manifest_of(std::path::Path::new(r["snapshot"]["path"].as_str().unwrap()));
+    assert_eq!(
+        r["snapshot"]["etcd-version"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["3", "4"]
+    );
+    let m = manifest_of(std::path::Path::new(
+        r["snapshot"]["path"].as_str().unwrap(),
+    ));
     assert_eq!(m["member-name"].as_str(), Some("m1"));
 }
 
@@ -141,29 +257,62 @@ fn concurrent_snapshots_get_distinct_names_and_stay_intact() {
     let target = tmp.path().join("snaps");
     let children: Vec<_> = (0..4)
         .map(|_| {
-            let mut a = Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()]);
-            a.command().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+            let mut a =
+                Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()]);
+            a.command()
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
     let mut paths = Vec::new();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let y: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
-        paths.push(y["results"]["snapshot"]["path"].as_str().unwrap().to_string());
+        paths.push(
+            y["results"]["snapshot"]["path"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let mut unique = paths.clone();
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 4, "{paths:?}");
     for p in &paths {
-        let name = std::path::Path::new(p).file_name().unwrap().to_str().unwrap();
-        let check = Command::new("sha256sum").arg("-c").arg(format!("{name}.sha256")).current_dir(&target).output().unwrap();
+        let name = std::path::Path::new(p)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let check = Command::new("sha256sum")
+            .arg("-c")
+            .arg(format!("{name}.sha256"))
+            .current_dir(&target)
+            .output()
+            .unwrap();
         assert!(check.status.success(), "{p} damaged");
-        assert!(Command::new("tar").arg("tzf").arg(p).output().unwrap().status.success());
+        assert!(Command::new("tar")
+            .arg("tzf")
+            .arg(p)
+            .output()
+            .unwrap()
+            .status
+            .success());
     }
     let names = files_in(&target);
-    assert_eq!(names.len(), 8, "only archives and sidecars remain: {names:?}");
+    assert_eq!(
+        names.len(),
+        8,
+        "only archives and sidecars remain: {names:?}"
+    );
 }
 
 #[test]
@@ -172,13 +321,31 @@ fn archive_belongs_to_the_target_owner() {
     let node = Node::single(tmp.path(), "o0", &v35());
     let home = tmp.path().join("home-ubuntu");
     fs::create_dir(&home).unwrap();
-    nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(1000)), Some(nix::unistd::Gid::from_raw(1000))).unwrap();
+    nix::unistd::chown(
+        &home,
+        Some(nix::unistd::Uid::from_raw(1000)),
+        Some(nix::unistd::Gid::from_raw(1000)),
+    )
+    .unwrap();
     let target = home.join("etcd-snapshots");
-    let r = Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()]).run().success();
+    let r = Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()])
+        .run()
+        .success();
     let md = fs::metadata(r["snapshot"]["path"].as_str().unwrap()).unwrap();
-    assert_eq!((md.uid(), md.gid(), md.permissions().mode() & 0o777), (1000, 1000, 0o600));
+    assert_eq!(
+        (md.uid(), md.gid(), md.permissions().mode() & 0o777),
+        (1000, 1000, 0o600)
+    );
     let dir = fs::metadata(&target).unwrap();
-    assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (1000, 0o700), "created target belongs to the parent's owner");
-    let sidecar = fs::metadata(format!("{}.sha256", r["snapshot"]["path"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        (dir.uid(), dir.permissions().mode() & 0o777),
+        (1000, 0o700),
+        "created target belongs to the parent's owner"
+    );
+    let sidecar = fs::metadata(format!(
+        "{}.sha256",
+        r["snapshot"]["path"].as_str().unwrap()
+    ))
+    .unwrap();
     assert_eq!(sidecar.uid(), 1000);
 }

