@@ -279,7 +279,7 @@ fn broken_and_hostile_archives_are_refused() {
     h.set_path("db").unwrap();
     h.set_cksum();
     let mut raw = h.as_bytes().to_vec();
-    raw.extend(std::iter::repeat(0u8).take(1 << 20));
+    raw.extend(std::iter::repeat_n(0u8, 1 << 20));
     v.refuses(
         &write("bomb.tar.gz", &gz(&raw)),
         &[],
