@@ -54,7 +54,21 @@ pub fn run(args: Vec<OsString>) -> u8 {
     let settings = Settings::from_args(args.settings);
     let mut results = Results::default();
     let outcome = execute(&reporter, &settings, args.command, &mut results);
-    reporter.finish(&results, outcome)
+    let code = reporter.finish(&results, outcome);
+    report_peak_rss();
+    code
+}
+
+/// For the benchmark: writes this process's own peak RSS (`VmHWM`, children excluded) to
+/// the file named by `ETCD_ACTIONS_PEAK_RSS_FILE`.
+fn report_peak_rss() {
+    let Some(path) = std::env::var_os("ETCD_ACTIONS_PEAK_RSS_FILE") else {
+        return;
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+        let _ = std::fs::write(path, line);
+    }
 }
 
 fn execute(
