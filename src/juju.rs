@@ -151,7 +151,9 @@ impl Reporter {
                     eprintln!("etcd-actions: {msg}");
                 }
             }
-            Reporter::Standalone { .. } => eprintln!("etcd-actions: {msg}"),
+            Reporter::Standalone { .. } => {
+                eprintln!("etcd-actions: [{:6.2}s] {msg}", started().elapsed().as_secs_f64());
+            }
         }
     }
 
@@ -265,6 +267,12 @@ impl Reporter {
             }
         }
     }
+}
+
+/// When the process started, for the elapsed time in standalone progress lines.
+pub fn started() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
 }
 
 fn hook_tool(name: &str) -> Result<PathBuf, Error> {

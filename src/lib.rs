@@ -50,6 +50,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
             };
         }
     };
+    juju::started();
     let reporter = Reporter::from_env();
     let settings = Settings::from_args(args.settings);
     let mut results = Results::default();
