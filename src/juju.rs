@@ -152,7 +152,10 @@ impl Reporter {
                 }
             }
             Reporter::Standalone { .. } => {
-                eprintln!("etcd-actions: [{:6.2}s] {msg}", started().elapsed().as_secs_f64());
+                eprintln!(
+                    "etcd-actions: [{:6.2}s] {msg}",
+                    started().elapsed().as_secs_f64()
+                );
             }
         }
     }

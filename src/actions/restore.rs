@@ -284,7 +284,7 @@ fn wait_healthy(unit: &Unit<'_>, etcdctl: &Etcdctl) -> Result<Status, Error> {
                     outcome: String::new(),
                 })
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
