@@ -115,7 +115,18 @@ fn execute(
                 params.finish()?;
             }
             let unit = Unit::open(reporter, settings)?;
-            actions::restore::run(&unit, &opts, results)
+            let outcome = actions::restore::run(&unit, &opts, results);
+            // Restore set the workload status to maintenance; say how it ended.
+            match &outcome {
+                Ok(()) => {}
+                Err(Error::RestoreFailed { .. }) => {
+                    reporter.status("blocked", "restore failed: see the restore action's output");
+                }
+                Err(_) => {
+                    reporter.status("active", "restore not done; the unit's data is unchanged")
+                }
+            }
+            outcome
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::archive::{unpack, Layout, Limits, Unpacked};
 use crate::error::{Error, IoContext};
 use crate::etcd::{hex_id, Etcdctl, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
-    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic,
+    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic, TempPath,
 };
 use crate::juju::Results;
 use crate::process::run_shell;
@@ -449,6 +449,9 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         .mode(0o700)
         .create(&p.staging)
         .ctx(|| format!("cannot create `{}`", p.staging.display()))?;
+    // Removes the staging area on any failure until the swap; from then on it holds the
+    // previous data and is handled explicitly.
+    let staging_guard = TempPath::new(p.staging.clone());
     let build_dir = p.staging.join("build");
     unit.log(&format!(
         "{} {} snapshot restore into staging",
@@ -479,17 +482,23 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         new_inode,
         old_inode,
     };
-    write_journal(&p, &journal)?;
+    // Before the swap a failure restarts the service and removes the journal; the staging
+    // guard removes the staging area.
+    let abort = |err: Error, started: bool| -> Error {
+        if started {
+            let _ = start_service(unit);
+        }
+        let _ = remove_any(&p.journal);
+        err
+    };
+    write_journal(&p, &journal).map_err(|e| abort(e, false))?;
     crash_point("restore-after-journal");
 
     // Switch over.
     r.status("maintenance", "restore: switching to the restored data");
     journal.phase = Phase::Stopped;
-    write_journal(&p, &journal)?;
-    if let Err(e) = stop_service(unit) {
-        let _ = start_service(unit);
-        return Err(e);
-    }
+    write_journal(&p, &journal).map_err(|e| abort(e, false))?;
+    stop_service(unit).map_err(|e| abort(e, true))?;
     crash_point("restore-after-stop");
     if raw_backup_needed {
         let raw = write_archive(
@@ -505,31 +514,26 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
                 b.report(results, "backup");
                 backup = Some(b);
             }
-            Err(e) => {
-                let _ = start_service(unit);
-                return Err(e);
-            }
+            Err(e) => return Err(abort(e, true)),
         }
     }
-    let swap_in = || -> Result<(), Error> {
-        if old_inode.is_some() {
-            exchange(&p.staged_member, &p.member)?;
-        } else if !rename_noreplace(&p.staged_member, &p.member)? {
-            return Err(Error::RestoreFailed {
+    // The one step that changes the live data: atomic, so it either happened or not.
+    let swapped = if old_inode.is_some() {
+        exchange(&p.staged_member, &p.member)
+    } else {
+        match rename_noreplace(&p.staged_member, &p.member) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::RestoreFailed {
                 detail: format!("`{}` appeared during the restore", p.member.display()),
                 outcome: "nothing was changed".into(),
-            });
+            }),
+            Err(e) => Err(e),
         }
-        sync_dir(&unit.config.data_dir)?;
-        sync_dir(&p.staging)
     };
-    if let Err(e) = swap_in() {
-        let _ = start_service(unit);
-        return Err(e);
-    }
+    swapped.map_err(|e| abort(e, true))?;
+    let _ = staging_guard.keep();
     crash_point("restore-after-swap");
     journal.phase = Phase::Swapped;
-    write_journal(&p, &journal)?;
 
     let want = Expected {
         revision: unpacked
@@ -540,11 +544,15 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         keys: unpacked.manifest.as_ref().and_then(|m| m.keys),
         old_cluster: status.as_ref().map(|s| s.cluster_id),
     };
-    let started = start_service(unit).and_then(|()| {
-        crash_point("restore-after-start");
-        unit.log("waiting for etcd to become healthy");
-        verify_restored(unit, &etcdctl, &want)
-    });
+    let started = sync_dir(&unit.config.data_dir)
+        .and_then(|()| sync_dir(&p.staging))
+        .and_then(|()| write_journal(&p, &journal))
+        .and_then(|()| start_service(unit))
+        .and_then(|()| {
+            crash_point("restore-after-start");
+            unit.log("waiting for etcd to become healthy");
+            verify_restored(unit, &etcdctl, &want)
+        });
     let (new_status, keys) = match started {
         Ok(v) => v,
         Err(err) => {
