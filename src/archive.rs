@@ -202,25 +202,49 @@ fn entry_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
     Ok(header)
 }
 
-/// Streams `db` and a manifest into `out` as a snapshot archive. `manifest` gets the db's
-/// size and sha256 filled in. With `expect_trailer`, a db without a valid etcd sha256 trailer
-/// is an error and nothing is published. `out` is synced before this returns.
+/// Streams `db` and a manifest into `out` as a snapshot archive; see `pack_stream`.
 pub fn pack(
     db: &Path,
-    mut manifest: Manifest,
+    manifest: Manifest,
     expect_trailer: bool,
     out: File,
     level: u32,
 ) -> Result<Packed, Error> {
-    let io_err = |what: &str| {
-        let what = format!("cannot write archive ({what})");
-        move |e: io::Error| Error::io(what, e)
-    };
     let src = File::open(db).ctx(|| format!("cannot open `{}`", db.display()))?;
     let size = src
         .metadata()
         .ctx(|| format!("cannot stat `{}`", db.display()))?
         .len();
+    let what = db.display().to_string();
+    pack_stream(
+        src,
+        size,
+        &what,
+        expect_trailer,
+        |_| Ok(manifest),
+        out,
+        level,
+    )
+}
+
+/// Streams `size` bytes of a db from `src` and then a manifest into `out` as a snapshot
+/// archive, in one pass: the db is hashed (and etcd's trailer checked) as it goes by.
+/// `make_manifest` runs once the db is through, and gets the db's size and sha256 filled in.
+/// With `expect_trailer`, a db without a valid etcd sha256 trailer is an error and nothing is
+/// published. `out` is synced before this returns.
+pub fn pack_stream<R: Read>(
+    src: R,
+    size: u64,
+    what: &str,
+    expect_trailer: bool,
+    make_manifest: impl FnOnce(&DbHashes) -> Result<Manifest, Error>,
+    out: File,
+    level: u32,
+) -> Result<Packed, Error> {
+    let io_err = |step: &str| {
+        let step = format!("cannot write archive ({step})");
+        move |e: io::Error| Error::io(step, e)
+    };
     if expect_trailer && !has_trailer(size) {
         return Err(Error::Mismatch {
             what: "etcd snapshot layout".into(),
@@ -244,7 +268,7 @@ pub fn pack(
     let hashes = digest.finish();
     if hashes.size != size {
         return Err(Error::io(
-            format!("`{}` changed size while being archived", db.display()),
+            format!("`{what}` ended after {} of {size} bytes", hashes.size),
             io::Error::from(io::ErrorKind::UnexpectedEof),
         ));
     }
@@ -256,6 +280,7 @@ pub fn pack(
             hint: "the snapshot was damaged in transit from etcd; take it again".into(),
         });
     }
+    let mut manifest = make_manifest(&hashes)?;
     manifest.db_size = size;
     manifest.db_sha256 = hex::encode(hashes.sha256);
     let text = manifest.to_yaml();
@@ -276,6 +301,36 @@ pub fn pack(
         bytes,
         manifest,
     })
+}
+
+/// The size of the snapshot etcd is streaming, read from its first bytes: etcd's snapshot is
+/// a bbolt `tx.WriteTo` (both meta pages rewritten from the transaction's meta, then every page
+/// up to `meta.pgid`) followed by the 32-byte sha256 trailer. `None` unless the first meta page
+/// is valid (magic, version 2, FNV-64a checksum).
+pub fn snapshot_size_from_meta(head: &[u8]) -> Option<u64> {
+    const META: usize = 16;
+    if head.len() < META + 64 {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
+    if u32_at(META) != 0xED0C_DAED || u32_at(META + 4) != 2 {
+        return None;
+    }
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in &head[META..META + 56] {
+        fnv ^= u64::from(b);
+        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if fnv != u64_at(META + 56) {
+        return None;
+    }
+    let page_size = u64::from(u32_at(META + 8));
+    let pgid = u64_at(META + 40);
+    if !(512..=65536).contains(&page_size) || pgid < 4 {
+        return None;
+    }
+    pgid.checked_mul(page_size)?.checked_add(32)
 }
 
 /// How a verified archive was laid out.

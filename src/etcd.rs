@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::config::{EtcdConfig, Settings};
 use crate::error::Error;
-use crate::process::{display, etcd_tool, run_checked};
+use crate::process::{display, etcd_tool, run_checked, spawn_logged, Running};
 
 /// A `major.minor.patch` etcd version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -204,13 +204,17 @@ impl Etcdctl {
         Ok(self.json::<Count>(&args)?.count)
     }
 
-    /// `etcdctl snapshot save`: a consistent copy through the snapshot API.
-    pub fn snapshot_save(&self, path: &Path) -> Result<(), Error> {
+    /// Starts `etcdctl snapshot save`: a consistent copy through the snapshot API, written to
+    /// `<path>.part` and renamed to `path` when complete. Finish with `finish_save`.
+    pub fn snapshot_save_start(&self, path: &Path, log: &Path) -> Result<Running, Error> {
         let mut cmd = self.command("10s");
         cmd.arg("snapshot").arg("save").arg(path);
-        run_checked(&mut cmd)
-            .map(drop)
-            .map_err(|e| self.unreachable(e))
+        spawn_logged(&mut cmd, log)
+    }
+
+    /// Waits for a save started by `snapshot_save_start`.
+    pub fn finish_save(&self, save: &mut Running) -> Result<(), Error> {
+        save.wait().map(drop).map_err(|e| self.unreachable(e))
     }
 }
 

@@ -64,41 +64,99 @@ pub fn run_checked(cmd: &mut Command) -> Result<Output, Error> {
     Ok(Output { stdout, stderr })
 }
 
-/// Runs an operator-supplied shell command (service stop/start). Its output goes to files, not
-/// pipes, so a daemon it leaves behind cannot hold our pipe open and hang the action.
-pub fn run_shell(script: &str, log_dir: &Path) -> Result<Output, Error> {
-    let command = format!("sh -c '{script}'");
-    let out_path = log_dir.join(format!("service-{}.out", std::process::id()));
-    let err_path = log_dir.join(format!("service-{}.err", std::process::id()));
+/// A command running in the background with its output in a log file (no pipe to fill),
+/// for commands the agent works beside, and for daemons' launchers that may leave children
+/// holding their output open.
+pub struct Running {
+    child: std::process::Child,
+    command: String,
+    log: std::path::PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// Starts `cmd` with stdin closed and stdout and stderr going to `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Running, Error> {
+    let command = display(cmd);
     let io = |source| Error::CommandInvoke {
         command: command.clone(),
         source,
     };
-    let stdout = File::create(&out_path).map_err(io)?;
-    let stderr = File::create(&err_path).map_err(io)?;
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(script)
+    let out = File::create(log).map_err(io)?;
+    let err = out.try_clone().map_err(io)?;
+    let child = cmd
         .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .status()
+        .stdout(out)
+        .stderr(err)
+        .spawn()
         .map_err(io)?;
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    let output = Output {
-        stdout: read(&out_path),
-        stderr: read(&err_path),
-    };
-    let _ = std::fs::remove_file(&out_path);
-    let _ = std::fs::remove_file(&err_path);
-    if !status.success() {
-        return Err(Error::CommandFailed {
-            command,
-            status: describe(status),
-            stderr: output.stderr,
-        });
+    Ok(Running {
+        child,
+        command,
+        log: log.to_path_buf(),
+        status: None,
+    })
+}
+
+impl Running {
+    /// Whether the command has exited (without waiting).
+    pub fn exited(&mut self) -> Result<bool, Error> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .map_err(|source| Error::CommandInvoke {
+                    command: self.command.clone(),
+                    source,
+                })?;
+        }
+        Ok(self.status.is_some())
     }
-    Ok(output)
+
+    /// Waits for the command; fails unless it exited 0, with its output in the error.
+    pub fn wait(&mut self) -> Result<Output, Error> {
+        let status = match self.status {
+            Some(s) => s,
+            None => {
+                let s = self.child.wait().map_err(|source| Error::CommandInvoke {
+                    command: self.command.clone(),
+                    source,
+                })?;
+                self.status = Some(s);
+                s
+            }
+        };
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        if !status.success() {
+            return Err(Error::CommandFailed {
+                command: self.command.clone(),
+                status: describe(status),
+                stderr: text,
+            });
+        }
+        Ok(Output {
+            stdout: text,
+            stderr: String::new(),
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs an operator-supplied shell command (service stop/start). Its output goes to a file,
+/// not a pipe, so a daemon it leaves behind cannot hold our pipe open and hang the action.
+pub fn run_shell(script: &str, log_dir: &Path) -> Result<Output, Error> {
+    let log = log_dir.join(format!("service-{}.out", std::process::id()));
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    spawn_logged(&mut cmd, &log)?.wait()
 }
 
 /// Builds a command for an etcd tool with a clean environment: inherited `ETCDCTL_*` and

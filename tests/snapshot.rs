@@ -92,6 +92,11 @@ fn standalone_snapshot_is_complete_and_restores_with_upstream_tools() {
     let db = extract_db(&path, &tmp.path().join("x"));
     let raw = fs::read(&db).unwrap();
     assert_eq!(raw.len() % 512, 32, "etcd's sha256 trailer is kept");
+    assert_eq!(
+        etcd_actions::archive::snapshot_size_from_meta(&raw[..4096]),
+        Some(raw.len() as u64),
+        "the size streamed is the size etcd's first page announces"
+    );
     use sha2::Digest;
     assert_eq!(
         &raw[raw.len() - 32..],
@@ -247,6 +252,16 @@ fn snapshot_of_one_member_of_a_three_member_cluster() {
         r["snapshot"]["path"].as_str().unwrap(),
     ));
     assert_eq!(m["member-name"].as_str(), Some("m1"));
+    let raw = fs::read(extract_db(
+        std::path::Path::new(r["snapshot"]["path"].as_str().unwrap()),
+        &tmp.path().join("x"),
+    ))
+    .unwrap();
+    assert_eq!(
+        etcd_actions::archive::snapshot_size_from_meta(&raw[..4096]),
+        Some(raw.len() as u64),
+        "etcd 3.4"
+    );
 }
 
 #[test]

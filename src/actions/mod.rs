@@ -4,14 +4,17 @@
 pub mod restore;
 pub mod snapshot;
 
-use std::fs;
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::archive::{pack, sidecar_path};
+use crate::archive::{pack, pack_stream, sidecar_path, snapshot_size_from_meta, Packed};
 use crate::config::{EtcdConfig, Settings};
 use crate::error::{human_size, Error, IoContext};
-use crate::etcd::{hex_id, Etcdctl, OfflineTool};
+use crate::etcd::{hex_id, Etcdctl, OfflineTool, Status};
 use crate::fsutil::{
     create_private, ensure_target, owner, pid_alive, remove_any, rename_noreplace, require_space,
     sync_dir, write_atomic, TempPath, UnitLock,
@@ -20,6 +23,7 @@ use crate::juju::{Reporter, Results};
 use crate::manifest::{
     name_stamp, now_secs, rfc3339, Manifest, FORMAT_VERSION, SOURCE_RAW_COPY, SOURCE_SNAPSHOT,
 };
+use crate::process::Running;
 
 /// Prefix of temp entries this tool makes in a target directory.
 const TEMP_PREFIX: &str = ".etcd-actions-tmp-";
@@ -177,6 +181,7 @@ pub fn write_archive(
         .mode(0o700)
         .create(tmp.path())
         .ctx(|| format!("cannot create `{}`", tmp.path().display()))?;
+    let tmp_archive = tmp.path().join("archive.tar.gz");
 
     let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -193,7 +198,7 @@ pub fn write_archive(
         db_size: 0,
         db_sha256: String::new(),
     };
-    let (db, expect_trailer) = match source {
+    let packed = match source {
         DbSource::Live { etcdctl, offline } => {
             unit.log(&format!("checking etcd at {}", etcdctl.endpoint()));
             let status = etcdctl.status()?;
@@ -208,52 +213,180 @@ pub fn write_archive(
                 status.db_size.saturating_mul(2) + (64 << 20),
                 "the snapshot",
             )?;
-            let db = tmp.path().join("db");
             unit.log(&format!(
-                "saving snapshot of member {} ({} db)",
+                "saving and archiving a snapshot of member {} ({} db)",
                 hex_id(status.member_id),
                 human_size(status.db_size)
             ));
-            etcdctl.snapshot_save(&db)?;
-            let revision = offline.db_status(&db)?.revision;
-            let keys = match etcdctl.key_count(revision) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    unit.log(&format!("could not count keys at revision {revision}: {e}"));
-                    None
-                }
+            let member = Member {
+                status,
+                name,
+                etcdctl,
+                offline,
             };
-            manifest.etcd_version = Some(status.version);
-            manifest.cluster_id = Some(hex_id(status.cluster_id));
-            manifest.member_id = Some(hex_id(status.member_id));
-            manifest.member_name = name;
-            manifest.revision = Some(revision);
-            manifest.keys = keys;
-            (db, true)
+            let db = tmp.path().join("db");
+            save_and_pack(unit, &member, &db, &tmp_archive, manifest)?
         }
         DbSource::RawCopy { db } => {
             let size = crate::config::metadata(&db)?.len();
             require_space(target, size + (64 << 20), "the raw backup")?;
             manifest.source = SOURCE_RAW_COPY.to_string();
             manifest.member_name = Some(unit.config.name.clone());
-            (db, false)
+            unit.log("writing archive of the raw db");
+            let out = create_private(&tmp_archive)?;
+            pack(&db, manifest, false, out, unit.settings.compression_level)?
         }
     };
+    let archive = publish(target, kind, &tmp_archive, packed)?;
+    unit.log(&format!(
+        "wrote {} ({})",
+        archive.path.display(),
+        human_size(archive.bytes)
+    ));
+    Ok(archive)
+}
 
+/// What the archive of a live member needs to know about it.
+struct Member<'a> {
+    status: Status,
+    name: Option<String>,
+    etcdctl: &'a Etcdctl,
+    offline: &'a OfflineTool,
+}
+
+/// Reads a file that etcdctl is still writing: at its current end it waits for more until
+/// etcdctl has exited.
+struct Growing<'a> {
+    file: File,
+    save: &'a RefCell<Running>,
+}
+
+impl Read for Growing<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.file.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            let exited = self.save.borrow_mut().exited().map_err(io::Error::other)?;
+            if exited {
+                // One more read: the last bytes may have landed just before the exit.
+                return self.file.read(buf);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+const SIZE_MISMATCH: &str = "the snapshot's size";
+
+/// Takes the snapshot and archives it in the same pass: the archive is written while etcdctl
+/// is still receiving the snapshot, reading its `.part` file as it grows, with the db's size
+/// read from its first page (bbolt's meta). Whatever the stream did, the db is checked against
+/// etcd's sha256 trailer and its final size against the size archived; if the first page is
+/// not a bbolt meta page, or the sizes differ, the finished file is archived instead.
+fn save_and_pack(
+    unit: &Unit<'_>,
+    m: &Member<'_>,
+    db: &Path,
+    tmp_archive: &Path,
+    mut manifest: Manifest,
+) -> Result<Packed, Error> {
+    let log = db.with_file_name("etcdctl.log");
+    let save = RefCell::new(m.etcdctl.snapshot_save_start(db, &log)?);
+    let finish = || m.etcdctl.finish_save(&mut save.borrow_mut());
+    let part = db.with_file_name("db.part");
+    let file = loop {
+        if let Ok(f) = File::open(&part).or_else(|_| File::open(db)) {
+            break f;
+        }
+        if save.borrow_mut().exited()? {
+            finish()?;
+            break File::open(db).ctx(|| format!("etcdctl wrote no `{}`", db.display()))?;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let mut growing = Growing { file, save: &save };
+    let mut head = Vec::with_capacity(4096);
+    (&mut growing)
+        .take(4096)
+        .read_to_end(&mut head)
+        .ctx(|| format!("cannot read `{}`", part.display()))?;
+    let level = unit.settings.compression_level;
+    let describe = |manifest: &mut Manifest| -> Result<(), Error> {
+        let revision = m.offline.db_status(db)?.revision;
+        let keys = match m.etcdctl.key_count(revision) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                unit.log(&format!("could not count keys at revision {revision}: {e}"));
+                None
+            }
+        };
+        manifest.etcd_version = Some(m.status.version.clone());
+        manifest.cluster_id = Some(hex_id(m.status.cluster_id));
+        manifest.member_id = Some(hex_id(m.status.member_id));
+        manifest.member_name.clone_from(&m.name);
+        manifest.revision = Some(revision);
+        manifest.keys = keys;
+        Ok(())
+    };
+    if let Some(size) = snapshot_size_from_meta(&head) {
+        let out = create_private(tmp_archive)?;
+        let streamed = pack_stream(
+            io::Cursor::new(head).chain(growing),
+            size,
+            "the snapshot stream",
+            true,
+            |_| {
+                finish()?;
+                let actual = crate::config::metadata(db)?.len();
+                if actual != size {
+                    return Err(Error::Mismatch {
+                        what: SIZE_MISMATCH.into(),
+                        expected: format!("{size} bytes (from its bbolt meta page)"),
+                        actual: format!("{actual} bytes"),
+                        hint: "archiving the finished file instead".into(),
+                    });
+                }
+                let mut manifest = manifest.clone();
+                describe(&mut manifest)?;
+                Ok(manifest)
+            },
+            out,
+            level,
+        );
+        match streamed {
+            Ok(packed) => return Ok(packed),
+            Err(e) => {
+                // etcdctl's own failure says more than a short stream does.
+                finish()?;
+                if !matches!(&e, Error::Mismatch { what, .. } if what == SIZE_MISMATCH) {
+                    return Err(e);
+                }
+                unit.log(&e.to_string());
+                remove_any(tmp_archive)?;
+            }
+        }
+    } else {
+        finish()?;
+    }
     unit.log("writing archive");
-    let tmp_archive = tmp.path().join("archive.tar.gz");
-    let out = create_private(&tmp_archive)?;
-    let packed = pack(
-        &db,
-        manifest,
-        expect_trailer,
-        out,
-        unit.settings.compression_level,
-    )?;
-    let (uid, gid) = owner(target)?;
-    let _ = nix::unistd::chown(tmp_archive.as_path(), Some(uid), Some(gid));
-    crash_point("snapshot-before-publish");
+    describe(&mut manifest)?;
+    let out = create_private(tmp_archive)?;
+    pack(db, manifest, true, out, level)
+}
 
+/// Names and publishes an archive written to `tmp_archive`, with its sidecar, both owned by
+/// the target's owner.
+fn publish(
+    target: &Path,
+    kind: &str,
+    tmp_archive: &Path,
+    packed: Packed,
+) -> Result<Archive, Error> {
+    let (uid, gid) = owner(target)?;
+    let _ = nix::unistd::chown(tmp_archive, Some(uid), Some(gid));
+    crash_point("snapshot-before-publish");
     let stamp = name_stamp(now_secs());
     let mut published = None;
     for n in 0..1000 {
@@ -266,7 +399,7 @@ pub fn write_archive(
         if sidecar_path(&path).exists() {
             continue;
         }
-        if rename_noreplace(&tmp_archive, &path)? {
+        if rename_noreplace(tmp_archive, &path)? {
             published = Some(path);
             break;
         }
@@ -284,11 +417,6 @@ pub fn write_archive(
     );
     write_atomic(&sidecar, line.as_bytes())?;
     let _ = nix::unistd::chown(sidecar.as_path(), Some(uid), Some(gid));
-    unit.log(&format!(
-        "wrote {} ({})",
-        path.display(),
-        human_size(packed.bytes)
-    ));
     Ok(Archive {
         path,
         sha256: packed.sha256,
