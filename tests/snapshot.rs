@@ -190,7 +190,7 @@ fn juju_snapshot_via_the_charm_link_reports_through_hook_tools() {
         );
     }
     assert!(
-        juju.log().contains("saving snapshot"),
+        juju.log().contains("snapshot of member"),
         "progress goes to action-log: {}",
         juju.log()
     );
