@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use etcd_actions::archive::pack;
-use etcd_actions::manifest::{Manifest, FORMAT_VERSION, SOURCE_SNAPSHOT};
+use etcd_actions::manifest::{Manifest, SOURCE_SNAPSHOT};
 use sha2::{Digest, Sha256};
 
 fn main() {
@@ -22,21 +22,10 @@ fn main() {
     let digest: [u8; 32] = Sha256::digest(&db).into();
     db.extend_from_slice(&digest);
     std::fs::write(&tmp, &db).unwrap();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        created: "2026-01-01T00:00:00Z".into(),
-        tool_version: "0".into(),
-        unit: "etcd/0".into(),
-        source: SOURCE_SNAPSHOT.into(),
-        etcd_version: Some("3.5.1".into()),
-        cluster_id: None,
-        member_id: None,
-        member_name: None,
-        revision: Some(1),
-        keys: Some(0),
-        db_size: 0,
-        db_sha256: String::new(),
-    };
+    let mut manifest = Manifest::new("etcd/0", SOURCE_SNAPSHOT);
+    manifest.etcd_version = Some("3.5.1".into());
+    manifest.revision = Some(1);
+    manifest.keys = Some(0);
     let out = std::fs::File::create(dir.join("ours.tar.gz")).unwrap();
     pack(&tmp, manifest, true, out, 1).unwrap();
     std::fs::remove_file(&tmp).unwrap();

@@ -2,27 +2,13 @@
 //! Used to profile the one streaming pass (run it under `time` or perf).
 
 use etcd_actions::archive::pack;
-use etcd_actions::manifest::{Manifest, FORMAT_VERSION, SOURCE_SNAPSHOT};
+use etcd_actions::manifest::{Manifest, SOURCE_SNAPSHOT};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let db = args.next().expect("usage: pack-bench DB [LEVEL]");
     let level = args.next().map(|l| l.parse().expect("level")).unwrap_or(1);
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        created: String::new(),
-        tool_version: String::new(),
-        unit: String::new(),
-        source: SOURCE_SNAPSHOT.into(),
-        etcd_version: None,
-        cluster_id: None,
-        member_id: None,
-        member_name: None,
-        revision: None,
-        keys: None,
-        db_size: 0,
-        db_sha256: String::new(),
-    };
+    let manifest = Manifest::new("bench", SOURCE_SNAPSHOT);
     let out_path = std::env::temp_dir().join("pack-bench.tar.gz");
     let out = std::fs::File::create(&out_path).expect("create output");
     let start = std::time::Instant::now();

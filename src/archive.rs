@@ -1,16 +1,20 @@
 //! Snapshot archives: `./db` (exactly the file etcd wrote, trailer intact) then
 //! `./manifest.yaml`, in a tar inside parallel gzip.
 //!
-//! Writing is one streaming pass: `File -> HashingWriter -> ParGzWriter -> tar::Builder`, with
+//! Writing is one streaming pass: `tar::Builder -> ParGzWriter -> HashingFileWriter`, with
 //! the db hashed (and its etcd sha256 trailer checked) as it is read, so the archive's hash
-//! covers the exact bytes on disk. Reading is one pass too, and accepts nothing but what a
+//! covers the exact bytes on disk. Both hashes run on threads of their own, beside the
+//! compression workers; every buffer between the stages is bounded. Reading is one pass too, and accepts nothing but what a
 //! snapshot archive (ours or the original charm's) can hold: every other entry, path or size
 //! is refused before a byte of it is written.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use flate2::bufread::MultiGzDecoder;
 use sha2::{Digest, Sha256};
@@ -24,40 +28,6 @@ pub const MANIFEST_ENTRY: &str = "manifest.yaml";
 const MANIFEST_MAX: u64 = 64 * 1024;
 /// Zero padding GNU tar may add after the end-of-archive blocks.
 const TRAILING_MAX: u64 = 1 << 20;
-
-/// Counts and hashes everything written through it.
-pub struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    pub fn finish(self) -> (W, [u8; 32], u64) {
-        (self.inner, self.hasher.finalize().into(), self.bytes)
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 /// Counts and hashes everything read through it.
 pub struct HashingReader<R> {
@@ -164,17 +134,149 @@ impl DbDigest {
     }
 }
 
-/// A reader that feeds a `DbDigest`.
-struct DigestReader<'a, R> {
-    inner: R,
-    digest: &'a mut DbDigest,
+/// Chunks handed from a reader to a hashing thread.
+const CHUNK: usize = 1 << 20;
+
+/// A `DbDigest` running on its own thread, so that hashing overlaps compression and I/O.
+pub struct DigestThread {
+    tx: Option<SyncSender<Arc<Vec<u8>>>>,
+    handle: JoinHandle<DbHashes>,
 }
 
-impl<R: Read> Read for DigestReader<'_, R> {
+impl DigestThread {
+    pub fn new(size: u64) -> DigestThread {
+        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4);
+        let handle = std::thread::spawn(move || {
+            let mut digest = DbDigest::new(size);
+            for chunk in rx {
+                digest.update(&chunk);
+            }
+            digest.finish()
+        });
+        DigestThread {
+            tx: Some(tx),
+            handle,
+        }
+    }
+
+    fn send(&self, chunk: Arc<Vec<u8>>) -> io::Result<()> {
+        let tx = self.tx.as_ref().expect("not finished");
+        tx.send(chunk)
+            .map_err(|_| io::Error::other("the hashing thread stopped"))
+    }
+
+    pub fn finish(mut self) -> DbHashes {
+        self.tx = None;
+        self.handle
+            .join()
+            .expect("the hashing thread does not panic")
+    }
+}
+
+/// Reads `inner` in 1 MiB chunks, handing each to a `DigestThread` as it passes.
+struct TeeReader<'a, R> {
+    inner: R,
+    digest: &'a DigestThread,
+    chunk: Arc<Vec<u8>>,
+    pos: usize,
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.digest.update(&buf[..n]);
+        if self.pos == self.chunk.len() {
+            let mut next = Vec::with_capacity(CHUNK);
+            (&mut self.inner)
+                .take(CHUNK as u64)
+                .read_to_end(&mut next)?;
+            if next.is_empty() {
+                return Ok(0);
+            }
+            self.chunk = Arc::new(next);
+            self.pos = 0;
+            self.digest.send(Arc::clone(&self.chunk))?;
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
+    }
+}
+
+/// What a `HashingFileWriter` wrote: the file, its sha256 and its length.
+pub type Written = (File, [u8; 32], u64);
+
+/// Writes to a file on its own thread, hashing and counting what it writes, so that the
+/// archive's sha256 and the disk writes overlap compression.
+pub struct HashingFileWriter {
+    buf: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    handle: Option<JoinHandle<io::Result<Written>>>,
+}
+
+impl HashingFileWriter {
+    pub fn new(mut file: File) -> HashingFileWriter {
+        let (tx, rx) = sync_channel::<Vec<u8>>(4);
+        let handle = std::thread::spawn(move || {
+            let mut hasher = Sha256::new();
+            let mut bytes = 0u64;
+            for chunk in rx {
+                hasher.update(&chunk);
+                file.write_all(&chunk)?;
+                bytes += chunk.len() as u64;
+            }
+            Ok((file, hasher.finalize().into(), bytes))
+        });
+        HashingFileWriter {
+            buf: Vec::with_capacity(CHUNK),
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let tx = self.tx.as_ref().expect("not finished");
+        if tx.send(chunk).is_err() {
+            // The thread stopped on an error: finish() reports it.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the writer thread stopped")));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> io::Result<Written> {
+        self.tx = None;
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| io::Error::other("the writer thread panicked"))?,
+            None => Err(io::Error::other("the writer thread already stopped")),
+        }
+    }
+
+    /// Writes what is buffered and returns the file, the sha256 and the byte count.
+    pub fn finish(mut self) -> io::Result<Written> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        self.join()
+    }
+}
+
+impl Write for HashingFileWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -254,18 +356,21 @@ pub fn pack_stream<R: Read>(
         });
     }
     let mtime = crate::manifest::now_secs();
-    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
-    let gz = ParGzWriter::new(hashing, level);
+    let gz = ParGzWriter::new(HashingFileWriter::new(out), level);
     let mut tar = tar::Builder::new(gz);
 
-    let mut digest = DbDigest::new(size);
+    let digest = DigestThread::new(size);
     let header = entry_header(DB_ENTRY, size, mtime).map_err(io_err("db header"))?;
-    let mut reader = DigestReader {
-        inner: BufReader::with_capacity(1 << 20, src).take(size),
-        digest: &mut digest,
+    let mut reader = TeeReader {
+        inner: src.take(size),
+        digest: &digest,
+        chunk: Arc::new(Vec::new()),
+        pos: 0,
     };
-    tar.append(&header, &mut reader).map_err(io_err("db"))?;
+    let appended = tar.append(&header, &mut reader);
+    drop(reader);
     let hashes = digest.finish();
+    appended.map_err(io_err("db"))?;
     if hashes.size != size {
         return Err(Error::io(
             format!("`{what}` ended after {} of {size} bytes", hashes.size),
@@ -290,11 +395,10 @@ pub fn pack_stream<R: Read>(
         .map_err(io_err("manifest"))?;
 
     let gz = tar.into_inner().map_err(io_err("tar end"))?;
-    let hashing = gz.finish().map_err(io_err("gzip"))?;
-    let (buffered, sha, bytes) = hashing.finish();
-    let file = buffered
-        .into_inner()
-        .map_err(|e| io_err("flush")(e.into_error()))?;
+    let (file, sha, bytes) = gz
+        .finish()
+        .and_then(HashingFileWriter::finish)
+        .map_err(io_err("gzip"))?;
     file.sync_all().map_err(io_err("fsync"))?;
     Ok(Packed {
         sha256: hex::encode(sha),
@@ -641,26 +745,33 @@ fn extract_db<R: Read>(
         .mode(0o600)
         .open(dest)
         .ctx(|| format!("cannot create `{}`", dest.display()))?;
-    let mut digest = DbDigest::new(size);
-    let mut buffer = vec![0u8; 1 << 20];
+    let digest = DigestThread::new(size);
     let mut written = 0u64;
-    loop {
-        let n = match entry.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+    let copied = loop {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        match (&mut *entry).take(CHUNK as u64).read_to_end(&mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
             Err(e) => {
-                return Err(refuse(
+                break Err(refuse(
                     archive,
                     format!("it is corrupt or truncated inside `db`: {e}"),
                 ))
             }
-        };
-        digest.update(&buffer[..n]);
-        out.write_all(&buffer[..n])
-            .ctx(|| format!("cannot write `{}`", dest.display()))?;
-        written += n as u64;
-    }
+        }
+        if let Err(e) = out.write_all(&chunk) {
+            break Err(Error::io(format!("cannot write `{}`", dest.display()), e));
+        }
+        written += chunk.len() as u64;
+        if digest.send(Arc::new(chunk)).is_err() {
+            break Err(Error::io(
+                "cannot hash the db",
+                io::Error::other("the hashing thread stopped"),
+            ));
+        }
+    };
+    let hashes = digest.finish();
+    copied?;
     if written != size {
         return Err(refuse(
             archive,
@@ -669,7 +780,7 @@ fn extract_db<R: Read>(
     }
     // No fsync: this copy only feeds the restore tool, whose output is synced; after a crash
     // the next run deletes it.
-    Ok(digest.finish())
+    Ok(hashes)
 }
 
 fn type_name(t: tar::EntryType) -> &'static str {

@@ -36,6 +36,26 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest made now by this tool, for `unit`, with `source` (`snapshot-api` or
+    /// `raw-copy`); what is known about etcd and the db is filled in later.
+    pub fn new(unit: &str, source: &str) -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            created: rfc3339(now_secs()),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            unit: unit.to_string(),
+            source: source.to_string(),
+            etcd_version: None,
+            cluster_id: None,
+            member_id: None,
+            member_name: None,
+            revision: None,
+            keys: None,
+            db_size: 0,
+            db_sha256: String::new(),
+        }
+    }
+
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a manifest always serializes")
     }

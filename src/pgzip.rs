@@ -11,7 +11,8 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use flate2::{Compress, Compression, Crc, Decompress, FlushCompress, FlushDecompress, Status};
+use crc32fast::Hasher as Crc;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// Uncompressed bytes per member.
 pub const BLOCK: usize = 1 << 20;
@@ -190,7 +191,7 @@ fn append_member(out: &mut Vec<u8>, data: &[u8], level: u32) -> io::Result<()> {
     }
     let mut crc = Crc::new();
     crc.update(data);
-    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&crc.clone().finalize().to_le_bytes());
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     let total = u32::try_from(out.len() - start).map_err(io::Error::other)?;
     out[start + 16..start + 20].copy_from_slice(&total.to_le_bytes());
@@ -297,7 +298,7 @@ fn decompress_member(member: &[u8], _: u32) -> io::Result<Vec<u8>> {
     }
     let mut crc = Crc::new();
     crc.update(&out);
-    if crc.sum() != crc_expected || out.len() != size {
+    if crc.clone().finalize() != crc_expected || out.len() != size {
         return Err(invalid("gzip member fails its CRC check"));
     }
     Ok(out)

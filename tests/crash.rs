@@ -39,15 +39,10 @@ fn bench(base: &Path) -> Bench {
 
 impl Bench {
     fn restore(&self, archive: &Path, backups: &Path) -> Agent {
-        Agent::standalone(
+        Agent::restore(
             &self.unit,
-            &[
-                "restore",
-                "--snapshot",
-                archive.to_str().unwrap(),
-                "--target",
-                backups.to_str().unwrap(),
-            ],
+            archive.to_str().unwrap(),
+            &["--target", backups.to_str().unwrap()],
         )
     }
 
@@ -161,14 +156,7 @@ fn concurrent_restores_serialize_and_a_held_lock_fails_clearly() {
     let b = bench(tmp.path());
     let backups = tmp.path().join("backups");
     let children: Vec<_> = (0..2)
-        .map(|_| {
-            b.restore(&b.new_archive, &backups)
-                .command()
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|_| b.restore(&b.new_archive, &backups).spawn())
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();

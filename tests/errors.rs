@@ -26,11 +26,7 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
 
     // etcd unreachable: the service is stopped.
     node.stop();
-    let msg = snapshot_fails_cleanly(
-        &node,
-        &target,
-        Agent::standalone(&node, &["snapshot", "--target", t]),
-    );
+    let msg = snapshot_fails_cleanly(&node, &target, Agent::snapshot(&node, t));
     assert!(
         msg.contains("not reachable") && msg.contains(&node.endpoint()),
         "{msg}"
@@ -42,14 +38,13 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
     let msg = snapshot_fails_cleanly(
         &node,
         &target,
-        Agent::standalone(&node, &["snapshot", "--target", t])
-            .env("ETCD_ACTIONS_ETCDCTL", "/nonexistent/etcdctl"),
+        Agent::snapshot(&node, t).env("ETCD_ACTIONS_ETCDCTL", "/nonexistent/etcdctl"),
     );
     assert!(
         msg.contains("/nonexistent/etcdctl") && msg.contains("ETCD_ACTIONS_ETCDCTL"),
         "{msg}"
     );
-    let run = Agent::standalone(&node, &["snapshot", "--target", t]).env("PATH", "/nonexistent");
+    let run = Agent::snapshot(&node, t).env("PATH", "/nonexistent");
     let mut run = run;
     run.command().env_remove("ETCD_ACTIONS_ETCDCTL");
     let run = run.run();
@@ -60,8 +55,7 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
     let msg = snapshot_fails_cleanly(
         &node,
         &target,
-        Agent::standalone(&node, &["snapshot", "--target", t])
-            .env("ETCD_ACTIONS_ETCD_CONFIG", "/nonexistent/etcd.conf.yml"),
+        Agent::snapshot(&node, t).env("ETCD_ACTIONS_ETCD_CONFIG", "/nonexistent/etcd.conf.yml"),
     );
     assert!(
         msg.contains("/nonexistent/etcd.conf.yml") && msg.contains("ETCD_ACTIONS_ETCD_CONFIG"),
@@ -72,8 +66,7 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
     let msg = snapshot_fails_cleanly(
         &node,
         &target,
-        Agent::standalone(&node, &["snapshot", "--target", t])
-            .env("ETCD_ACTIONS_ETCD_CONFIG", &garbage),
+        Agent::snapshot(&node, t).env("ETCD_ACTIONS_ETCD_CONFIG", &garbage),
     );
     assert!(msg.contains("not valid YAML"), "{msg}");
 }
@@ -82,7 +75,7 @@ fn unreachable_etcd_missing_tools_and_bad_config() {
 fn bad_targets_are_refused() {
     let tmp = tempdir();
     let node = Node::single(tmp.path(), "t0", &v35());
-    let run = Agent::standalone(&node, &["snapshot", "--target", "relative/dir"]).run();
+    let run = Agent::snapshot(&node, "relative/dir").run();
     let msg = run.failure();
     assert!(
         msg.contains("relative") && msg.contains("absolute"),
@@ -93,7 +86,7 @@ fn bad_targets_are_refused() {
 
     let file = tmp.path().join("a-file");
     fs::write(&file, "x").unwrap();
-    let msg = Agent::standalone(&node, &["snapshot", "--target", file.to_str().unwrap()])
+    let msg = Agent::snapshot(&node, file.to_str().unwrap())
         .run()
         .failure();
     assert!(msg.contains("not a directory"), "{msg}");
@@ -104,9 +97,7 @@ fn bad_targets_are_refused() {
     let ro = tmp.path().join("ro");
     fs::create_dir(&ro).unwrap();
     mount_tmpfs(&ro, "1m", true);
-    let msg = Agent::standalone(&node, &["snapshot", "--target", ro.to_str().unwrap()])
-        .run()
-        .failure();
+    let msg = Agent::snapshot(&node, ro.to_str().unwrap()).run().failure();
     umount(&ro);
     assert!(
         msg.contains("not writable") || msg.contains("Read-only"),
@@ -143,7 +134,7 @@ fn full_target_fails_cleanly() {
     let small = tmp.path().join("small");
     fs::create_dir(&small).unwrap();
     mount_tmpfs(&small, "3m", false);
-    let msg = Agent::standalone(&node, &["snapshot", "--target", small.to_str().unwrap()])
+    let msg = Agent::snapshot(&node, small.to_str().unwrap())
         .run()
         .failure();
     let left = files_in(&small);
@@ -167,7 +158,7 @@ fn full_target_fails_cleanly() {
     )
     .unwrap();
     set_mode(&wrapper, 0o755);
-    let run = Agent::standalone(&node, &["snapshot", "--target", full.to_str().unwrap()])
+    let run = Agent::snapshot(&node, full.to_str().unwrap())
         .env("ETCD_ACTIONS_ETCDCTL", &wrapper)
         .run();
     let msg = run.failure();

@@ -293,37 +293,17 @@ fn broken_and_hostile_archives_are_refused() {
         &["--sha256", &wrong],
         &["sha256", &wrong, sr["snapshot"]["sha256"].as_str().unwrap()],
     );
-    let run = Agent::standalone(
-        &v.node,
-        &[
-            "restore",
-            "--snapshot",
-            good.to_str().unwrap(),
-            "--sha256",
-            "xyz",
-        ],
-    )
-    .run();
+    let run = Agent::restore(&v.node, good.to_str().unwrap(), &["--sha256", "xyz"]).run();
     assert!(run.failure().contains("64 hex digits"));
     v.unchanged("bad sha256 syntax");
 
     // A relative target, and params with shell metacharacters: never interpolated.
-    let run = Agent::standalone(
-        &v.node,
-        &[
-            "restore",
-            "--snapshot",
-            good.to_str().unwrap(),
-            "--target",
-            "backups",
-        ],
-    )
-    .run();
+    let run = Agent::restore(&v.node, good.to_str().unwrap(), &["--target", "backups"]).run();
     assert!(run.failure().contains("relative"));
     v.unchanged("relative target");
     let pwned = tmp.path().join("pwned");
     let evil = format!("{}; touch {}", good.display(), pwned.display());
-    let run = Agent::standalone(&v.node, &["restore", "--snapshot", &evil]).run();
+    let run = Agent::restore(&v.node, &evil, &[]).run();
     let msg = run.failure();
     assert!(msg.contains("cannot be read"), "{msg}");
     let evil_target = format!("{}/$(touch {})", v.target.display(), pwned.display());
@@ -377,17 +357,9 @@ fn legacy_charm_archives_restore_and_ours_restore_the_legacy_way() {
         .success());
 
     let unit = Node::single(tmp.path(), "unit", &v34());
-    let r = Agent::standalone(
-        &unit,
-        &[
-            "restore",
-            "--snapshot",
-            flat.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .success();
+    let r = Agent::restore(&unit, flat.to_str().unwrap(), &["--skip-backup"])
+        .run()
+        .success();
     assert_eq!(unit.dump(), wanted);
     assert!(
         r["restore"]["integrity"]
@@ -399,16 +371,10 @@ fn legacy_charm_archives_restore_and_ours_restore_the_legacy_way() {
     );
     unit.put("other", "x");
     let sha = sha256_file(&nested);
-    let r = Agent::standalone(
+    let r = Agent::restore(
         &unit,
-        &[
-            "restore",
-            "--snapshot",
-            nested.to_str().unwrap(),
-            "--skip-backup",
-            "--sha256",
-            &sha,
-        ],
+        nested.to_str().unwrap(),
+        &["--skip-backup", "--sha256", &sha],
     )
     .run()
     .success();

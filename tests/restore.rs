@@ -7,7 +7,7 @@ use crate::util::*;
 
 /// Takes a snapshot of `node` standalone; returns the archive path and results.
 pub fn snapshot(node: &Node, target: &Path) -> (PathBuf, serde_yaml::Value) {
-    let r = Agent::standalone(node, &["snapshot", "--target", target.to_str().unwrap()])
+    let r = Agent::snapshot(node, target.to_str().unwrap())
         .run()
         .success();
     (PathBuf::from(r["snapshot"]["path"].as_str().unwrap()), r)
@@ -94,17 +94,9 @@ fn cloning_a_member_of_three_onto_a_new_unit_with_backup() {
         r["backup"]["sha256"].as_str().unwrap(),
         sha256_file(&backup)
     );
-    let again = Agent::standalone(
-        &new,
-        &[
-            "restore",
-            "--snapshot",
-            backup.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .success();
+    let again = Agent::restore(&new, backup.to_str().unwrap(), &["--skip-backup"])
+        .run()
+        .success();
     assert_eq!(
         new.dump(),
         previous,
@@ -128,17 +120,9 @@ fn scale_out_after_restore() {
     src.fill("x/", 200);
     let (archive, _) = snapshot(&src, &tmp.path().join("snaps"));
     let unit = Node::single(tmp.path(), "u0", &v35());
-    Agent::standalone(
-        &unit,
-        &[
-            "restore",
-            "--snapshot",
-            archive.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .success();
+    Agent::restore(&unit, archive.to_str().unwrap(), &["--skip-backup"])
+        .run()
+        .success();
 
     // Add a second member the usual way.
     let base = tmp.path().join("joiner");
@@ -207,16 +191,7 @@ fn refuses_scaled_clusters_and_changes_nothing() {
     let nodes = cluster(&tmp.path().join("c"), "c", &v35());
     nodes[0].fill("c/", 5);
     let (before, cid) = (nodes[1].dump(), nodes[1].cluster_id());
-    let run = Agent::standalone(
-        &nodes[1],
-        &[
-            "restore",
-            "--snapshot",
-            archive.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run();
+    let run = Agent::restore(&nodes[1], archive.to_str().unwrap(), &["--skip-backup"]).run();
     let msg = run.failure();
     assert!(
         msg.contains("3 etcd members") && msg.contains("c0, c1, c2"),
@@ -255,15 +230,10 @@ fn migration_from_etcd_34_to_35() {
         .unwrap()
         .starts_with("3.4."));
     let new = Node::single(tmp.path(), "v35", &v35());
-    let r = Agent::standalone(
+    let r = Agent::restore(
         &new,
-        &[
-            "restore",
-            "--snapshot",
-            archive.to_str().unwrap(),
-            "--target",
-            tmp.path().join("b").to_str().unwrap(),
-        ],
+        archive.to_str().unwrap(),
+        &["--target", tmp.path().join("b").to_str().unwrap()],
     )
     .run()
     .success();
@@ -273,17 +243,9 @@ fn migration_from_etcd_34_to_35() {
     // The other way is refused: a 3.5 snapshot on a 3.4 unit.
     let (archive35, _) = snapshot(&new, &tmp.path().join("snaps35"));
     let (before, cid) = (old.dump(), old.cluster_id());
-    let msg = Agent::standalone(
-        &old,
-        &[
-            "restore",
-            "--snapshot",
-            archive35.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .failure();
+    let msg = Agent::restore(&old, archive35.to_str().unwrap(), &["--skip-backup"])
+        .run()
+        .failure();
     assert!(msg.contains("newer than this unit's etcd 3.4"), "{msg}");
     assert_eq!((old.dump(), old.cluster_id()), (before, cid));
 }
@@ -296,15 +258,10 @@ fn restore_on_etcd_34_with_etcdctl() {
     let (archive, _) = snapshot(&unit, &tmp.path().join("snaps"));
     let wanted = unit.dump();
     unit.fill("b/", 30);
-    let r = Agent::standalone(
+    let r = Agent::restore(
         &unit,
-        &[
-            "restore",
-            "--snapshot",
-            archive.to_str().unwrap(),
-            "--target",
-            tmp.path().join("b").to_str().unwrap(),
-        ],
+        archive.to_str().unwrap(),
+        &["--target", tmp.path().join("b").to_str().unwrap()],
     )
     .run()
     .success();
@@ -359,29 +316,20 @@ fn restore_when_etcd_is_down_takes_a_raw_backup() {
     let previous = unit.dump();
     unit.stop();
     let backups = tmp.path().join("backups");
-    let r = Agent::standalone(
+    let r = Agent::restore(
         &unit,
-        &[
-            "restore",
-            "--snapshot",
-            archive.to_str().unwrap(),
-            "--target",
-            backups.to_str().unwrap(),
-        ],
+        archive.to_str().unwrap(),
+        &["--target", backups.to_str().unwrap()],
     )
     .run()
     .success();
     assert_eq!(unit.dump(), src.dump());
     assert_eq!(r["backup"]["source"].as_str(), Some("raw-copy"));
     // The raw backup restores too (skip-hash-check semantics, reported as such).
-    let back = Agent::standalone(
+    let back = Agent::restore(
         &unit,
-        &[
-            "restore",
-            "--snapshot",
-            r["backup"]["path"].as_str().unwrap(),
-            "--skip-backup",
-        ],
+        r["backup"]["path"].as_str().unwrap(),
+        &["--skip-backup"],
     )
     .run()
     .success();

@@ -24,7 +24,7 @@ fn standalone_snapshot_is_complete_and_restores_with_upstream_tools() {
     let node = Node::single(tmp.path(), "s0", &v35());
     node.fill("k", 250);
     let target = tmp.path().join("snaps");
-    let run = Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()]).run();
+    let run = Agent::snapshot(&node, target.to_str().unwrap()).run();
     let r = run.success();
     let path = std::path::PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
 
@@ -232,12 +232,9 @@ fn snapshot_of_one_member_of_a_three_member_cluster() {
     let nodes = cluster(tmp.path(), "m", &v34());
     nodes[0].fill("c", 100);
     let target = tmp.path().join("snaps");
-    let r = Agent::standalone(
-        &nodes[1],
-        &["snapshot", "--target", target.to_str().unwrap()],
-    )
-    .run()
-    .success();
+    let r = Agent::snapshot(&nodes[1], target.to_str().unwrap())
+        .run()
+        .success();
     assert_eq!(r["snapshot"]["keys"].as_str(), Some("100"));
     assert_eq!(
         r["snapshot"]["etcd-version"]
@@ -271,15 +268,7 @@ fn concurrent_snapshots_get_distinct_names_and_stay_intact() {
     node.fill("p", 300);
     let target = tmp.path().join("snaps");
     let children: Vec<_> = (0..4)
-        .map(|_| {
-            let mut a =
-                Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()]);
-            a.command()
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|_| Agent::snapshot(&node, target.to_str().unwrap()).spawn())
         .collect();
     let mut paths = Vec::new();
     for c in children {
@@ -343,7 +332,7 @@ fn archive_belongs_to_the_target_owner() {
     )
     .unwrap();
     let target = home.join("etcd-snapshots");
-    let r = Agent::standalone(&node, &["snapshot", "--target", target.to_str().unwrap()])
+    let r = Agent::snapshot(&node, target.to_str().unwrap())
         .run()
         .success();
     let md = fs::metadata(r["snapshot"]["path"].as_str().unwrap()).unwrap();

@@ -20,9 +20,7 @@ use crate::fsutil::{
     sync_dir, write_atomic, TempPath, UnitLock,
 };
 use crate::juju::{Reporter, Results};
-use crate::manifest::{
-    name_stamp, now_secs, rfc3339, Manifest, FORMAT_VERSION, SOURCE_RAW_COPY, SOURCE_SNAPSHOT,
-};
+use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
 use crate::process::Running;
 
 /// Prefix of temp entries this tool makes in a target directory.
@@ -183,21 +181,7 @@ pub fn write_archive(
         .ctx(|| format!("cannot create `{}`", tmp.path().display()))?;
     let tmp_archive = tmp.path().join("archive.tar.gz");
 
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        created: rfc3339(now_secs()),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        unit: unit.reporter.unit().to_string(),
-        source: SOURCE_SNAPSHOT.to_string(),
-        etcd_version: None,
-        cluster_id: None,
-        member_id: None,
-        member_name: None,
-        revision: None,
-        keys: None,
-        db_size: 0,
-        db_sha256: String::new(),
-    };
+    let mut manifest = Manifest::new(unit.reporter.unit(), SOURCE_SNAPSHOT);
     let packed = match source {
         DbSource::Live { etcdctl, offline } => {
             unit.log(&format!("checking etcd at {}", etcdctl.endpoint()));

@@ -472,6 +472,28 @@ impl Agent {
         a
     }
 
+    /// `etcd-actions restore --snapshot <archive> <extra>` standalone.
+    pub fn restore(node: &Node, archive: &str, extra: &[&str]) -> Agent {
+        let mut args = vec!["restore", "--snapshot", archive];
+        args.extend_from_slice(extra);
+        Agent::standalone(node, &args)
+    }
+
+    /// `etcd-actions snapshot --target <target>` standalone.
+    pub fn snapshot(node: &Node, target: &str) -> Agent {
+        Agent::standalone(node, &["snapshot", "--target", target])
+    }
+
+    /// Starts the agent with its output captured, without waiting.
+    pub fn spawn(mut self) -> std::process::Child {
+        self.cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// The charm's `actions/<action>` link to the binary, run in a fake Juju action context.
     pub fn juju(node: &Node, juju: &Juju, action: &str) -> Agent {
         let charm = juju.state.parent().unwrap().join("charm");
