@@ -220,3 +220,48 @@ fn help_and_version() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn data_filesystem_filling_up_during_restore_changes_nothing() {
+    let _g = heavy_lock();
+    let tmp = tempdir();
+    let src = Node::single(tmp.path(), "src", &v35());
+    src.fill("new/", 50);
+    let (archive, _) = crate::restore::snapshot(&src, &tmp.path().join("snaps"));
+
+    // The unit's data dir is a small filesystem of its own.
+    let unit = Node::prepare(tmp.path(), "unit", &v35());
+    fs::create_dir_all(unit.data_dir()).unwrap();
+    mount_tmpfs(&unit.data_dir(), "300m", false);
+    unit.write_config(&format!("unit={}", unit.peer_url()), "new", "tok-unit");
+    unit.start();
+    unit.wait_healthy();
+    unit.fill("old/", 50);
+    let before = (unit.dump(), unit.cluster_id());
+
+    // Another writer takes all the space just as the restore tool starts writing.
+    let wrapper = tmp.path().join("fill-then-etcdutl");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *\"snapshot restore\"*--help*) ;; *\"snapshot restore\"*) dd if=/dev/zero of={data}/filler bs=64k 2>/dev/null;; esac\nexec \"{real}\" \"$@\"\n",
+            data = unit.data_dir().display(),
+            real = unit.flavor.etcdutl.as_ref().unwrap().display()
+        ),
+    )
+    .unwrap();
+    set_mode(&wrapper, 0o755);
+    let msg = Agent::restore(&unit, archive.to_str().unwrap(), &["--skip-backup"])
+        .env("ETCD_ACTIONS_ETCDUTL", &wrapper)
+        .run()
+        .failure();
+    let state = files_in(&unit.data_dir().join(".etcd-actions"));
+    let data = files_in(&unit.data_dir());
+    let after = (unit.dump(), unit.cluster_id());
+    unit.stop();
+    umount(&unit.data_dir());
+    assert!(msg.contains("no space left") || msg.contains("No space left"), "{msg}");
+    assert_eq!(after, before, "live data intact");
+    assert_eq!(state, vec!["lock".to_string()], "no staging left behind");
+    assert_eq!(data, vec![".etcd-actions".to_string(), "filler".to_string(), "member".to_string()]);
+}
