@@ -260,8 +260,18 @@ fn data_filesystem_filling_up_during_restore_changes_nothing() {
     let after = (unit.dump(), unit.cluster_id());
     unit.stop();
     umount(&unit.data_dir());
-    assert!(msg.contains("no space left") || msg.contains("No space left"), "{msg}");
+    assert!(
+        msg.contains("no space left") || msg.contains("No space left"),
+        "{msg}"
+    );
     assert_eq!(after, before, "live data intact");
     assert_eq!(state, vec!["lock".to_string()], "no staging left behind");
-    assert_eq!(data, vec![".etcd-actions".to_string(), "filler".to_string(), "member".to_string()]);
+    assert_eq!(
+        data,
+        vec![
+            ".etcd-actions".to_string(),
+            "filler".to_string(),
+            "member".to_string()
+        ]
+    );
 }
