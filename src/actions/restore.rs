@@ -470,6 +470,7 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
     drop(incoming);
+    unit.log("syncing the restored data to disk");
     sync_tree(&p.staging)?;
     crash_point("restore-after-build");
 
