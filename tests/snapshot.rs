@@ -353,3 +353,43 @@ fn archive_belongs_to_the_target_owner() {
     .unwrap();
     assert_eq!(sidecar.uid(), 1000);
 }
+
+#[test]
+fn tls_with_client_certificates_and_no_secrets_in_output() {
+    let tmp = tempdir();
+    let node = single_tls(tmp.path(), "tls0", &v35());
+    node.fill("secret/", 30);
+    node.put("password", "hunter2-do-not-print");
+    let target = tmp.path().join("snaps");
+    let run = Agent::snapshot(&node, target.to_str().unwrap()).run();
+    let r = run.success();
+    assert_eq!(r["snapshot"]["keys"].as_str(), Some("31"));
+    let archive = r["snapshot"]["path"].as_str().unwrap().to_string();
+    let wanted = node.dump();
+    node.put("extra", "x");
+    let restore = Agent::restore(
+        &node,
+        &archive,
+        &["--target", tmp.path().join("b").to_str().unwrap()],
+    )
+    .run();
+    restore.success();
+    assert_eq!(node.dump(), wanted);
+    let key = fs::read_to_string(node.tls.as_ref().unwrap().join("client.key")).unwrap();
+    let key_line = key.lines().nth(1).unwrap();
+    for output in [
+        run.stdout(),
+        run.stderr(),
+        restore.stdout(),
+        restore.stderr(),
+    ] {
+        assert!(
+            !output.contains("PRIVATE KEY") && !output.contains(key_line),
+            "key material printed: {output}"
+        );
+        assert!(
+            !output.contains("hunter2"),
+            "an etcd value was printed: {output}"
+        );
+    }
+}

@@ -100,6 +100,9 @@ pub struct Node {
     pub client: u16,
     pub peer: u16,
     pub flavor: Flavor,
+    /// Directory of TLS files (`ca.crt`, `server.{crt,key}`, `client.{crt,key}`) when the
+    /// client port is TLS with client-certificate auth.
+    pub tls: Option<PathBuf>,
 }
 
 impl Node {
@@ -112,7 +115,8 @@ impl Node {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
     pub fn peer_url(&self) -> String {
@@ -123,11 +127,15 @@ impl Node {
         let text = format!(
             "name: {name}\ndata-dir: {data}\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n\
              listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\ninitial-cluster: {initial_cluster}\n\
-             initial-cluster-state: {state}\ninitial-cluster-token: {token}\nlog-level: warn\n",
+             initial-cluster-state: {state}\ninitial-cluster-token: {token}\nlog-level: warn\n{tls}",
             name = self.name,
             data = self.data_dir().display(),
             client = self.endpoint(),
             peer = self.peer_url(),
+            tls = self.tls.as_ref().map_or(String::new(), |d| format!(
+                "client-transport-security:\n  cert-file: {0}/server.crt\n  key-file: {0}/server.key\n  trusted-ca-file: {0}/ca.crt\n  client-cert-auth: true\n",
+                d.display()
+            )),
         );
         fs::write(self.config_path(), text).unwrap();
         fs::write(
@@ -146,6 +154,7 @@ impl Node {
             client: free_port(),
             peer: free_port(),
             flavor: flavor.clone(),
+            tls: None,
         }
     }
 
@@ -209,6 +218,11 @@ impl Node {
         let mut cmd = Command::new(&self.flavor.etcdctl);
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint()));
+        if let Some(d) = &self.tls {
+            cmd.arg(format!("--cacert={}/ca.crt", d.display()))
+                .arg(format!("--cert={}/client.crt", d.display()))
+                .arg(format!("--key={}/client.key", d.display()));
+        }
         cmd
     }
 
@@ -318,6 +332,90 @@ impl Drop for Node {
             .arg(&self.dir)
             .status();
     }
+}
+
+/// Makes a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+pub fn make_tls(dir: &Path) -> PathBuf {
+    let d = dir.join("tls");
+    fs::create_dir_all(&d).unwrap();
+    let ossl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&d)
+            .output()
+            .expect("openssl (scripts/install-deps installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for name in ["server", "client"] {
+        ossl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+    }
+    d
+}
+
+/// A single-member cluster serving clients over TLS with client-certificate auth.
+pub fn single_tls(base: &Path, name: &str, flavor: &Flavor) -> Node {
+    let mut node = Node::prepare(base, name, flavor);
+    node.tls = Some(make_tls(&node.dir));
+    node.write_config(
+        &format!("{}={}", name, node.peer_url()),
+        "new",
+        &format!("tok-{name}"),
+    );
+    node.start();
+    node.wait_healthy();
+    node
 }
 
 /// A 3-member cluster.
