@@ -470,8 +470,6 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
     drop(incoming);
-    unit.log("syncing the restored data to disk");
-    sync_tree(&p.staging)?;
     crash_point("restore-after-build");
 
     let new_inode = inode(&p.staged_member).expect("just built");
@@ -499,7 +497,20 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
     r.status("maintenance", "restore: switching to the restored data");
     journal.phase = Phase::Stopped;
     write_journal(&p, &journal).map_err(|e| abort(e, false))?;
-    stop_service(unit).map_err(|e| abort(e, true))?;
+    // The restored tree is synced to disk while etcd stops; the swap waits for both.
+    unit.log("syncing the restored data to disk while etcd stops");
+    let (stopped, synced) = std::thread::scope(|s| {
+        let sync = s.spawn(|| sync_tree(&p.staging));
+        let stopped = stop_service(unit);
+        let synced = sync.join().unwrap_or_else(|_| {
+            Err(Error::io(
+                "cannot sync the restored data",
+                std::io::Error::other("the sync thread panicked"),
+            ))
+        });
+        (stopped, synced)
+    });
+    stopped.and(synced).map_err(|e| abort(e, true))?;
     crash_point("restore-after-stop");
     if raw_backup_needed {
         let raw = write_archive(
