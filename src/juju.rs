@@ -26,10 +26,6 @@ impl Results {
         self.entries.insert(key.to_string(), value.to_string());
     }
 
-    pub fn extend(&mut self, other: Results) {
-        self.entries.extend(other.entries);
-    }
-
     pub fn get(&self, key: &str) -> Option<&str> {
         self.entries.get(key).map(String::as_str)
     }

@@ -386,10 +386,6 @@ impl<R: Read> ParGzReader<R> {
         }
         Ok(())
     }
-
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
 }
 
 impl<R: Read> Read for ParGzReader<R> {
