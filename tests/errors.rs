@@ -233,9 +233,7 @@ fn data_filesystem_filling_up_during_restore_changes_nothing() {
     let unit = Node::prepare(tmp.path(), "unit", &v35());
     fs::create_dir_all(unit.data_dir()).unwrap();
     mount_tmpfs(&unit.data_dir(), "300m", false);
-    unit.write_config(&format!("unit={}", unit.peer_url()), "new", "tok-unit");
-    unit.start();
-    unit.wait_healthy();
+    unit.start_alone();
     unit.fill("old/", 50);
     let before = (unit.dump(), unit.cluster_id());
 

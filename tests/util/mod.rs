@@ -161,14 +161,19 @@ impl Node {
     /// A single-member cluster, started and healthy.
     pub fn single(base: &Path, name: &str, flavor: &Flavor) -> Node {
         let node = Node::prepare(base, name, flavor);
-        node.write_config(
-            &format!("{}={}", name, node.peer_url()),
-            "new",
-            &format!("tok-{name}"),
-        );
-        node.start();
-        node.wait_healthy();
+        node.start_alone();
         node
+    }
+
+    /// Configures this prepared node as a new one-member cluster, starts it and waits.
+    pub fn start_alone(&self) {
+        self.write_config(
+            &format!("{}={}", self.name, self.peer_url()),
+            "new",
+            &format!("tok-{}", self.name),
+        );
+        self.start();
+        self.wait_healthy();
     }
 
     pub fn stop_command(&self) -> String {
@@ -408,13 +413,7 @@ pub fn make_tls(dir: &Path) -> PathBuf {
 pub fn single_tls(base: &Path, name: &str, flavor: &Flavor) -> Node {
     let mut node = Node::prepare(base, name, flavor);
     node.tls = Some(make_tls(&node.dir));
-    node.write_config(
-        &format!("{}={}", name, node.peer_url()),
-        "new",
-        &format!("tok-{name}"),
-    );
-    node.start();
-    node.wait_healthy();
+    node.start_alone();
     node
 }
 
