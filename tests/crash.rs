@@ -194,3 +194,33 @@ fn concurrent_restores_serialize_and_a_held_lock_fails_clearly() {
         .success();
     assert_eq!(b.unit.dump(), b.old);
 }
+
+#[test]
+fn the_next_action_of_any_kind_recovers_and_leaves_etcd_running() {
+    let tmp = tempdir();
+    let b = bench(tmp.path());
+    let backups = tmp.path().join("backups");
+    // Crashed with etcd stopped (before the swap), then with the new data swapped in but not
+    // verified: a snapshot run, not a restore, must clean up, roll back and start etcd.
+    for point in ["restore-after-stop", "restore-after-swap"] {
+        let run = b
+            .restore(&b.new_archive, &backups)
+            .env("FAILPOINTS", format!("{point}=return"))
+            .run();
+        assert_eq!(run.out.status.signal(), Some(6), "{point} did not fire");
+        assert!(!b.unit.running(), "etcd is down after the crash at {point}");
+        let snaps = tmp.path().join(format!("after-{point}"));
+        let r = Agent::snapshot(&b.unit, snaps.to_str().unwrap())
+            .run()
+            .success();
+        assert!(b.unit.running(), "recovery left etcd running");
+        assert_eq!(
+            b.unit.dump(),
+            b.old,
+            "rolled back to the old data after {point}"
+        );
+        assert_eq!(r["snapshot"]["keys"].as_str(), Some("80"));
+        let state = files_in(&b.unit.data_dir().join(".etcd-actions"));
+        assert_eq!(state, vec!["lock".to_string()], "leftovers after {point}");
+    }
+}
