@@ -262,8 +262,6 @@ impl Read for Growing<'_> {
     }
 }
 
-const SIZE_MISMATCH: &str = "the snapshot's size";
-
 /// Takes the snapshot and archives it in the same pass: the archive is written while etcdctl
 /// is still receiving the snapshot, reading its `.part` file as it grows, with the db's size
 /// read from its first page (bbolt's meta). Whatever the stream did, the db is checked against
@@ -326,10 +324,10 @@ fn save_and_pack(
                 let actual = crate::config::metadata(db)?.len();
                 if actual != size {
                     return Err(Error::Mismatch {
-                        what: SIZE_MISMATCH.into(),
+                        what: "the snapshot's size".into(),
                         expected: format!("{size} bytes (from its bbolt meta page)"),
                         actual: format!("{actual} bytes"),
-                        hint: "archiving the finished file instead".into(),
+                        hint: "etcd sent another size than its first page announced".into(),
                     });
                 }
                 let mut manifest = manifest.clone();
@@ -344,10 +342,14 @@ fn save_and_pack(
             Err(e) => {
                 // etcdctl's own failure says more than a short stream does.
                 finish()?;
-                if !matches!(&e, Error::Mismatch { what, .. } if what == SIZE_MISMATCH) {
+                // The meta page announced another size than etcd sent (the stream ended
+                // early or ran long): archive the finished file instead. Same size: the
+                // error stands (a trailer mismatch is corruption, not a misread size).
+                let actual = crate::config::metadata(db)?.len();
+                if actual == size {
                     return Err(e);
                 }
-                unit.log(&e.to_string());
+                unit.log(&format!("{e}; archiving the finished file instead"));
                 remove_any(tmp_archive)?;
             }
         }
