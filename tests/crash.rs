@@ -159,12 +159,7 @@ fn concurrent_restores_serialize_and_a_held_lock_fails_clearly() {
         .map(|_| b.restore(&b.new_archive, &backups).spawn())
         .collect();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        wait_ok(c);
     }
     assert_eq!(b.unit.dump(), b.new);
 

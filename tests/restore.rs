@@ -169,10 +169,7 @@ fn refuses_scaled_clusters_and_changes_nothing() {
     juju.peers(&["etcd/1", "etcd/2"]);
     juju.attach("snapshot", &archive);
     let backups = tmp.path().join("backups");
-    juju.params(
-        "restore",
-        serde_json::json!({"target": backups.to_str().unwrap()}),
-    );
+    juju.restore_into(&backups);
     let msg = Agent::juju(&unit, &juju, "restore")
         .run()
         .juju_failed(&juju);
@@ -281,10 +278,7 @@ fn missing_or_empty_resource_changes_nothing() {
     let (before, cid) = (unit.dump(), unit.cluster_id());
     let juju = Juju::new(tmp.path(), "etcd/0");
     let backups = tmp.path().join("backups");
-    juju.params(
-        "restore",
-        serde_json::json!({"target": backups.to_str().unwrap()}),
-    );
+    juju.restore_into(&backups);
     let msg = Agent::juju(&unit, &juju, "restore")
         .run()
         .juju_failed(&juju);

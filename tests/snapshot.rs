@@ -61,17 +61,7 @@ fn standalone_snapshot_is_complete_and_restores_with_upstream_tools() {
         r["copy"]["cmd"].as_str().unwrap(),
         format!("scp {host}:{} .", path.display())
     );
-    let check = Command::new("sha256sum")
-        .arg("-c")
-        .arg(format!("{name}.sha256"))
-        .current_dir(&target)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "sha256sum -c: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_sidecar_ok(&path);
 
     // Permissions: 0600 archive in a 0700 directory it created.
     assert_eq!(
@@ -272,12 +262,7 @@ fn concurrent_snapshots_get_distinct_names_and_stay_intact() {
         .collect();
     let mut paths = Vec::new();
     for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = wait_ok(c);
         let y: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
         paths.push(
             y["results"]["snapshot"]["path"]
@@ -291,18 +276,7 @@ fn concurrent_snapshots_get_distinct_names_and_stay_intact() {
     unique.dedup();
     assert_eq!(unique.len(), 4, "{paths:?}");
     for p in &paths {
-        let name = std::path::Path::new(p)
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap();
-        let check = Command::new("sha256sum")
-            .arg("-c")
-            .arg(format!("{name}.sha256"))
-            .current_dir(&target)
-            .output()
-            .unwrap();
-        assert!(check.status.success(), "{p} damaged");
+        assert_sidecar_ok(std::path::Path::new(p));
         assert!(Command::new("tar")
             .arg("tzf")
             .arg(p)

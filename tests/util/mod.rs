@@ -503,6 +503,14 @@ impl Juju {
         .unwrap();
     }
 
+    /// Restore params with `target` set to `backups` (actions.yaml defaults for the rest).
+    pub fn restore_into(&self, backups: &Path) {
+        self.params(
+            "restore",
+            serde_json::json!({"target": backups.to_str().unwrap()}),
+        );
+    }
+
     pub fn attach(&self, name: &str, file: &Path) {
         fs::copy(file, self.state.join("resources").join(name)).unwrap();
     }
@@ -775,6 +783,35 @@ pub fn files_in(dir: &Path) -> Vec<String> {
 
 pub fn set_mode(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Waits for an agent started with `Agent::spawn` and asserts it succeeded.
+#[track_caller]
+pub fn wait_ok(child: std::process::Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts that `sha256sum -c <archive>.sha256` passes in the archive's directory.
+#[track_caller]
+pub fn assert_sidecar_ok(archive: &Path) {
+    let name = archive.file_name().unwrap().to_str().unwrap();
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg(format!("{name}.sha256"))
+        .current_dir(archive.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "sha256sum -c {name}.sha256: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
 
 /// Extracts the `db` of an archive to `dest` with GNU tar, as an operator would.
