@@ -68,22 +68,25 @@ pub fn v35() -> Flavor {
     }
 }
 
-/// A free loopback port, distinct from every other one handed out by this process.
+/// A free loopback port, distinct from every other one handed out by this process, and below
+/// the kernel's ephemeral range (32768 and up here), so that no client connection (etcdctl's,
+/// the peers') can take it between this check and etcd's bind.
 pub fn free_port() -> u16 {
+    const FIRST: u16 = 10_000;
+    const LAST: u16 = 32_000;
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20000 + (std::process::id() % 300) as u16 * 100,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        assert!(port < 60000, "ran out of test ports");
+    let start = FIRST + (std::process::id() % 200) as u16 * 100;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..(LAST - FIRST) {
+        let mut port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port >= LAST {
+            port = FIRST + (port - FIRST) % (LAST - FIRST);
+        }
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free loopback port between {FIRST} and {LAST}");
 }
 
 pub fn tempdir() -> tempfile::TempDir {
