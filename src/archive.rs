@@ -26,6 +26,57 @@ use crate::pgzip::{ParGzReader, ParGzWriter};
 pub const DB_ENTRY: &str = "db";
 pub const MANIFEST_ENTRY: &str = "manifest.yaml";
 const MANIFEST_MAX: u64 = 64 * 1024;
+/// Largest GNU long name or PAX header read (they are read whole).
+const EXT_MAX: u64 = 64 * 1024;
+/// Longest entry name accepted.
+const NAME_MAX: usize = 4096;
+
+/// The PAX records that matter to us; others (times, owners) are ignored.
+#[derive(Debug, Default)]
+struct Pax {
+    path: Option<Vec<u8>>,
+    size: Option<u64>,
+}
+
+impl Pax {
+    /// Parses `<len> <key>=<value>\n` records.
+    fn parse(mut data: &[u8]) -> Result<Pax, String> {
+        let mut pax = Pax::default();
+        let bad = || "it has a malformed PAX header".to_string();
+        while !data.is_empty() && data[0] != 0 {
+            let space = data.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+            let len: usize = std::str::from_utf8(&data[..space])
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .ok_or_else(bad)?;
+            if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
+                return Err(bad());
+            }
+            let record = &data[space + 1..len - 1];
+            let eq = record.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+            let (key, value) = (&record[..eq], &record[eq + 1..]);
+            match key {
+                b"path" => pax.path = Some(value.to_vec()),
+                b"size" => {
+                    pax.size = Some(
+                        std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(bad)?,
+                    )
+                }
+                k if k.starts_with(b"GNU.sparse") => {
+                    return Err(
+                        "it holds a sparse file; snapshot archives hold only regular files".into(),
+                    )
+                }
+                _ => {}
+            }
+            data = &data[len..];
+        }
+        Ok(pax)
+    }
+}
 /// Zero padding GNU tar may add after the end-of-archive blocks.
 const TRAILING_MAX: u64 = 1 << 20;
 
@@ -312,16 +363,34 @@ pub fn pack(
     out: File,
     level: u32,
 ) -> Result<Packed, Error> {
-    let src = File::open(db).ctx(|| format!("cannot open `{}`", db.display()))?;
+    let src = crate::fsutil::open_regular_path(db)?;
+    pack_file(
+        src,
+        &db.display().to_string(),
+        manifest,
+        expect_trailer,
+        out,
+        level,
+    )
+}
+
+/// Streams an open db file and a manifest into `out` as a snapshot archive.
+pub fn pack_file(
+    src: File,
+    what: &str,
+    manifest: Manifest,
+    expect_trailer: bool,
+    out: File,
+    level: u32,
+) -> Result<Packed, Error> {
     let size = src
         .metadata()
-        .ctx(|| format!("cannot stat `{}`", db.display()))?
+        .ctx(|| format!("cannot stat `{what}`"))?
         .len();
-    let what = db.display().to_string();
     pack_stream(
         src,
         size,
-        &what,
+        what,
         expect_trailer,
         |_| Ok(manifest),
         out,
@@ -472,6 +541,12 @@ fn refuse(path: &Path, problem: impl Into<String>) -> Error {
 
 /// Normalizes an entry path: no absolute paths, no `..`, `./` and empty parts dropped.
 fn entry_parts(raw: &[u8]) -> Result<Vec<String>, String> {
+    if raw.len() > NAME_MAX {
+        return Err(format!(
+            "an entry name is {} bytes long; snapshot archives hold `db` and `manifest.yaml`",
+            raw.len()
+        ));
+    }
     let text = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
     if text.starts_with('/') {
         return Err(format!("entry `{text}` has an absolute path"));
@@ -497,16 +572,17 @@ fn is_v2_or_data_dir(parts: &[String]) -> bool {
         .any(|w| w[0] == "member" && (w[1] == "wal" || w[1] == "snap"))
 }
 
-/// Reads `archive` in one pass, writes its db to `dest` (created, mode 0600), and checks it:
+/// Reads the open `file` of `archive` in one pass, writes its db to `dest` (created, mode 0600), and checks it:
 /// the expected archive sha256 if given, then the manifest's db size and sha256, then etcd's
 /// trailer. On any error `dest` is removed.
 pub fn unpack(
+    file: File,
     archive: &Path,
     dest: &Path,
     expected_sha256: Option<&str>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
-    let result = unpack_inner(archive, dest, expected_sha256, limits);
+    let result = unpack_inner(file, archive, dest, expected_sha256, limits);
     if result.is_err() {
         let _ = std::fs::remove_file(dest);
     }
@@ -520,13 +596,12 @@ struct Scan {
 }
 
 fn unpack_inner(
+    file: File,
     archive: &Path,
     dest: &Path,
     expected_sha256: Option<&str>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
-    let file =
-        File::open(archive).ctx(|| format!("cannot open archive `{}`", archive.display()))?;
     let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
     let scanned = scan(archive, &mut buf, dest, limits);
     // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
@@ -641,10 +716,84 @@ fn scan<R: BufRead>(
         manifest: None,
     };
     {
-        let entries = tar.entries().map_err(corrupt)?;
+        // Raw entries: extension headers (GNU long names, PAX records) come to us as entries
+        // of their own, so their size is checked before a byte of them is read, and a PAX
+        // `size` can never make the copy longer than the header that was checked.
+        let entries = tar.entries().map_err(corrupt)?.raw(true);
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut pax: Option<Pax> = None;
         for entry in entries {
             let mut entry = entry.map_err(corrupt)?;
-            let parts = entry_parts(&entry.path_bytes()).map_err(|p| refuse(archive, p))?;
+            let kind = entry.header().entry_type();
+            let size = entry.header().size().map_err(corrupt)?;
+            let read_ext = |entry: &mut dyn Read, what: &str| -> Result<Vec<u8>, Error> {
+                if size > EXT_MAX {
+                    return Err(refuse(
+                        archive,
+                        format!(
+                            "it has a {what} of {}; a snapshot archive needs none over {}",
+                            human_size(size),
+                            human_size(EXT_MAX)
+                        ),
+                    ));
+                }
+                let mut data = Vec::with_capacity(size as usize);
+                entry
+                    .take(EXT_MAX)
+                    .read_to_end(&mut data)
+                    .map_err(corrupt)?;
+                Ok(data)
+            };
+            match kind {
+                tar::EntryType::GNULongName => {
+                    if long_name.is_some() {
+                        return Err(refuse(archive, "it has two long names for one entry"));
+                    }
+                    let mut name = read_ext(&mut entry, "GNU long name")?;
+                    while name.last() == Some(&0) {
+                        name.pop();
+                    }
+                    long_name = Some(name);
+                    continue;
+                }
+                tar::EntryType::XHeader => {
+                    if pax.is_some() {
+                        return Err(refuse(archive, "it has two PAX headers for one entry"));
+                    }
+                    let data = read_ext(&mut entry, "PAX header")?;
+                    pax = Some(Pax::parse(&data).map_err(|p| refuse(archive, p))?);
+                    continue;
+                }
+                tar::EntryType::XGlobalHeader => {
+                    read_ext(&mut entry, "PAX global header")?;
+                    continue;
+                }
+                tar::EntryType::GNULongLink => {
+                    return Err(refuse(
+                        archive,
+                        "it holds a link; snapshot archives hold only regular files",
+                    ))
+                }
+                _ => {}
+            }
+            let pax_entry = pax.take().unwrap_or_default();
+            if let Some(pax_size) = pax_entry.size {
+                if pax_size != size {
+                    return Err(refuse(
+                        archive,
+                        format!(
+                            "its PAX header says an entry holds {pax_size} bytes but the entry's \
+                             tar header says {size}; tar tools would read this archive \
+                             differently, so it is refused"
+                        ),
+                    ));
+                }
+            }
+            let raw_name = match (long_name.take(), pax_entry.path) {
+                (Some(n), _) | (None, Some(n)) => n,
+                (None, None) => entry.path_bytes().into_owned(),
+            };
+            let parts = entry_parts(&raw_name).map_err(|p| refuse(archive, p))?;
             let shown = parts.join("/");
             if is_v2_or_data_dir(&parts) {
                 return Err(refuse(
@@ -688,7 +837,7 @@ fn scan<R: BufRead>(
                             ),
                         ));
                     }
-                    scan.db = Some(extract_db(archive, &mut entry, size, dest)?);
+                    scan.db = Some(extract_db(archive, &mut entry, size, limits.max_db, dest)?);
                     scan.db_depth = parts.len();
                 }
                 (MANIFEST_ENTRY, 1) => {
@@ -710,6 +859,12 @@ fn scan<R: BufRead>(
                     ))
                 }
             }
+        }
+        if long_name.is_some() || pax.is_some() {
+            return Err(refuse(
+                archive,
+                "it ends with a header that describes no entry",
+            ));
         }
     }
     // Read what follows the tar's end so every gzip member's CRC is checked; allow only the
@@ -733,12 +888,17 @@ fn scan<R: BufRead>(
     Ok(scan)
 }
 
+/// Copies the db entry to `dest`: never more than `size` (the checked header size) nor more
+/// than `max` bytes, whatever the entry's reader would give.
 fn extract_db<R: Read>(
     archive: &Path,
     entry: &mut R,
     size: u64,
+    max: u64,
     dest: &Path,
 ) -> Result<DbHashes, Error> {
+    let mut entry = entry.take(size.min(max).saturating_add(1));
+    let entry = &mut entry;
     let mut out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -772,6 +932,12 @@ fn extract_db<R: Read>(
     };
     let hashes = digest.finish();
     copied?;
+    if written > size.min(max) {
+        return Err(refuse(
+            archive,
+            format!("its `db` holds more than the {size} bytes its header announced"),
+        ));
+    }
     if written != size {
         return Err(refuse(
             archive,

@@ -57,6 +57,15 @@ pub struct SettingArgs {
     )]
     pub start_timeout: u64,
 
+    /// Seconds the stop or start command may run before its process group is killed.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_SERVICE_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub service_timeout: u64,
+
     /// Seconds to wait for another run's lock before giving up.
     #[arg(
         long,

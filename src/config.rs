@@ -21,6 +21,7 @@ pub struct Settings {
     pub stop_command: String,
     pub start_command: String,
     pub start_timeout: Duration,
+    pub service_timeout: Duration,
     pub lock_timeout: Duration,
     pub bump_revision: u64,
     pub compression_level: u32,
@@ -35,6 +36,7 @@ impl Settings {
             stop_command: args.stop_command,
             start_command: args.start_command,
             start_timeout: Duration::from_secs(args.start_timeout),
+            service_timeout: Duration::from_secs(args.service_timeout),
             lock_timeout: Duration::from_secs(args.lock_timeout),
             bump_revision: args.bump_revision,
             compression_level: args.compression_level,
@@ -101,6 +103,7 @@ struct RawConfig {
     advertise_client_urls: Option<String>,
     listen_peer_urls: Option<String>,
     initial_advertise_peer_urls: Option<String>,
+    initial_cluster: Option<String>,
     client_transport_security: Option<ClientTls>,
 }
 
@@ -115,6 +118,8 @@ pub struct EtcdConfig {
     pub client_urls: Vec<String>,
     /// Peer URLs this member advertises.
     pub peer_urls: Vec<String>,
+    /// Member names in `initial-cluster` (each once).
+    pub initial_members: Vec<String>,
     pub tls: ClientTls,
 }
 
@@ -186,6 +191,15 @@ impl EtcdConfig {
             wal_dir: raw.wal_dir.filter(|p| !p.as_os_str().is_empty()),
             client_urls,
             peer_urls,
+            initial_members: {
+                let mut names: Vec<String> = split_urls(raw.initial_cluster.as_deref())
+                    .iter()
+                    .filter_map(|e| e.split_once('=').map(|(n, _)| n.trim().to_string()))
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
+            },
             tls: raw.client_transport_security.unwrap_or_default(),
         })
     }

@@ -95,6 +95,13 @@ pub enum Error {
         names: String,
     },
 
+    #[error("`{command}` did not finish within {seconds}s and was killed with its process group; etcd's state is unknown: check the service. The restore journal is kept, so the next snapshot or restore run finishes or rolls back. ETCD_ACTIONS_SERVICE_TIMEOUT (--service-timeout) sets the limit\n{}", frame(output))]
+    ServiceTimeout {
+        command: String,
+        seconds: u64,
+        output: String,
+    },
+
     #[error("refusing to restore: {0}")]
     Refused(String),
 
@@ -102,8 +109,39 @@ pub enum Error {
     RestoreFailed { detail: String, outcome: String },
 }
 
+/// Most of a child's stderr shown in a message.
+const STDERR_SHOWN: usize = 4096;
+
+/// Most of a message given to the operator (`action-fail`, YAML, stderr). The kernel refuses a
+/// single argument over 128 KiB, so `action-fail` could not even carry a longer one.
+pub const MESSAGE_MAX: usize = 16 * 1024;
+
+/// Cuts `text` to at most `max` bytes, keeping its start and its end (where tools put the
+/// cause) around a note of how much was cut. Never splits a character.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let keep = max.saturating_sub(64) / 2;
+    let mut head = keep;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - keep;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}\n[... {} bytes cut ...]\n{}",
+        &text[..head],
+        tail - head,
+        &text[tail..]
+    )
+}
+
 /// Frames a child's stderr between divider lines, as ripgrep does.
 fn frame(stderr: &str) -> String {
+    let stderr = bounded(stderr, STDERR_SHOWN);
     let body = stderr.trim();
     let body = if body.is_empty() {
         "<stderr is empty>"
@@ -198,6 +236,16 @@ mod tests {
         assert_eq!(human_size(1536 * 1024), "1.5M");
         assert_eq!(human_size(1024 * 1024 * 1024), "1.0G");
         assert_eq!(human_size(1024 * 1024 - 1), "1.0M");
+    }
+
+    #[test]
+    fn bounded_keeps_both_ends() {
+        let long = format!("start{}end", "é".repeat(10_000));
+        let b = bounded(&long, 1000);
+        assert!(b.len() <= 1000, "{}", b.len());
+        assert!(b.starts_with("start") && b.ends_with("end"));
+        assert!(b.contains("bytes cut"));
+        assert_eq!(bounded("short", 1000), "short");
     }
 
     #[test]

@@ -101,6 +101,50 @@ impl Etcdctl {
         &self.endpoint
     }
 
+    /// Whether something listens on the endpoint's port. `Ok(false)` only when every address
+    /// refuses the connection, which means etcd is not running here; a timeout or any other
+    /// failure is an error, because etcd may be running but unreachable. Fast: no gRPC
+    /// retries against a closed port.
+    pub fn listening(&self) -> Result<bool, Error> {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let rest = self
+            .endpoint
+            .split_once("://")
+            .map_or(self.endpoint.as_str(), |(_, r)| r);
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let hostport = if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+        }) {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:2379")
+        };
+        let fail = |detail: String| Error::EtcdUnreachable {
+            endpoint: self.endpoint.clone(),
+            detail,
+        };
+        let addrs: Vec<_> = hostport
+            .to_socket_addrs()
+            .map_err(|e| fail(format!("cannot resolve `{hostport}`: {e}")))?
+            .collect();
+        let mut other = None;
+        for addr in &addrs {
+            match TcpStream::connect_timeout(addr, std::time::Duration::from_secs(3)) {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => other = Some(format!("{addr}: {e}")),
+            }
+        }
+        match other {
+            None if !addrs.is_empty() => Ok(false),
+            None => Err(fail(format!("`{hostport}` resolves to no address"))),
+            Some(e) => Err(fail(format!(
+                "{e}; neither running nor refusing connections, so the restore cannot tell \
+                 whether etcd is stopped"
+            ))),
+        }
+    }
+
     fn command(&self, dial_timeout: &str) -> Command {
         let mut cmd = etcd_tool(&self.bin);
         cmd.arg(format!("--endpoints={}", self.endpoint))

@@ -2,14 +2,21 @@
 //! no-clobber publishing, the atomic exchange of two directories, fsync of whole trees, temp
 //! paths that clean up after themselves, and the unit lock.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{renameat2, Flock, FlockArg, RenameFlags, AT_FDCWD};
-use nix::unistd::{Gid, Uid};
+use nix::errno::Errno;
+use nix::fcntl::{
+    openat, readlinkat, renameat2, AtFlags, Flock, FlockArg, OFlag, RenameFlags, AT_FDCWD,
+};
+use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::NixPath;
 
 use crate::error::{human_size, Error, IoContext};
 
@@ -34,70 +41,445 @@ pub fn require_space(path: &Path, need: u64, action: &str) -> Result<(), Error> 
     Ok(())
 }
 
-/// The owner of `path`.
-pub fn owner(path: &Path) -> Result<(Uid, Gid), Error> {
-    let md = fs::metadata(path).ctx(|| format!("cannot stat `{}`", path.display()))?;
-    Ok((Uid::from_raw(md.uid()), Gid::from_raw(md.gid())))
+/// A directory held open. Every operation below it is relative to this descriptor and never
+/// follows a symlink, so a user who can write the directory cannot redirect what root does
+/// in it by swapping names for symlinks: ownership and modes are set on descriptors
+/// (`fchown`), files are created with `O_EXCL | O_NOFOLLOW`, and renames are `renameat2`
+/// between held directories.
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
 }
 
-/// Makes sure `target` is an absolute, writable directory, creating missing parts with mode
-/// 0700 owned by the owner of the nearest existing ancestor (so `/home/ubuntu/x` belongs to
-/// `ubuntu`, and `juju scp` as `ubuntu` can read what lands there).
-pub fn ensure_target(target: &Path) -> Result<(), Error> {
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+impl Dir {
+    /// The path the directory was opened by (for messages and results).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stat(&self) -> Result<FileStat, Error> {
+        fstat(&self.fd).ctx(|| format!("cannot stat `{}`", self.path.display()))
+    }
+
+    /// The directory's owner.
+    pub fn owner(&self) -> Result<(Uid, Gid), Error> {
+        let st = self.stat()?;
+        Ok((Uid::from_raw(st.st_uid), Gid::from_raw(st.st_gid)))
+    }
+
+    /// Free bytes for an unprivileged writer on this directory's filesystem.
+    pub fn free_bytes(&self) -> Result<u64, Error> {
+        let st = nix::sys::statvfs::fstatvfs(&self.fd)
+            .ctx(|| format!("cannot statvfs `{}`", self.path.display()))?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    /// Fails with a clear message unless this directory's filesystem has `need` bytes free.
+    pub fn require_space(&self, need: u64, action: &str) -> Result<(), Error> {
+        let available = self.free_bytes()?;
+        if available < need {
+            return Err(Error::NoSpace {
+                path: self.path.clone(),
+                action: action.to_string(),
+                need: human_size(need),
+                available: human_size(available),
+            });
+        }
+        Ok(())
+    }
+
+    /// A path that reaches `name` inside exactly this directory, whatever happens to the
+    /// directory's own name meanwhile: through `/proc/<pid>/fd`. For child processes (etcdctl
+    /// writing a snapshot) that must write here; it is valid while this `Dir` is open.
+    pub fn proc_path(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}/{name}",
+            std::process::id(),
+            self.fd.as_raw_fd()
+        ))
+    }
+
+    /// The display path of `name` in this directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Creates a new file (mode 0600), never through a symlink and never over anything.
+    pub fn create_file(&self, name: &str) -> Result<File, Error> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .ctx(|| format!("cannot create `{}`", self.join(name).display()))?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens `name` for reading: no symlink followed, no blocking on a FIFO, and only a
+    /// regular file is accepted.
+    pub fn open_file(&self, name: &str) -> Result<File, Error> {
+        open_regular(&self.fd, name, &self.join(name))
+    }
+
+    /// Creates the subdirectory `name` (it must not exist) and opens it.
+    pub fn mkdir(&self, name: &str, mode: u32) -> Result<Dir, Error> {
+        mkdirat(&self.fd, name, Mode::from_bits_truncate(mode))
+            .ctx(|| format!("cannot create `{}`", self.join(name).display()))?;
+        self.open_dir(name)
+    }
+
+    /// Opens the subdirectory `name`, refusing a symlink.
+    pub fn open_dir(&self, name: &str) -> Result<Dir, Error> {
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("cannot open directory `{}`", self.join(name).display()))?;
+        Ok(Dir {
+            fd,
+            path: self.join(name),
+        })
+    }
+
+    /// `lstat` of `name` in this directory; `None` when it does not exist.
+    pub fn entry_stat(&self, name: &str) -> Result<Option<FileStat>, Error> {
+        match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(Error::io(
+                format!("cannot stat `{}`", self.join(name).display()),
+                errno_io(e),
+            )),
+        }
+    }
+
+    /// Renames `from` here to `to` in `dest` unless `to` exists. `Ok(false)` when it does.
+    pub fn rename_noreplace(&self, from: &str, dest: &Dir, to: &str) -> Result<bool, Error> {
+        match renameat2(&self.fd, from, &dest.fd, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => Ok(false),
+            Err(e) => Err(Error::io(
+                format!(
+                    "cannot rename `{}` to `{}`",
+                    self.join(from).display(),
+                    dest.join(to).display()
+                ),
+                errno_io(e),
+            )),
+        }
+    }
+
+    /// Removes the file (or symlink) `name`; missing is fine.
+    pub fn unlink(&self, name: &str) -> Result<(), Error> {
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(Error::io(
+                format!("cannot remove `{}`", self.join(name).display()),
+                errno_io(e),
+            )),
+        }
+    }
+
+    /// Removes what this tool put in the subdirectory `name` (its files, by the descriptor of
+    /// the directory as it was opened), then the directory if it is empty.
+    pub fn remove_own_dir(&self, name: &str, inner: &Dir) {
+        for entry in inner.names() {
+            let _ = unlinkat(&inner.fd, entry.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        let _ = unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir);
+    }
+
+    /// Removes the tree `name` in this directory, never following a symlink (std's
+    /// `remove_dir_all` is symlink-safe; the path reaches it through this descriptor).
+    pub fn remove_tree(&self, name: &str) -> Result<(), Error> {
+        remove_any(&PathBuf::from(format!(
+            "/proc/self/fd/{}/{name}",
+            self.fd.as_raw_fd()
+        )))
+    }
+
+    /// The names in this directory.
+    pub fn names(&self) -> Vec<String> {
+        let dir = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
+        fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// fsync the directory so the names in it are durable.
+    pub fn sync(&self) -> Result<(), Error> {
+        nix::unistd::fsync(&self.fd)
+            .ctx(|| format!("cannot fsync directory `{}`", self.path.display()))
+    }
+
+    /// Whether this directory is `other` or lies below it (walking `..` by descriptor).
+    pub fn is_within(&self, other: &FileStat) -> Result<bool, Error> {
+        let same = |a: &FileStat| a.st_dev == other.st_dev && a.st_ino == other.st_ino;
+        let mut cur = openat(
+            &self.fd,
+            ".",
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("cannot open `{}`", self.path.display()))?;
+        for _ in 0..4096 {
+            let st = fstat(&cur).ctx(|| format!("cannot stat `{}`", self.path.display()))?;
+            if same(&st) {
+                return Ok(true);
+            }
+            let parent = openat(
+                &cur,
+                "..",
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx(|| format!("cannot walk up from `{}`", self.path.display()))?;
+            let pst = fstat(&parent).ctx(|| format!("cannot stat `{}`", self.path.display()))?;
+            if pst.st_dev == st.st_dev && pst.st_ino == st.st_ino {
+                return Ok(false);
+            }
+            cur = parent;
+        }
+        Ok(false)
+    }
+
+    /// Opens an existing directory, refusing it when `path` or any directory on the way is a
+    /// symlink that someone other than root (or this user) could have planted.
+    pub fn open(path: &Path) -> Result<Dir, Error> {
+        resolve(path, false)
+    }
+
+    /// Opens the target directory of an archive, creating missing parts (0700, owned by the
+    /// owner of the directory they are created in, so that `juju scp` as that user can read
+    /// what lands there). Refuses relative paths, `..`, non-directories, symlinks owned by
+    /// anyone but root (or this user) and directories this user cannot write.
+    pub fn open_target(target: &Path) -> Result<Dir, Error> {
+        let dir = resolve(target, true)?;
+        if nix::unistd::access(
+            Path::new(&format!("/proc/self/fd/{}", dir.fd.as_raw_fd())),
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .is_err()
+        {
+            return Err(Error::Target {
+                path: target.to_path_buf(),
+                problem:
+                    "is not writable by this user; choose a writable directory or fix its permissions"
+                        .into(),
+            });
+        }
+        Ok(dir)
+    }
+}
+
+/// Opens `name` relative to `dir` read-only with `O_NOFOLLOW | O_NONBLOCK` (a FIFO planted
+/// there cannot block us), checks that what was opened is a regular file, and returns that
+/// descriptor in blocking mode.
+pub fn open_regular<Fd: AsFd>(
+    dir: Fd,
+    name: &(impl NixPath + ?Sized),
+    shown: &Path,
+) -> Result<File, Error> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        let problem = match e {
+            Errno::ELOOP => "is a symlink; give the path of the file itself".to_string(),
+            other => errno_io(other).to_string(),
+        };
+        Error::io(
+            format!("cannot open `{}`", shown.display()),
+            std::io::Error::other(problem),
+        )
+    })?;
+    let st = fstat(&fd).ctx(|| format!("cannot stat `{}`", shown.display()))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(Error::io(
+            format!("cannot read `{}`", shown.display()),
+            std::io::Error::other("it is not a regular file"),
+        ));
+    }
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDONLY))
+        .ctx(|| format!("cannot read `{}`", shown.display()))?;
+    Ok(File::from(fd))
+}
+
+/// Opens an absolute path for reading once, without following a symlink in its last part,
+/// and checks it is a regular file; see `open_regular`.
+pub fn open_regular_path(path: &Path) -> Result<File, Error> {
+    open_regular(AT_FDCWD, path, path)
+}
+
+/// Walks `path` from `/` one component at a time by descriptor. A symlink is followed only
+/// when root (or the user running this) owns it; missing parts are created when `create`.
+fn resolve(path: &Path, create: bool) -> Result<Dir, Error> {
     let bad = |problem: String| Error::Target {
-        path: target.to_path_buf(),
+        path: path.to_path_buf(),
         problem,
     };
-    if !target.is_absolute() {
+    if !path.is_absolute() {
         return Err(bad(
             "is relative; give an absolute directory such as /home/ubuntu/etcd-snapshots".into(),
         ));
     }
-    if target
-        .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(bad("contains `..`; give a plain absolute directory".into()));
     }
-    let mut missing = Vec::new();
-    let mut existing = target;
-    while !existing.exists() {
-        missing.push(existing.to_path_buf());
-        existing = existing
-            .parent()
-            .ok_or_else(|| bad("has no existing parent".into()))?;
-    }
-    if !existing.is_dir() {
-        return Err(bad(format!(
-            "cannot be created: `{}` is not a directory",
-            existing.display()
-        )));
-    }
-    let (uid, gid) = owner(existing)?;
-    for dir in missing.iter().rev() {
-        match fs::DirBuilder::new().mode(0o700).create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(bad(format!("cannot be created: {e}"))),
+    let open_root = || {
+        openat(
+            AT_FDCWD,
+            "/",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| "cannot open `/`".to_string())
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let mut dir = open_root()?;
+    let mut shown = PathBuf::from("/");
+    let mut todo: VecDeque<std::ffi::OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            _ => None,
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(part) = todo.pop_front() {
+        if part == "." || part.is_empty() {
+            continue;
         }
-        // Best effort when not root: the directory is then ours, which is what we want anyway.
-        let _ = nix::unistd::chown(dir.as_path(), Some(uid), Some(gid));
+        if part == ".." {
+            dir = openat(
+                &dir,
+                "..",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx(|| format!("cannot open `{}/..`", shown.display()))?;
+            shown.pop();
+            continue;
+        }
+        let here = shown.join(&part);
+        match openat(
+            &dir,
+            part.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(node) => {
+                let st = fstat(&node).ctx(|| format!("cannot stat `{}`", here.display()))?;
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFLNK {
+                    if st.st_uid != 0 && st.st_uid != me {
+                        return Err(bad(format!(
+                            "passes through `{}`, a symlink owned by uid {}; a symlink that                              user can swap is not followed as root: give the real directory",
+                            here.display(),
+                            st.st_uid
+                        )));
+                    }
+                    links += 1;
+                    if links > 40 {
+                        return Err(bad("has too many levels of symlinks".into()));
+                    }
+                    let link = readlinkat(&node, "")
+                        .ctx(|| format!("cannot read symlink `{}`", here.display()))?;
+                    let link = PathBuf::from(link);
+                    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+                    for c in link.components() {
+                        match c {
+                            Component::RootDir => {
+                                dir = open_root()?;
+                                shown = PathBuf::from("/");
+                                parts.clear();
+                            }
+                            Component::Normal(n) => parts.push(n.to_os_string()),
+                            Component::ParentDir => parts.push("..".into()),
+                            _ => {}
+                        }
+                    }
+                    for p in parts.into_iter().rev() {
+                        todo.push_front(p);
+                    }
+                    continue;
+                }
+                if kind != SFlag::S_IFDIR {
+                    return Err(bad(format!(
+                        "cannot be used: `{}` is not a directory",
+                        here.display()
+                    )));
+                }
+                dir = openat(
+                    &node,
+                    ".",
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ctx(|| format!("cannot open `{}`", here.display()))?;
+                shown = here;
+            }
+            Err(Errno::ENOENT) if create => {
+                let parent = fstat(&dir).ctx(|| format!("cannot stat `{}`", shown.display()))?;
+                match mkdirat(&dir, part.as_os_str(), Mode::from_bits_truncate(0o700)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(bad(format!("cannot be created: {}", errno_io(e)))),
+                }
+                let made = openat(
+                    &dir,
+                    part.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| {
+                    bad(format!(
+                        "cannot open `{}` after creating it: {}",
+                        here.display(),
+                        errno_io(e)
+                    ))
+                })?;
+                // Best effort when not root: the directory is then ours, which is what we want.
+                let _ = nix::unistd::fchown(
+                    &made,
+                    Some(Uid::from_raw(parent.st_uid)),
+                    Some(Gid::from_raw(parent.st_gid)),
+                );
+                dir = made;
+                shown = here;
+            }
+            Err(Errno::ENOENT) => {
+                return Err(bad(format!(
+                    "does not exist (`{}` is missing)",
+                    here.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot open `{}`", here.display()),
+                    errno_io(e),
+                ))
+            }
+        }
     }
-    if !target.is_dir() {
-        return Err(bad("is not a directory".into()));
-    }
-    if nix::unistd::access(
-        target,
-        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
-    )
-    .is_err()
-    {
-        return Err(bad(
-            "is not writable by this user; choose a writable directory or fix its permissions"
-                .into(),
-        ));
-    }
-    Ok(())
+    Ok(Dir {
+        fd: dir,
+        path: path.to_path_buf(),
+    })
 }
 
 /// fsync a directory so the names in it are durable.

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::error::Error;
+use crate::error::{bounded, Error, MESSAGE_MAX};
 use crate::process::run_checked;
 
 /// Results as ordered dotted keys (`snapshot.path`), exactly what `action-set` takes.
@@ -23,7 +23,8 @@ pub struct Results {
 impl Results {
     pub fn set(&mut self, key: &str, value: impl ToString) {
         debug_assert!(valid_key(key), "invalid action-set key {key}");
-        self.entries.insert(key.to_string(), value.to_string());
+        self.entries
+            .insert(key.to_string(), bounded(&value.to_string(), MESSAGE_MAX));
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -128,16 +129,27 @@ impl Reporter {
         }
     }
 
-    /// The command that copies a file off this machine.
+    /// The command that copies a file off this machine, quoted for a POSIX shell.
     pub fn copy_command(&self, path: &std::path::Path) -> String {
         match self {
-            Reporter::Juju { unit, .. } => format!("juju scp {unit}:{} .", path.display()),
-            Reporter::Standalone { host } => format!("scp {host}:{} .", path.display()),
+            Reporter::Juju { unit, .. } => {
+                format!(
+                    "juju scp {} .",
+                    shell_quote(&format!("{unit}:{}", path.display()))
+                )
+            }
+            Reporter::Standalone { host } => {
+                format!(
+                    "scp {} .",
+                    shell_quote(&format!("{host}:{}", path.display()))
+                )
+            }
         }
     }
 
     /// Progress for the operator. Never fails the action.
     pub fn log(&self, msg: &str) {
+        let msg = &bounded(msg, MESSAGE_MAX);
         match self {
             Reporter::Juju { .. } => {
                 let sent = which::which("action-log")
@@ -219,6 +231,8 @@ impl Reporter {
     /// Reports the outcome. In Juju mode this is the single place `action-fail` is called;
     /// the process then exits 0. Standalone, prints YAML and returns the exit code.
     pub fn finish(&self, results: &Results, outcome: Result<(), Error>) -> u8 {
+        // Every message reaches the operator whole or cut, never refused for its size.
+        let message = |err: &Error| bounded(&err.to_string(), MESSAGE_MAX);
         match self {
             Reporter::Juju { .. } => {
                 let mut code = 0;
@@ -233,8 +247,8 @@ impl Reporter {
                 }
                 if let Err(err) = &outcome {
                     let failed = hook_tool("action-fail")
-                        .and_then(|tool| run_checked(Command::new(tool).arg(err.to_string())));
-                    eprintln!("etcd-actions: {err}");
+                        .and_then(|tool| run_checked(Command::new(tool).arg(message(err))));
+                    eprintln!("etcd-actions: {}", message(err));
                     if let Err(e) = failed {
                         // Without action-fail the only way left to signal failure is the exit code.
                         eprintln!("etcd-actions: {e}");
@@ -252,19 +266,29 @@ impl Reporter {
                     }
                     Err(err) => {
                         doc.insert("status".into(), "failed".into());
-                        doc.insert("message".into(), err.to_string().into());
+                        doc.insert("message".into(), message(err).into());
                     }
                 }
                 print!("{}", serde_yaml::to_string(&doc).unwrap_or_default());
                 match outcome {
                     Ok(()) => 0,
                     Err(err) => {
-                        eprintln!("etcd-actions: {err}");
+                        eprintln!("etcd-actions: {}", message(&err));
                         err.exit_code()
                     }
                 }
             }
         }
+    }
+}
+
+/// Quotes `s` for a POSIX shell when it holds anything but plainly safe characters.
+pub fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -308,6 +332,22 @@ mod tests {
         ] {
             assert!(!valid_key(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn copy_commands_are_quoted() {
+        let r = Reporter::Juju {
+            unit: "etcd/0".into(),
+            app: "etcd".into(),
+        };
+        assert_eq!(
+            r.copy_command(std::path::Path::new("/a/b.tar.gz")),
+            "juju scp etcd/0:/a/b.tar.gz ."
+        );
+        assert_eq!(
+            r.copy_command(std::path::Path::new("/a b/it's;$(x)")),
+            "juju scp 'etcd/0:/a b/it'\\''s;$(x)' ."
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod archive;
+pub mod bbolt;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -115,18 +116,7 @@ fn execute(
                 params.finish()?;
             }
             let unit = Unit::open(reporter, settings)?;
-            let outcome = actions::restore::run(&unit, &opts, results);
-            // Restore set the workload status to maintenance; say how it ended.
-            match &outcome {
-                Ok(()) => {}
-                Err(Error::RestoreFailed { .. }) => {
-                    reporter.status("blocked", "restore failed: see the restore action's output");
-                }
-                Err(_) => {
-                    reporter.status("active", "restore not done; the unit's data is unchanged")
-                }
-            }
-            outcome
+            actions::restore::run(&unit, &opts, results)
         }
     }
 }

@@ -5,9 +5,14 @@
 //! that came from an action param is ever given to a shell.
 
 use std::fs::File;
-use std::os::unix::process::ExitStatusExt;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 
 use crate::error::Error;
 
@@ -40,28 +45,95 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Runs `cmd` to completion with stdin closed, capturing its output. Fails unless it exits 0.
+/// Most of a command's stdout kept (more is an error: no tool we run prints that much).
+const STDOUT_MAX: usize = 16 << 20;
+/// The tail of a command's stderr kept for messages.
+const STDERR_TAIL: usize = 64 << 10;
+
+/// Reads `r` to its end, keeping at most `max` bytes: the first ones, or with `tail` the
+/// last ones. Returns the bytes kept and whether some were dropped.
+fn read_bounded(mut r: impl Read, max: usize, tail: bool) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > max {
+            dropped = true;
+            if tail {
+                let cut = kept.len() - max;
+                kept.drain(..cut);
+            } else {
+                kept.truncate(max);
+            }
+        }
+    }
+    (kept, dropped)
+}
+
+fn lossy_tail(bytes: &[u8], dropped: bool) -> String {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    if dropped {
+        format!("[... earlier output cut ...]\n{text}")
+    } else {
+        text
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed, capturing its output with bounded memory.
+/// Fails unless it exits 0.
 pub fn run_checked(cmd: &mut Command) -> Result<Output, Error> {
     let command = display(cmd);
-    let out = cmd
+    let invoke = |source| Error::CommandInvoke {
+        command: command.clone(),
+        source,
+    };
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| Error::CommandInvoke {
-            command: command.clone(),
-            source,
-        })?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() {
+        .spawn()
+        .map_err(invoke)?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || read_bounded(stderr, STDERR_TAIL, true));
+    let (out, out_dropped) = read_bounded(stdout, STDOUT_MAX, false);
+    let (err, err_dropped) = err_reader.join().unwrap_or_default();
+    let status = child.wait().map_err(invoke)?;
+    let stdout = String::from_utf8_lossy(&out).into_owned();
+    let stderr = lossy_tail(&err, err_dropped);
+    if !status.success() {
         return Err(Error::CommandFailed {
             command,
-            status: describe(out.status),
+            status: describe(status),
             stderr,
         });
     }
+    if out_dropped {
+        return Err(Error::BadOutput {
+            command,
+            problem: format!("it printed more than {} bytes", STDOUT_MAX),
+        });
+    }
     Ok(Output { stdout, stderr })
+}
+
+/// The last `STDERR_TAIL` bytes of a log file.
+fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(STDERR_TAIL as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let (bytes, _) = read_bounded(f, STDERR_TAIL, true);
+    lossy_tail(&bytes, start > 0)
 }
 
 /// A command running in the background with its output in a log file (no pipe to fill),
@@ -125,7 +197,7 @@ impl Running {
                 s
             }
         };
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = log_tail(&self.log);
         if !status.success() {
             return Err(Error::CommandFailed {
                 command: self.command.clone(),
@@ -151,12 +223,30 @@ impl Drop for Running {
 }
 
 /// Runs an operator-supplied shell command (service stop/start). Its output goes to a file,
-/// not a pipe, so a daemon it leaves behind cannot hold our pipe open and hang the action.
-pub fn run_shell(script: &str, log_dir: &Path) -> Result<Output, Error> {
+/// not a pipe, so a daemon it leaves behind cannot hold our pipe open and hang the action. It
+/// runs in a process group of its own; after `timeout` the whole group is killed and the
+/// run fails with `ServiceTimeout`.
+pub fn run_shell(script: &str, log_dir: &Path, timeout: Duration) -> Result<Output, Error> {
     let log = log_dir.join(format!("service-{}.out", std::process::id()));
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(script);
-    spawn_logged(&mut cmd, &log)?.wait()
+    cmd.arg("-c").arg(script).process_group(0);
+    let mut running = spawn_logged(&mut cmd, &log)?;
+    let deadline = Instant::now() + timeout;
+    while !running.exited()? {
+        if Instant::now() >= deadline {
+            let pgid = Pid::from_raw(running.child.id() as i32);
+            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = running.child.wait();
+            running.status = Some(ExitStatus::from_raw(9));
+            return Err(Error::ServiceTimeout {
+                command: script.to_string(),
+                seconds: timeout.as_secs(),
+                output: log_tail(&log),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.wait()
 }
 
 /// Builds a command for an etcd tool with a clean environment: inherited `ETCDCTL_*` and

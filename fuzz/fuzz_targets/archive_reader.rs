@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&archive, data).expect("write input");
     let dest = dir.path().join("db");
     let limits = Limits { max_db: 1 << 20 };
-    match unpack(&archive, &dest, None, limits) {
+    let file = std::fs::File::open(&archive).expect("open input");
+    match unpack(file, &archive, &dest, None, limits) {
         Ok(u) => {
             assert!(u.db.size <= limits.max_db);
             assert_eq!(std::fs::metadata(&dest).expect("db written").len(), u.db.size);

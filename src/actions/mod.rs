@@ -6,19 +6,16 @@ pub mod snapshot;
 
 use std::cell::RefCell;
 use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::archive::{pack, pack_stream, sidecar_path, snapshot_size_from_meta, Packed};
+use crate::archive::{pack, pack_file, pack_stream, snapshot_size_from_meta, Packed};
 use crate::config::{EtcdConfig, Settings};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, Etcdctl, OfflineTool, Status};
-use crate::fsutil::{
-    create_private, ensure_target, owner, pid_alive, remove_any, rename_noreplace, require_space,
-    sync_dir, write_atomic, TempPath, UnitLock,
-};
+use crate::fsutil::{pid_alive, Dir, UnitLock};
 use crate::juju::{Reporter, Results};
 use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
 use crate::process::Running;
@@ -32,6 +29,32 @@ pub fn crash_point(name: &str) {
     #[cfg(feature = "failpoints")]
     {
         let _: Option<()> = fail::eval(name, |_| std::process::abort());
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
+/// A named point where the `failpoints` build stops for a test, to make a race window
+/// deterministic: with `ETCD_ACTIONS_PAUSE=<name>:<dir>` it creates `<dir>/<name>.reached`
+/// and waits (at most 120 s) until `<dir>/<name>.go` exists. Compiles to nothing otherwise.
+pub fn pause_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let Some(spec) = std::env::var("ETCD_ACTIONS_PAUSE").ok() else {
+            return;
+        };
+        let Some((at, dir)) = spec.split_once(':') else {
+            return;
+        };
+        if at != name {
+            return;
+        }
+        let dir = Path::new(dir);
+        let _ = fs::write(dir.join(format!("{name}.reached")), b"");
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !dir.join(format!("{name}.go")).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
@@ -138,14 +161,11 @@ impl Archive {
     }
 }
 
-/// Removes temp entries left in `target` by runs that died (their pid is gone).
-fn clean_stale_temps(target: &Path) {
-    let Ok(entries) = fs::read_dir(target) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
+/// Removes temp entries left in `target` by runs that died (their pid is gone). Only
+/// directories are removed, and never through a symlink.
+fn clean_stale_temps(target: &Dir) {
+    for name in target.names() {
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
             continue;
         };
         let pid = rest
@@ -154,32 +174,74 @@ fn clean_stale_temps(target: &Path) {
             .and_then(|p| p.parse::<i32>().ok())
             .unwrap_or(0);
         if !pid_alive(pid) {
-            let _ = remove_any(&entry.path());
+            let _ = target.remove_tree(&name);
         }
     }
 }
 
+/// This run's temp directory in a target: created 0700 by this process and only ever used
+/// through its descriptor. Dropping it removes what it holds, then the directory.
+struct TempDir<'a> {
+    parent: &'a Dir,
+    name: String,
+    dir: Dir,
+}
+
+impl Drop for TempDir<'_> {
+    fn drop(&mut self) {
+        self.parent.remove_own_dir(&self.name, &self.dir);
+    }
+}
+
+/// Refuses a target at or below the data dir: it would be swept away with the data.
+pub fn refuse_target_in_data_dir(unit: &Unit<'_>, target: &Dir) -> Result<(), Error> {
+    let Ok(data) = Dir::open(&unit.config.data_dir) else {
+        return Ok(());
+    };
+    if target.is_within(&data.stat()?)? {
+        return Err(Error::Target {
+            path: target.path().to_path_buf(),
+            problem: format!(
+                "is inside etcd's data dir `{}`, which a restore replaces; choose a directory \
+                 outside it, such as /home/ubuntu/etcd-snapshots",
+                unit.config.data_dir.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Opens (creating if needed) an archive target and checks it is not in the data dir.
+pub fn open_target(unit: &Unit<'_>, target: &Path) -> Result<Dir, Error> {
+    let dir = Dir::open_target(target)?;
+    refuse_target_in_data_dir(unit, &dir)?;
+    Ok(dir)
+}
+
 /// Takes a db from `source` and publishes `<target>/<kind>-<stamp>[-N].tar.gz` with its
 /// `.sha256` sidecar: written under a temp name, fsynced, renamed without clobbering
-/// anything, directory fsynced. The archive is 0600 and owned by the target's owner.
+/// anything, directory fsynced. The archive is 0600 and owned by the target's owner. Every
+/// step is done through descriptors of the target and of a temp dir of our own.
 pub fn write_archive(
     unit: &Unit<'_>,
-    target: &Path,
+    target: &Dir,
     source: DbSource<'_>,
     kind: &str,
 ) -> Result<Archive, Error> {
-    ensure_target(target)?;
     clean_stale_temps(target);
-    let tmp = TempPath::new(target.join(format!(
-        "{TEMP_PREFIX}{}-{}",
-        std::process::id(),
-        now_secs()
-    )));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(tmp.path())
-        .ctx(|| format!("cannot create `{}`", tmp.path().display()))?;
-    let tmp_archive = tmp.path().join("archive.tar.gz");
+    let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), now_secs());
+    let tmp = TempDir {
+        dir: target.mkdir(&name, 0o700)?,
+        parent: target,
+        name,
+    };
+    let (uid, gid) = target.owner()?;
+    let out = tmp.dir.create_file(ARCHIVE_TMP)?;
+    // Owner and mode are set on the descriptor: no name is resolved again.
+    let _ = nix::unistd::fchown(&out, Some(uid), Some(gid));
+    let held = out
+        .try_clone()
+        .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
 
     let mut manifest = Manifest::new(unit.reporter.unit(), SOURCE_SNAPSHOT);
     let packed = match source {
@@ -192,8 +254,7 @@ pub fn write_archive(
                 .find(|m| m.id == status.member_id)
                 .map(|m| m.name);
             // etcdctl writes the db; the archive is at most about as large again.
-            require_space(
-                target,
+            target.require_space(
                 status.db_size.saturating_mul(2) + (64 << 20),
                 "the snapshot",
             )?;
@@ -208,20 +269,19 @@ pub fn write_archive(
                 etcdctl,
                 offline,
             };
-            let db = tmp.path().join("db");
-            save_and_pack(unit, &member, &db, &tmp_archive, manifest)?
+            save_and_pack(unit, &member, &tmp.dir, out, manifest)?
         }
         DbSource::RawCopy { db } => {
             let size = crate::config::metadata(&db)?.len();
-            require_space(target, size + (64 << 20), "the raw backup")?;
+            target.require_space(size + (64 << 20), "the raw backup")?;
             manifest.source = SOURCE_RAW_COPY.to_string();
             manifest.member_name = Some(unit.config.name.clone());
             unit.log("writing archive of the raw db");
-            let out = create_private(&tmp_archive)?;
             pack(&db, manifest, false, out, unit.settings.compression_level)?
         }
     };
-    let archive = publish(target, kind, &tmp_archive, packed)?;
+    pause_point("archive-written");
+    let archive = publish(target, &tmp.dir, kind, &held, packed)?;
     unit.log(&format!(
         "wrote {} ({})",
         archive.path.display(),
@@ -229,6 +289,9 @@ pub fn write_archive(
     ));
     Ok(archive)
 }
+
+/// Name of the archive inside this run's temp dir.
+const ARCHIVE_TMP: &str = "archive.tar.gz";
 
 /// What the archive of a live member needs to know about it.
 struct Member<'a> {
@@ -267,36 +330,53 @@ impl Read for Growing<'_> {
 /// read from its first page (bbolt's meta). Whatever the stream did, the db is checked against
 /// etcd's sha256 trailer and its final size against the size archived; if the first page is
 /// not a bbolt meta page, or the sizes differ, the finished file is archived instead.
+/// etcdctl writes into `tmp` through `/proc/<pid>/fd`, so a renamed or swapped temp dir
+/// cannot redirect it.
 fn save_and_pack(
     unit: &Unit<'_>,
     m: &Member<'_>,
-    db: &Path,
-    tmp_archive: &Path,
-    mut manifest: Manifest,
+    tmp: &Dir,
+    out: File,
+    manifest: Manifest,
 ) -> Result<Packed, Error> {
-    let log = db.with_file_name("etcdctl.log");
-    let save = RefCell::new(m.etcdctl.snapshot_save_start(db, &log)?);
+    let db = tmp.proc_path("db");
+    let log = unit
+        .state
+        .join(format!("etcdctl-save-{}.log", std::process::id()));
+    let save = RefCell::new(m.etcdctl.snapshot_save_start(&db, &log)?);
     let finish = || m.etcdctl.finish_save(&mut save.borrow_mut());
-    let part = db.with_file_name("db.part");
     let file = loop {
-        if let Ok(f) = File::open(&part).or_else(|_| File::open(db)) {
+        if let Ok(f) = tmp.open_file("db.part").or_else(|_| tmp.open_file("db")) {
             break f;
         }
         if save.borrow_mut().exited()? {
             finish()?;
-            break File::open(db).ctx(|| format!("etcdctl wrote no `{}`", db.display()))?;
+            break tmp.open_file("db").map_err(|e| {
+                Error::io(
+                    format!("etcdctl wrote no db ({e})"),
+                    io::ErrorKind::NotFound.into(),
+                )
+            })?;
         }
         std::thread::sleep(Duration::from_millis(2));
+    };
+    let finished_size = |f: &File| -> Result<u64, Error> {
+        let _ = f;
+        Ok(tmp
+            .open_file("db")?
+            .metadata()
+            .ctx(|| "cannot stat the snapshot".to_string())?
+            .len())
     };
     let mut growing = Growing { file, save: &save };
     let mut head = Vec::with_capacity(4096);
     (&mut growing)
         .take(4096)
         .read_to_end(&mut head)
-        .ctx(|| format!("cannot read `{}`", part.display()))?;
+        .ctx(|| "cannot read the snapshot etcdctl is writing".to_string())?;
     let level = unit.settings.compression_level;
     let describe = |manifest: &mut Manifest| -> Result<(), Error> {
-        let revision = m.offline.db_status(db)?.revision;
+        let revision = m.offline.db_status(&db)?.revision;
         let keys = match m.etcdctl.key_count(revision) {
             Ok(k) => Some(k),
             Err(e) => {
@@ -313,7 +393,9 @@ fn save_and_pack(
         Ok(())
     };
     if let Some(size) = snapshot_size_from_meta(&head) {
-        let out = create_private(tmp_archive)?;
+        let retry = out
+            .try_clone()
+            .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
         let streamed = pack_stream(
             io::Cursor::new(head).chain(growing),
             size,
@@ -321,7 +403,7 @@ fn save_and_pack(
             true,
             |_| {
                 finish()?;
-                let actual = crate::config::metadata(db)?.len();
+                let actual = finished_size(&retry)?;
                 if actual != size {
                     return Err(Error::Mismatch {
                         what: "the snapshot's size".into(),
@@ -345,35 +427,66 @@ fn save_and_pack(
                 // The meta page announced another size than etcd sent (the stream ended
                 // early or ran long): archive the finished file instead. Same size: the
                 // error stands (a trailer mismatch is corruption, not a misread size).
-                let actual = crate::config::metadata(db)?.len();
+                let actual = finished_size(&retry)?;
                 if actual == size {
                     return Err(e);
                 }
                 unit.log(&format!("{e}; archiving the finished file instead"));
-                remove_any(tmp_archive)?;
+                rewind(&retry)?;
+                return pack_finished(unit, tmp, &describe, manifest, retry, level);
             }
         }
-    } else {
-        finish()?;
     }
-    unit.log("writing archive");
-    describe(&mut manifest)?;
-    let out = create_private(tmp_archive)?;
-    pack(db, manifest, true, out, level)
+    finish()?;
+    pack_finished(unit, tmp, &describe, manifest, out, level)
 }
 
-/// Names and publishes an archive written to `tmp_archive`, with its sidecar, both owned by
-/// the target's owner.
+/// Empties an archive file to write it again.
+fn rewind(file: &File) -> Result<(), Error> {
+    use std::io::Seek;
+    file.set_len(0)
+        .and_then(|()| (&*file).seek(io::SeekFrom::Start(0)).map(drop))
+        .ctx(|| "cannot rewind the archive".to_string())
+}
+
+fn pack_finished(
+    unit: &Unit<'_>,
+    tmp: &Dir,
+    describe: &dyn Fn(&mut Manifest) -> Result<(), Error>,
+    mut manifest: Manifest,
+    out: File,
+    level: u32,
+) -> Result<Packed, Error> {
+    unit.log("writing archive");
+    describe(&mut manifest)?;
+    let db = tmp.open_file("db")?;
+    pack_file(
+        db,
+        &tmp.join("db").display().to_string(),
+        manifest,
+        true,
+        out,
+        level,
+    )
+}
+
+/// Names and publishes the archive `ARCHIVE_TMP` of `tmp` in `target`, with its sidecar,
+/// both owned by the target's owner, both renamed in without replacing anything. Afterwards
+/// the name is checked to hold exactly the file written (`held`), so the results describe the
+/// bytes at `path`.
 fn publish(
-    target: &Path,
+    target: &Dir,
+    tmp: &Dir,
     kind: &str,
-    tmp_archive: &Path,
+    held: &File,
     packed: Packed,
 ) -> Result<Archive, Error> {
-    let (uid, gid) = owner(target)?;
-    let _ = nix::unistd::chown(tmp_archive, Some(uid), Some(gid));
+    let (uid, gid) = target.owner()?;
     crash_point("snapshot-before-publish");
     let stamp = name_stamp(now_secs());
+    let line_for = |name: &str| format!("{}  {name}\n", packed.sha256);
+    // Where the archive is now: in the temp dir until the first rename.
+    let mut at: Option<String> = None;
     let mut published = None;
     for n in 0..1000 {
         let suffix = if n == 0 {
@@ -381,30 +494,64 @@ fn publish(
         } else {
             format!("-{n}")
         };
-        let path = target.join(format!("{kind}-{stamp}{suffix}.tar.gz"));
-        if sidecar_path(&path).exists() {
+        let name = format!("{kind}-{stamp}{suffix}.tar.gz");
+        let side = format!("{name}.sha256");
+        if target.entry_stat(&side)?.is_some() || target.entry_stat(&name)?.is_some() {
             continue;
         }
-        if rename_noreplace(tmp_archive, &path)? {
-            published = Some(path);
+        let moved = match &at {
+            None => tmp.rename_noreplace(ARCHIVE_TMP, target, &name)?,
+            Some(from) => target.rename_noreplace(from, target, &name)?,
+        };
+        if !moved {
+            continue;
+        }
+        at = Some(name.clone());
+        pause_point("archive-published");
+        // The sidecar: a new file of ours, written and owned by descriptor, renamed in.
+        let side_tmp = format!("{TEMP_PREFIX}{}-{name}.sha256", std::process::id());
+        target.unlink(&side_tmp)?;
+        let mut f = target.create_file(&side_tmp)?;
+        let _ = nix::unistd::fchown(&f, Some(uid), Some(gid));
+        let written = f
+            .write_all(line_for(&name).as_bytes())
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("cannot write `{}`", target.join(&side_tmp).display()));
+        if let Err(e) = written {
+            let _ = target.unlink(&side_tmp);
+            return Err(e);
+        }
+        if target.rename_noreplace(&side_tmp, target, &side)? {
+            published = Some(name);
             break;
         }
+        // Someone made the sidecar's name meanwhile: move on to the next name.
+        target.unlink(&side_tmp)?;
     }
-    let path = published.ok_or_else(|| Error::Target {
-        path: target.to_path_buf(),
-        problem: format!("already holds 1000 archives named {kind}-{stamp}*; clean it up"),
-    })?;
-    sync_dir(target)?;
-    let sidecar = sidecar_path(&path);
-    let line = format!(
-        "{}  {}\n",
-        packed.sha256,
-        path.file_name().unwrap_or_default().to_string_lossy()
-    );
-    write_atomic(&sidecar, line.as_bytes())?;
-    let _ = nix::unistd::chown(sidecar.as_path(), Some(uid), Some(gid));
+    let Some(name) = published else {
+        return Err(Error::Target {
+            path: target.path().to_path_buf(),
+            problem: format!("already holds 1000 archives named {kind}-{stamp}*; clean it up"),
+        });
+    };
+    target.sync()?;
+    let ours = held
+        .metadata()
+        .ctx(|| "cannot stat the archive".to_string())?;
+    match target.entry_stat(&name)? {
+        Some(st) if st.st_ino == ours.ino() && st.st_dev == ours.dev() => {}
+        _ => {
+            return Err(Error::Target {
+                path: target.path().to_path_buf(),
+                problem: format!(
+                    "changed while publishing: `{name}` is no longer the archive written; \
+                     something else writes to this directory: choose a directory only you control"
+                ),
+            })
+        }
+    }
     Ok(Archive {
-        path,
+        path: target.join(&name),
         sha256: packed.sha256,
         bytes: packed.bytes,
         manifest: packed.manifest,

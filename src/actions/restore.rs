@@ -5,8 +5,10 @@
 //! and only then stop etcd and swap. Invariant: `<data-dir>/member` always holds a complete
 //! dataset, the old one or the new one: the swap is one `renameat2(RENAME_EXCHANGE)`.
 //! A journal in the state dir lets the next run finish or roll back a restore that crashed.
+//! The member dir the restore replaced is kept (renamed, not copied) in the state dir until
+//! the next successful restore, so every write etcd acknowledged before it stopped survives.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -14,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{crash_point, write_archive, Archive, DbSource, Unit};
+use super::{crash_point, open_target, pause_point, write_archive, Archive, DbSource, Unit};
 use crate::archive::{unpack, Layout, Limits, Unpacked};
-use crate::error::{Error, IoContext};
+use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, Etcdctl, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
-    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic, TempPath,
+    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic, Dir,
+    TempPath,
 };
 use crate::juju::Results;
 use crate::process::run_shell;
@@ -78,6 +81,9 @@ struct Paths {
     staged_member: PathBuf,
     incoming_db: PathBuf,
     journal: PathBuf,
+    /// The member dir the last successful restore replaced.
+    previous: PathBuf,
+    previous_info: PathBuf,
 }
 
 fn paths(unit: &Unit<'_>) -> Paths {
@@ -88,7 +94,45 @@ fn paths(unit: &Unit<'_>) -> Paths {
         staging,
         incoming_db: unit.state.join("incoming.db"),
         journal: unit.state.join("restore-journal.yaml"),
+        previous: unit.state.join(PREVIOUS),
+        previous_info: unit.state.join(format!("{PREVIOUS}.yaml")),
     }
+}
+
+/// Name of the kept member dir in the state dir.
+pub const PREVIOUS: &str = "previous-member";
+
+/// Free space that staging leaves on the data filesystem for the live etcd, which keeps
+/// writing its WAL (64 MiB segments) and db while the restore is prepared: 5% of the
+/// filesystem, at least 128 MiB and at most 1 GiB.
+pub fn staging_reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 20).clamp(128 << 20, 1 << 30)
+}
+
+/// What the restore tool writes besides the db: the first preallocated WAL segment.
+const WAL_SEGMENT: u64 = 64 << 20;
+
+/// Moves the member dir a restore replaced (in staging) to `previous-member`, replacing the
+/// one an earlier restore kept, and records when and why.
+fn keep_previous(unit: &Unit<'_>, p: &Paths, started: &str) -> Result<(), Error> {
+    remove_any(&p.previous_info)?;
+    remove_any(&p.previous)?;
+    fs::rename(&p.staged_member, &p.previous).ctx(|| {
+        format!(
+            "cannot keep the previous data as `{}`",
+            p.previous.display()
+        )
+    })?;
+    let info = format!(
+        "# The member dir that etcd served until the restore started at {started}.\n\
+         # It holds every write etcd acknowledged before it was stopped for that restore.\n\
+         # Kept until the next successful restore. To go back to it: stop etcd, move\n\
+         # {member} aside, move this directory to {member}, start etcd.\n\
+         replaced-by-restore-at: {started}\n",
+        member = p.member.display()
+    );
+    write_atomic(&p.previous_info, info.as_bytes())?;
+    sync_dir(&unit.state)
 }
 
 fn write_journal(p: &Paths, j: &Journal) -> Result<(), Error> {
@@ -102,12 +146,22 @@ fn write_journal(p: &Paths, j: &Journal) -> Result<(), Error> {
 
 fn stop_service(unit: &Unit<'_>) -> Result<(), Error> {
     unit.log("stopping etcd");
-    run_shell(&unit.settings.stop_command, &unit.state).map(drop)
+    run_shell(
+        &unit.settings.stop_command,
+        &unit.state,
+        unit.settings.service_timeout,
+    )
+    .map(drop)
 }
 
 fn start_service(unit: &Unit<'_>) -> Result<(), Error> {
     unit.log("starting etcd");
-    run_shell(&unit.settings.start_command, &unit.state).map(drop)
+    run_shell(
+        &unit.settings.start_command,
+        &unit.state,
+        unit.settings.service_timeout,
+    )
+    .map(drop)
 }
 
 /// Finishes or rolls back a restore that a crash interrupted, removes its leftovers, and
@@ -158,6 +212,13 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
             unit.log("rolled back to the data that was there before the interrupted restore");
         } else if live == Some(j.new_inode) {
             unit.log("the interrupted restore had been verified; finishing it");
+            if j.old_inode.is_some() && inode(&p.staged_member) == j.old_inode {
+                keep_previous(unit, &p, &j.started)?;
+                unit.log(&format!(
+                    "kept the data it replaced in `{}`",
+                    p.previous.display()
+                ));
+            }
         }
     }
     remove_any(&p.staging)?;
@@ -166,7 +227,9 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
     for entry in fs::read_dir(&unit.state).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("service-") && (name.ends_with(".out") || name.ends_with(".err")) {
+        if (name.starts_with("service-") || name.starts_with("etcdctl-save-"))
+            && (name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log"))
+        {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -189,8 +252,10 @@ fn random_token() -> String {
     format!("etcd-actions-{}-{salt:x}", hex::encode(bytes))
 }
 
-/// Finds the archive: the `snapshot` param, or the `snapshot` resource in Juju mode.
-fn source(unit: &Unit<'_>, opts: &RestoreOptions) -> Result<PathBuf, Error> {
+/// Finds the archive (the `snapshot` param, or the `snapshot` resource in Juju mode) and
+/// opens it once: not through a symlink, not blocking on a FIFO, and only a regular file.
+/// Everything after reads this descriptor, so the path cannot be swapped underneath.
+fn source(unit: &Unit<'_>, opts: &RestoreOptions) -> Result<(PathBuf, File), Error> {
     let app = unit.reporter.app().to_string();
     let path = match &opts.snapshot {
         Some(p) => p.clone(),
@@ -214,24 +279,104 @@ fn source(unit: &Unit<'_>, opts: &RestoreOptions) -> Result<PathBuf, Error> {
             path.display()
         )));
     }
-    match fs::metadata(&path) {
-        Ok(md) if md.is_file() && md.len() == 0 => Err(Error::NoSnapshot {
+    let file = crate::fsutil::open_regular_path(&path).map_err(|e| Error::NoSnapshot {
+        detail: match e {
+            Error::Io { source, .. } => format!("`{}` cannot be used: {source}", path.display()),
+            other => other.to_string(),
+        },
+        app: app.clone(),
+    })?;
+    let len = file
+        .metadata()
+        .ctx(|| format!("cannot stat `{}`", path.display()))?
+        .len();
+    if len == 0 {
+        return Err(Error::NoSnapshot {
             detail: format!("`{}` is an empty (zero-byte) placeholder", path.display()),
             app,
-        }),
-        Ok(md) if md.is_file() => Ok(path),
-        Ok(_) => Err(Error::NoSnapshot {
-            detail: format!("`{}` is not a regular file", path.display()),
-            app,
-        }),
-        Err(e) => Err(Error::NoSnapshot {
-            detail: format!("`{}` cannot be read: {e}", path.display()),
-            app,
-        }),
+        });
     }
+    pause_point("snapshot-opened");
+    Ok((path, file))
 }
 
-/// Refuses when this unit is not alone: Juju peers, or other etcd members.
+/// Refuses a member dir that the atomic swap cannot handle: a symlink (the swap would replace
+/// the link and orphan the data on the other volume) or another filesystem mounted there.
+fn check_member_dir(unit: &Unit<'_>) -> Result<(), Error> {
+    let member = unit.config.member_dir();
+    let md = match fs::symlink_metadata(&member) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("cannot stat `{}`", member.display()), e)),
+    };
+    if md.file_type().is_symlink() {
+        let to = fs::read_link(&member)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        return Err(Error::Refused(format!(
+            "`{}` is a symlink to `{to}`; a restore swaps the member dir with one atomic rename \
+             on the data filesystem, which would replace the link and leave the data it points \
+             to orphaned. Set etcd's data-dir to the real location (the directory that holds \
+             `{to}`) or move the data back into `{}`, then run the restore again",
+            member.display(),
+            unit.config.data_dir.display()
+        )));
+    }
+    if !md.is_dir() {
+        return Err(Error::Refused(format!(
+            "`{}` is not a directory; move it away or point etcd's data-dir elsewhere",
+            member.display()
+        )));
+    }
+    let data = crate::config::metadata(&unit.config.data_dir)?;
+    if data.dev() != md.dev() {
+        return Err(Error::Refused(format!(
+            "`{}` is a mount point of another filesystem; a restore swaps the member dir with \
+             one atomic rename, which cannot cross filesystems. Mount the volume at `{}` \
+             (etcd's data-dir) instead, then run the restore again",
+            member.display(),
+            unit.config.data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The members a stopped etcd belongs to, from what is on disk: the `members` bucket of the
+/// member dir's db, or failing that the config's `initial-cluster`. With where it came from.
+fn members_on_disk(unit: &Unit<'_>) -> (Vec<String>, String) {
+    let db = unit.config.member_dir().join("snap/db");
+    let read = File::open(&db)
+        .map_err(|e| e.to_string())
+        .and_then(crate::bbolt::Bolt::open)
+        .and_then(|b| b.bucket_entries(b"members"));
+    match read {
+        Ok(Some(entries)) if !entries.is_empty() => {
+            let names = entries
+                .iter()
+                .map(|(key, value)| {
+                    serde_json::from_slice::<serde_json::Value>(value)
+                        .ok()
+                        .and_then(|v| v["name"].as_str().map(str::to_string))
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| String::from_utf8_lossy(key).into_owned())
+                })
+                .collect();
+            return (names, format!("the members bucket of `{}`", db.display()));
+        }
+        Ok(_) => unit.log(&format!("`{}` lists no members", db.display())),
+        Err(e) if db.exists() => {
+            unit.log(&format!("cannot read members from `{}`: {e}", db.display()))
+        }
+        Err(_) => {}
+    }
+    (
+        unit.config.initial_members.clone(),
+        format!("`initial-cluster` in `{}`", unit.config.path.display()),
+    )
+}
+
+/// Refuses when this unit is not alone: Juju peers, or other etcd members (asked of etcd when
+/// it runs, read from disk when it is stopped).
 fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) -> Result<(), Error> {
     if unit.reporter.is_juju() {
         let peers = unit.reporter.peers("cluster")?;
@@ -245,26 +390,30 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
             });
         }
     }
-    if status.is_some() {
-        let members = etcdctl.members()?;
-        if members.len() > 1 {
-            let mut names: Vec<String> = members
-                .iter()
-                .map(|m| {
-                    if m.name.is_empty() {
-                        hex_id(m.id)
-                    } else {
-                        m.name.clone()
-                    }
-                })
-                .collect();
-            names.sort();
-            return Err(Error::Scaled {
-                count: members.len(),
-                what: "etcd members".into(),
-                names: names.join(", "),
-            });
-        }
+    let (mut names, what) = if status.is_some() {
+        let names = etcdctl
+            .members()?
+            .iter()
+            .map(|m| {
+                if m.name.is_empty() {
+                    hex_id(m.id)
+                } else {
+                    m.name.clone()
+                }
+            })
+            .collect();
+        (names, "etcd members".to_string())
+    } else {
+        let (names, from) = members_on_disk(unit);
+        (names, format!("etcd members according to {from}"))
+    };
+    if names.len() > 1 {
+        names.sort();
+        return Err(Error::Scaled {
+            count: names.len(),
+            what,
+            names: names.join(", "),
+        });
     }
     Ok(())
 }
@@ -273,7 +422,15 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
 fn wait_healthy(unit: &Unit<'_>, etcdctl: &Etcdctl) -> Result<Status, Error> {
     let deadline = Instant::now() + unit.settings.start_timeout;
     loop {
-        match etcdctl.status() {
+        let answer = match etcdctl.listening() {
+            Ok(true) => etcdctl.status(),
+            Ok(false) => Err(Error::EtcdUnreachable {
+                endpoint: etcdctl.endpoint().to_string(),
+                detail: "connection refused".into(),
+            }),
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::RestoreFailed {
@@ -334,7 +491,83 @@ fn verify_restored(
     Ok((status, keys))
 }
 
+/// Runs the restore and sets the workload status to how it ended. A failure that left the
+/// data alone says so only after checking that etcd is healthy.
 pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Result<(), Error> {
+    let mut was_online = None;
+    let outcome = restore(unit, opts, results, &mut was_online);
+    let r = unit.reporter;
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(err @ Error::RestoreFailed { .. }) => {
+            r.status("blocked", "restore failed: see the restore action's output");
+            Err(err)
+        }
+        Err(err @ Error::ServiceTimeout { .. }) => {
+            r.status(
+                "blocked",
+                "restore interrupted: a service command timed out",
+            );
+            Err(err)
+        }
+        Err(err) => match health(unit) {
+            Health::Healthy => {
+                r.status("active", "restore not done; the unit's data is unchanged");
+                Err(err)
+            }
+            Health::Stopped if was_online != Some(true) => {
+                r.status(
+                    "blocked",
+                    "restore not done; the unit's data is unchanged and etcd is not running",
+                );
+                Err(err)
+            }
+            Health::Stopped | Health::Failing(_) => {
+                let now = match health(unit) {
+                    Health::Failing(e) => e,
+                    _ => "etcd does not answer (connection refused)".to_string(),
+                };
+                r.status("blocked", "restore not done, and etcd is not healthy");
+                Err(Error::RestoreFailed {
+                    detail: err.to_string(),
+                    outcome: format!(
+                        "this run did not swap the data, but etcd is not healthy now ({now}); \
+                         check the etcd service (its disk, its log) before anything else"
+                    ),
+                })
+            }
+        },
+    }
+}
+
+enum Health {
+    Healthy,
+    /// Nothing listens on the client port.
+    Stopped,
+    Failing(String),
+}
+
+fn health(unit: &Unit<'_>) -> Health {
+    let etcdctl = match Etcdctl::new(unit.settings, &unit.config) {
+        Ok(e) => e,
+        Err(e) => return Health::Failing(e.to_string()),
+    };
+    match etcdctl.listening() {
+        Ok(false) => Health::Stopped,
+        Ok(true) => match etcdctl.status() {
+            Ok(_) => Health::Healthy,
+            Err(e) => Health::Failing(e.to_string()),
+        },
+        Err(e) => Health::Failing(e.to_string()),
+    }
+}
+
+fn restore(
+    unit: &Unit<'_>,
+    opts: &RestoreOptions,
+    results: &mut Results,
+    was_online: &mut Option<bool>,
+) -> Result<(), Error> {
     let r = unit.reporter;
     // Resolve everything before any side effect.
     let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
@@ -347,7 +580,7 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
     }
     let expected_sha = match opts.sha256.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => Some(s.to_ascii_lowercase()),
-        Some(s) => return Err(Error::usage(format!("sha256 `{s}` is not 64 hex digits; pass the archive's sha256 as the snapshot action printed it"))),
+        Some(s) => return Err(Error::usage(format!("sha256 `{}` is not 64 hex digits; pass the archive's sha256 as the snapshot action printed it", crate::error::bounded(s, 200)))),
         None => None,
     };
     if !opts.skip_backup && !opts.target.is_absolute() {
@@ -356,36 +589,77 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
             problem: "is relative; give an absolute directory for the backup".into(),
         });
     }
+    check_member_dir(unit)?;
 
     r.status("maintenance", "restore: checking the snapshot");
-    let archive = source(unit, opts)?;
+    let (archive, archive_file) = source(unit, opts)?;
+    let target: Option<Dir> = if opts.skip_backup {
+        None
+    } else {
+        Some(open_target(unit, &opts.target)?)
+    };
     let _lock = unit.lock("restore")?;
     recover(unit)?;
     let p = paths(unit);
 
-    let status = match etcdctl.status() {
-        Ok(s) => Some(s),
-        Err(Error::EtcdUnreachable { detail, .. }) => {
-            unit.log(&format!(
-                "etcd is not reachable ({detail}); restoring offline"
-            ));
-            None
-        }
-        Err(e) => return Err(e),
+    // Offline only when nothing listens on the client port; a timeout or a TLS failure is an
+    // error, not a stopped etcd.
+    let status = if etcdctl.listening()? {
+        *was_online = Some(true);
+        Some(etcdctl.status()?)
+    } else {
+        *was_online = Some(false);
+        unit.log(&format!(
+            "nothing listens at {} (connection refused); restoring offline",
+            etcdctl.endpoint()
+        ));
+        None
     };
     refuse_scaled(unit, &etcdctl, status.as_ref())?;
 
-    // Verify the archive completely, into the state dir on the data filesystem.
+    // Verify the archive completely, into the state dir on the data filesystem, leaving the
+    // live etcd its reserve whatever the archive's headers claim.
     unit.log(&format!("verifying {}", archive.display()));
+    let data_fs = nix::sys::statvfs::statvfs(&unit.state)
+        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
+    let fs_bytes = data_fs.blocks() as u64 * data_fs.fragment_size() as u64;
+    let reserve = staging_reserve(fs_bytes);
     let free = free_bytes(&unit.state)?;
     let limits = Limits {
-        max_db: free.saturating_sub(128 << 20) / 2,
+        max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
     };
-    let unpacked = unpack(&archive, &p.incoming_db, expected_sha.as_deref(), limits)?;
+    let unpacked = unpack(
+        archive_file,
+        &archive,
+        &p.incoming_db,
+        expected_sha.as_deref(),
+        limits,
+    )?;
     let incoming = crate::fsutil::TempPath::new(p.incoming_db.clone());
     crash_point("restore-after-unpack");
     let integrity = integrity(&unpacked, expected_sha.is_some());
     unit.log(&format!("archive verified: {integrity}"));
+
+    // What can be checked offline is checked before anything stops: the db must open and
+    // hold the revision the manifest claims.
+    let db_status = offline
+        .db_status(&p.incoming_db)
+        .map_err(|e| Error::BadArchive {
+            path: archive.clone(),
+            problem: format!("its db is not a valid etcd snapshot: {e}"),
+        })?;
+    if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
+        if rev != db_status.revision {
+            return Err(Error::BadArchive {
+                path: archive.clone(),
+                problem: format!(
+                    "its manifest says revision {rev} but its db holds revision {}; the \
+                     manifest was altered: use another snapshot",
+                    db_status.revision
+                ),
+            });
+        }
+    }
 
     let unit_version = status
         .as_ref()
@@ -410,13 +684,13 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
     // Back up what the unit holds now.
     let mut backup: Option<Archive> = None;
     let raw_backup_needed =
-        !opts.skip_backup && status.is_none() && p.member.join("snap/db").is_file();
-    if !opts.skip_backup {
+        target.is_some() && status.is_none() && p.member.join("snap/db").is_file();
+    if let Some(target) = &target {
         if status.is_some() {
             r.status("maintenance", "restore: backing up current data");
             let b = write_archive(
                 unit,
-                &opts.target,
+                target,
                 DbSource::Live {
                     etcdctl: &etcdctl,
                     offline: &offline,
@@ -426,19 +700,32 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
             b.report(results, "backup");
             backup = Some(b);
         } else if raw_backup_needed {
-            crate::fsutil::ensure_target(&opts.target)?;
             let db_size = fs::metadata(p.member.join("snap/db"))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            crate::fsutil::require_space(&opts.target, db_size + (64 << 20), "the raw backup")?;
+            target.require_space(db_size + (64 << 20), "the raw backup")?;
         } else {
             unit.log("no existing data to back up");
             results.set("backup.path", "none (the unit held no data)");
         }
     }
 
-    // Build the restored member dir beside the live one.
+    // Build the restored member dir beside the live one, if the data filesystem still has
+    // room for it and the reserve.
     r.status("maintenance", "restore: building the restored data");
+    let need = unpacked.db.size + WAL_SEGMENT + reserve;
+    let free = free_bytes(&unit.state)?;
+    if free < need {
+        return Err(Error::NoSpace {
+            path: unit.config.data_dir.clone(),
+            action: format!(
+                "building the restored data (keeping {} free for the live etcd)",
+                human_size(reserve)
+            ),
+            need: human_size(need),
+            available: human_size(free),
+        });
+    }
     let bump = if unit.settings.bump_revision > 0 && offline.supports_bump {
         unit.settings.bump_revision
     } else {
@@ -457,15 +744,27 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         "{} {} snapshot restore into staging",
         offline.name, offline.version
     ));
-    offline.restore(&RestoreRequest {
-        db: &p.incoming_db,
-        data_dir: &build_dir,
-        name: &unit.config.name,
-        peer_urls: &unit.config.peer_urls,
-        token: &token,
-        skip_hash_check: unpacked.db.trailer.is_none(),
-        bump,
-    })?;
+    offline
+        .restore(&RestoreRequest {
+            db: &p.incoming_db,
+            data_dir: &build_dir,
+            name: &unit.config.name,
+            peer_urls: &unit.config.peer_urls,
+            token: &token,
+            skip_hash_check: unpacked.db.trailer.is_none(),
+            bump,
+        })
+        .map_err(|e| match e {
+            Error::CommandFailed { ref stderr, .. }
+                if !stderr.to_ascii_lowercase().contains("no space left") =>
+            {
+                Error::BadArchive {
+                    path: archive.clone(),
+                    problem: format!("{} cannot restore its db: {e}", offline.name),
+                }
+            }
+            other => other,
+        })?;
     fs::rename(build_dir.join("member"), &p.staged_member)
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
@@ -482,8 +781,12 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         old_inode,
     };
     // Before the swap a failure restarts the service and removes the journal; the staging
-    // guard removes the staging area.
+    // guard removes the staging area. A service command that timed out leaves the journal:
+    // etcd's state is unknown, and the next run recovers from it.
     let abort = |err: Error, started: bool| -> Error {
+        if matches!(err, Error::ServiceTimeout { .. }) {
+            return err;
+        }
         if started {
             let _ = start_service(unit);
         }
@@ -499,6 +802,7 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
     write_journal(&p, &journal).map_err(|e| abort(e, false))?;
     // The restored tree is synced to disk while etcd stops; the swap waits for both.
     unit.log("syncing the restored data to disk while etcd stops");
+    let down_since = Instant::now();
     let (stopped, synced) = std::thread::scope(|s| {
         let sync = s.spawn(|| sync_tree(&p.staging));
         let stopped = stop_service(unit);
@@ -510,12 +814,13 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         });
         (stopped, synced)
     });
-    stopped.and(synced).map_err(|e| abort(e, true))?;
+    stopped.map_err(|e| abort(e, true))?;
+    synced.map_err(|e| abort(e, true))?;
     crash_point("restore-after-stop");
     if raw_backup_needed {
         let raw = write_archive(
             unit,
-            &opts.target,
+            target.as_ref().expect("a raw backup needs a target"),
             DbSource::RawCopy {
                 db: p.member.join("snap/db"),
             },
@@ -571,8 +876,10 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
             unit.log(&format!(
                 "the restored etcd failed its checks ({err}); putting the previous data back"
             ));
-            let outcome = roll_back(unit, &etcdctl, &p, old_inode.is_some());
-            remove_any(&p.journal)?;
+            let (outcome, keep_journal) = roll_back(unit, &etcdctl, &p, old_inode.is_some());
+            if !keep_journal {
+                remove_any(&p.journal)?;
+            }
             let detail = match err {
                 Error::RestoreFailed { detail, .. } => detail,
                 other => other.to_string(),
@@ -580,9 +887,28 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
             return Err(Error::RestoreFailed { detail, outcome });
         }
     };
+    let downtime = down_since.elapsed();
     journal.phase = Phase::Committed;
     write_journal(&p, &journal)?;
     crash_point("restore-after-commit");
+    if old_inode.is_some() {
+        keep_previous(unit, &p, &journal.started)?;
+        results.set("restore.previous-data", p.previous.display());
+        results.set(
+            "restore.previous-data-note",
+            format!(
+                "the data etcd served until this restore (every write it acknowledged before it \
+                 stopped), kept until the next successful restore; to go back: stop etcd, move \
+                 {member} aside, move {prev} to {member}, start etcd",
+                member = p.member.display(),
+                prev = p.previous.display()
+            ),
+        );
+        unit.log(&format!(
+            "kept the previous data in `{}` until the next restore",
+            p.previous.display()
+        ));
+    }
     remove_any(&p.staging)?;
     remove_any(&p.journal)?;
     sync_dir(&unit.state)?;
@@ -595,6 +921,10 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
     results.set("restore.member", &unit.config.name);
     results.set("restore.etcd-version", &new_status.version);
     results.set("restore.integrity", &integrity);
+    results.set(
+        "restore.downtime",
+        format!("{:.1}s", downtime.as_secs_f64()),
+    );
     results.set(
         "restore.revision-bump",
         if bump > 0 {
@@ -611,9 +941,10 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
         results.set("backup.path", "none (the unit held no data)");
     }
     unit.log(&format!(
-        "restored revision {} with {keys} keys as new cluster {}",
+        "restored revision {} with {keys} keys as new cluster {} ({:.1}s without etcd)",
         new_status.revision,
-        hex_id(new_status.cluster_id)
+        hex_id(new_status.cluster_id),
+        downtime.as_secs_f64()
     ));
     r.status(
         "active",
@@ -623,9 +954,18 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
 }
 
 /// Puts the previous data back after a failed start, and starts it. Returns what happened,
-/// for the error message.
-fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> String {
-    let _ = stop_service(unit);
+/// for the error message, and whether the journal must stay for the next run (a service
+/// command timed out, so etcd's state is unknown).
+fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> (String, bool) {
+    if let Err(e @ Error::ServiceTimeout { .. }) = stop_service(unit) {
+        return (
+            format!(
+                "etcd could not be stopped to put the previous data back ({e}); the journal is \
+                 kept and the next snapshot or restore run rolls back"
+            ),
+            true,
+        );
+    }
     let swapped_back = if had_old {
         exchange(&p.staged_member, &p.member)
     } else {
@@ -634,21 +974,35 @@ fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> St
     }
     .and_then(|()| sync_dir(&unit.config.data_dir));
     if let Err(e) = swapped_back {
-        return format!(
-            "putting the previous data back failed too ({e}); the restored data is still in place"
+        return (
+            format!(
+                "putting the previous data back failed too ({e}); the restored data is still in place"
+            ),
+            false,
         );
     }
     let _ = remove_any(&p.staging);
     if let Err(e) = start_service(unit) {
-        return format!("the previous data was put back, but etcd did not start: {e}");
+        return (
+            format!("the previous data was put back, but etcd did not start: {e}"),
+            false,
+        );
     }
     if !had_old {
-        return "the unit had no data before; the restored data was removed and etcd started"
-            .into();
+        return (
+            "the unit had no data before; the restored data was removed and etcd started".into(),
+            false,
+        );
     }
     match wait_healthy(unit, etcdctl) {
-        Ok(_) => "the previous data was put back and etcd restarted".into(),
-        Err(e) => format!("the previous data was put back, but etcd is not healthy: {e}"),
+        Ok(_) => (
+            "the previous data was put back and etcd restarted".into(),
+            false,
+        ),
+        Err(e) => (
+            format!("the previous data was put back, but etcd is not healthy: {e}"),
+            false,
+        ),
     }
 }
 

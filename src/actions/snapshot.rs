@@ -17,13 +17,13 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     // Resolve every tool before any side effect.
     let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
     let offline = OfflineTool::detect(unit.settings)?;
-    crate::fsutil::ensure_target(&opts.target)?;
+    let target = super::open_target(unit, &opts.target)?;
     let _lock = unit.lock("snapshot")?;
     // A restore that crashed must be finished or rolled back before etcd is read.
     super::restore::recover(unit)?;
     let archive = write_archive(
         unit,
-        &opts.target,
+        &target,
         DbSource::Live {
             etcdctl: &etcdctl,
             offline: &offline,
