@@ -258,15 +258,16 @@ impl Dir {
     /// Opens an existing directory, refusing it when `path` or any directory on the way is a
     /// symlink that someone other than root (or this user) could have planted.
     pub fn open(path: &Path) -> Result<Dir, Error> {
-        resolve(path, false)
+        resolve(path, None)
     }
 
     /// Opens the target directory of an archive, creating missing parts (0700, owned by the
     /// owner of the directory they are created in, so that `juju scp` as that user can read
     /// what lands there). Refuses relative paths, `..`, non-directories, symlinks owned by
-    /// anyone but root (or this user) and directories this user cannot write.
-    pub fn open_target(target: &Path) -> Result<Dir, Error> {
-        let dir = resolve(target, true)?;
+    /// anyone but root (or this user) and directories this user cannot write. `guard` sees the
+    /// deepest existing directory before anything is created, and the target itself.
+    pub fn open_target(target: &Path, guard: &Guard<'_>) -> Result<Dir, Error> {
+        let dir = resolve(target, Some(guard))?;
         if nix::unistd::access(
             Path::new(&format!("/proc/self/fd/{}", dir.fd.as_raw_fd())),
             nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
@@ -283,6 +284,9 @@ impl Dir {
         Ok(dir)
     }
 }
+
+/// Why `open_regular` refused what it opened.
+pub const NOT_REGULAR: &str = "it is not a regular file";
 
 /// Opens `name` relative to `dir` read-only with `O_NOFOLLOW | O_NONBLOCK` (a FIFO planted
 /// there cannot block us), checks that what was opened is a regular file, and returns that
@@ -312,7 +316,7 @@ pub fn open_regular<Fd: AsFd>(
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(Error::io(
             format!("cannot read `{}`", shown.display()),
-            std::io::Error::other("it is not a regular file"),
+            std::io::Error::other(NOT_REGULAR),
         ));
     }
     nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDONLY))
@@ -326,9 +330,13 @@ pub fn open_regular_path(path: &Path) -> Result<File, Error> {
     open_regular(AT_FDCWD, path, path)
 }
 
+/// A check on a directory before a target is created in or below it.
+pub type Guard<'a> = dyn Fn(&Dir) -> Result<(), Error> + 'a;
+
 /// Walks `path` from `/` one component at a time by descriptor. A symlink is followed only
-/// when root (or the user running this) owns it; missing parts are created when `create`.
-fn resolve(path: &Path, create: bool) -> Result<Dir, Error> {
+/// when root (or the user running this) owns it; missing parts are created when a `guard` is
+/// given, after the guard accepted the deepest existing directory.
+fn resolve(path: &Path, guard: Option<&Guard<'_>>) -> Result<Dir, Error> {
     let bad = |problem: String| Error::Target {
         path: path.to_path_buf(),
         problem,
@@ -361,6 +369,7 @@ fn resolve(path: &Path, create: bool) -> Result<Dir, Error> {
         })
         .collect();
     let mut links = 0;
+    let mut guarded = false;
     while let Some(part) = todo.pop_front() {
         if part == "." || part.is_empty() {
             continue;
@@ -434,7 +443,17 @@ fn resolve(path: &Path, create: bool) -> Result<Dir, Error> {
                 .ctx(|| format!("cannot open `{}`", here.display()))?;
                 shown = here;
             }
-            Err(Errno::ENOENT) if create => {
+            Err(Errno::ENOENT) if guard.is_some() => {
+                if !guarded {
+                    let existing = Dir {
+                        fd: dir
+                            .try_clone()
+                            .ctx(|| format!("cannot open `{}`", shown.display()))?,
+                        path: path.to_path_buf(),
+                    };
+                    guard.expect("checked")(&existing)?;
+                    guarded = true;
+                }
                 let parent = fstat(&dir).ctx(|| format!("cannot stat `{}`", shown.display()))?;
                 match mkdirat(&dir, part.as_os_str(), Mode::from_bits_truncate(0o700)) {
                     Ok(()) | Err(Errno::EEXIST) => {}
@@ -476,10 +495,14 @@ fn resolve(path: &Path, create: bool) -> Result<Dir, Error> {
             }
         }
     }
-    Ok(Dir {
+    let dir = Dir {
         fd: dir,
         path: path.to_path_buf(),
-    })
+    };
+    if let Some(guard) = guard {
+        guard(&dir)?;
+    }
+    Ok(dir)
 }
 
 /// fsync a directory so the names in it are durable.

@@ -73,7 +73,7 @@ impl Bench {
         let state = files_in(&self.unit.data_dir().join(".etcd-actions"));
         assert_eq!(
             state,
-            vec!["lock".to_string()],
+            kept_previous(),
             "leftovers after the rerun that followed {context}"
         );
         self.restore(&self.old_archive, backups)

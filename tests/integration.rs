@@ -6,6 +6,7 @@ mod util;
 
 mod crash;
 mod errors;
+mod hardening;
 mod hooktools;
 mod hostile;
 mod restore;

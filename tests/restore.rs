@@ -106,10 +106,10 @@ fn cloning_a_member_of_three_onto_a_new_unit_with_backup() {
         again["backup"]["path"].as_str().unwrap(),
         "skipped (skip-backup=true)"
     );
-    // Nothing left in the state dir but the lock.
+    // Nothing left in the state dir but the lock and the data the restore replaced.
     assert_eq!(
         files_in(&new.data_dir().join(".etcd-actions")),
-        vec!["lock".to_string()]
+        kept_previous()
     );
 }
 

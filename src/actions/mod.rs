@@ -211,11 +211,10 @@ pub fn refuse_target_in_data_dir(unit: &Unit<'_>, target: &Dir) -> Result<(), Er
     Ok(())
 }
 
-/// Opens (creating if needed) an archive target and checks it is not in the data dir.
+/// Opens (creating if needed) an archive target, refusing it in the data dir before anything
+/// is created there.
 pub fn open_target(unit: &Unit<'_>, target: &Path) -> Result<Dir, Error> {
-    let dir = Dir::open_target(target)?;
-    refuse_target_in_data_dir(unit, &dir)?;
-    Ok(dir)
+    Dir::open_target(target, &|dir| refuse_target_in_data_dir(unit, dir))
 }
 
 /// Takes a db from `source` and publishes `<target>/<kind>-<stamp>[-N].tar.gz` with its

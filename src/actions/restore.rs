@@ -103,10 +103,10 @@ fn paths(unit: &Unit<'_>) -> Paths {
 pub const PREVIOUS: &str = "previous-member";
 
 /// Free space that staging leaves on the data filesystem for the live etcd, which keeps
-/// writing its WAL (64 MiB segments) and db while the restore is prepared: 5% of the
-/// filesystem, at least 128 MiB and at most 1 GiB.
+/// writing its WAL and db while the restore is prepared: 5% of the filesystem, at least 64 MiB
+/// (one more WAL segment beyond the one etcd keeps preallocated) and at most 1 GiB.
 pub fn staging_reserve(fs_bytes: u64) -> u64 {
-    (fs_bytes / 20).clamp(128 << 20, 1 << 30)
+    (fs_bytes / 20).clamp(64 << 20, 1 << 30)
 }
 
 /// What the restore tool writes besides the db: the first preallocated WAL segment.
@@ -281,7 +281,10 @@ fn source(unit: &Unit<'_>, opts: &RestoreOptions) -> Result<(PathBuf, File), Err
     }
     let file = crate::fsutil::open_regular_path(&path).map_err(|e| Error::NoSnapshot {
         detail: match e {
-            Error::Io { source, .. } => format!("`{}` cannot be used: {source}", path.display()),
+            Error::Io { source, .. } if source.to_string() == crate::fsutil::NOT_REGULAR => {
+                format!("`{}` is not a regular file", path.display())
+            }
+            Error::Io { source, .. } => format!("`{}` cannot be read: {source}", path.display()),
             other => other.to_string(),
         },
         app: app.clone(),

@@ -838,3 +838,13 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
+
+/// The state dir after a successful restore that replaced data: the lock, and the member dir
+/// it replaced with its note.
+pub fn kept_previous() -> Vec<String> {
+    vec![
+        "lock".to_string(),
+        "previous-member".to_string(),
+        "previous-member.yaml".to_string(),
+    ]
+}
