@@ -525,10 +525,10 @@ pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Res
                 );
                 Err(err)
             }
-            Health::Stopped | Health::Failing(_) => {
-                let now = match health(unit) {
+            now => {
+                let now = match now {
                     Health::Failing(e) => e,
-                    _ => "etcd does not answer (connection refused)".to_string(),
+                    _ => "it does not answer: connection refused".to_string(),
                 };
                 r.status("blocked", "restore not done, and etcd is not healthy");
                 Err(Error::RestoreFailed {
