@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{human_size, Error, IoContext};
 use crate::manifest::{Manifest, SOURCE_SNAPSHOT};
 use crate::pgzip::{ParGzReader, ParGzWriter};
+use crate::store::TeeFile;
 
 pub const DB_ENTRY: &str = "db";
 pub const MANIFEST_ENTRY: &str = "manifest.yaml";
@@ -254,7 +255,7 @@ impl<R: Read> Read for TeeReader<'_, R> {
 }
 
 /// What a `HashingFileWriter` wrote: the file, its sha256 and its length.
-pub type Written = (File, [u8; 32], u64);
+pub type Written = (TeeFile, [u8; 32], u64);
 
 /// Writes to a file on its own thread, hashing and counting what it writes, so that the
 /// archive's sha256 and the disk writes overlap compression.
@@ -265,7 +266,7 @@ pub struct HashingFileWriter {
 }
 
 impl HashingFileWriter {
-    pub fn new(mut file: File) -> HashingFileWriter {
+    pub fn new(mut file: TeeFile) -> HashingFileWriter {
         let (tx, rx) = sync_channel::<Vec<u8>>(4);
         let handle = std::thread::spawn(move || {
             let mut hasher = Sha256::new();
@@ -337,6 +338,9 @@ pub struct Packed {
     pub sha256: String,
     pub bytes: u64,
     pub manifest: Manifest,
+    /// Whether an upload attached to the output saw all of it (false when the archive had to
+    /// be written again from the finished file, without the upload).
+    pub uploaded: bool,
 }
 
 fn entry_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
@@ -360,7 +364,7 @@ pub fn pack(
     db: &Path,
     manifest: Manifest,
     expect_trailer: bool,
-    out: File,
+    out: impl Into<TeeFile>,
     level: u32,
 ) -> Result<Packed, Error> {
     let src = crate::fsutil::open_regular_path(db)?;
@@ -380,7 +384,7 @@ pub fn pack_file(
     what: &str,
     manifest: Manifest,
     expect_trailer: bool,
-    out: File,
+    out: impl Into<TeeFile>,
     level: u32,
 ) -> Result<Packed, Error> {
     let size = src
@@ -409,9 +413,10 @@ pub fn pack_stream<R: Read>(
     what: &str,
     expect_trailer: bool,
     make_manifest: impl FnOnce(&DbHashes) -> Result<Manifest, Error>,
-    out: File,
+    out: impl Into<TeeFile>,
     level: u32,
 ) -> Result<Packed, Error> {
+    let out: TeeFile = out.into();
     let io_err = |step: &str| {
         let step = format!("cannot write archive ({step})");
         move |e: io::Error| Error::io(step, e)
@@ -464,12 +469,13 @@ pub fn pack_stream<R: Read>(
         .map_err(io_err("manifest"))?;
 
     let gz = tar.into_inner().map_err(io_err("tar end"))?;
-    let (file, sha, bytes) = gz
+    let (tee, sha, bytes) = gz
         .finish()
         .and_then(HashingFileWriter::finish)
         .map_err(io_err("gzip"))?;
-    file.sync_all().map_err(io_err("fsync"))?;
+    tee.file.sync_all().map_err(io_err("fsync"))?;
     Ok(Packed {
+        uploaded: tee.upload.is_some(),
         sha256: hex::encode(sha),
         bytes,
         manifest,
@@ -511,6 +517,8 @@ pub fn snapshot_size_from_meta(head: &[u8]) -> Option<u64> {
 pub enum Layout {
     /// Ours: `db` and `manifest.yaml` at the root.
     Ours,
+    /// A plain db file, as `etcdctl snapshot save` writes it (no archive around it).
+    PlainDb,
     /// The original charm's: a raw `db` at the root or in one subdirectory, no manifest.
     Legacy,
 }
@@ -572,17 +580,20 @@ fn is_v2_or_data_dir(parts: &[String]) -> bool {
         .any(|w| w[0] == "member" && (w[1] == "wal" || w[1] == "snap"))
 }
 
-/// Reads the open `file` of `archive` in one pass, writes its db to `dest` (created, mode 0600), and checks it:
-/// the expected archive sha256 if given, then the manifest's db size and sha256, then etcd's
-/// trailer. On any error `dest` is removed.
+/// Reads `src` (the bytes of `archive`, `size` of them when known) in one pass, writes its db
+/// to `dest` (created, mode 0600), and checks it: the expected archive sha256 if given, then
+/// the manifest's db size and sha256, then etcd's trailer. `src` is a snapshot archive, or,
+/// recognized by its content, a plain db file as `etcdctl snapshot save` writes it. On any
+/// error `dest` is removed.
 pub fn unpack(
-    file: File,
+    file: impl Read,
+    size: Option<u64>,
     archive: &Path,
     dest: &Path,
     expected_sha256: Option<&str>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
-    let result = unpack_inner(file, archive, dest, expected_sha256, limits);
+    let result = unpack_inner(file, size, archive, dest, expected_sha256, limits);
     if result.is_err() {
         let _ = std::fs::remove_file(dest);
     }
@@ -596,14 +607,15 @@ struct Scan {
 }
 
 fn unpack_inner(
-    file: File,
+    file: impl Read,
+    size: Option<u64>,
     archive: &Path,
     dest: &Path,
     expected_sha256: Option<&str>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
     let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
-    let scanned = scan(archive, &mut buf, dest, limits);
+    let scanned = scan(archive, &mut buf, size, dest, limits);
     // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
     let drained = io::copy(&mut buf, &mut io::sink());
     let (sha, bytes) = buf.into_inner().finish();
@@ -629,6 +641,7 @@ fn unpack_inner(
         )
     })?;
     let layout = match (&scan.manifest, scan.db_depth) {
+        (None, 0) => Layout::PlainDb,
         (Some(_), 1) => Layout::Ours,
         (None, _) => Layout::Legacy,
         (Some(_), _) => {
@@ -688,19 +701,50 @@ fn unpack_inner(
     })
 }
 
+/// Whether `head` starts a bbolt file: the magic of its first meta page.
+pub fn is_bbolt(head: &[u8]) -> bool {
+    head.len() >= 24
+        && head[16..20] == 0xED0C_DAEDu32.to_le_bytes()
+        && head[20..24] == 2u32.to_le_bytes()
+}
+
 fn scan<R: BufRead>(
     archive: &Path,
     buf: &mut R,
+    size: Option<u64>,
     dest: &Path,
     limits: Limits,
 ) -> Result<Scan, Error> {
     let head = buf
         .fill_buf()
         .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
+    if is_bbolt(head) {
+        let Some(size) = size else {
+            return Err(refuse(archive, "it is a plain db of unknown size"));
+        };
+        if size > limits.max_db {
+            return Err(refuse(
+                archive,
+                format!(
+                    "it is a plain db of {} but there is room for at most {}; free space on the \
+                     data filesystem or check the file",
+                    human_size(size),
+                    human_size(limits.max_db)
+                ),
+            ));
+        }
+        let db = extract_db(archive, buf, size, limits.max_db, dest)?;
+        return Ok(Scan {
+            db: Some(db),
+            db_depth: 0,
+            manifest: None,
+        });
+    }
     if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
         return Err(refuse(
             archive,
-            "it is not a gzip file (expected a .tar.gz snapshot archive)",
+            "it is not a gzip file nor an etcd snapshot db (expected a .tar.gz snapshot archive \
+             or a db written by `etcdctl snapshot save`)",
         ));
     }
     let decoder: Box<dyn Read + '_> = if ParGzReader::<&mut R>::recognizes(head) {
@@ -958,6 +1002,78 @@ fn type_name(t: tar::EntryType) -> &'static str {
         tar::EntryType::Fifo => "FIFO",
         _ => "special entry",
     }
+}
+
+/// Reads the manifest of one of our archives without inflating all of it: walks the parallel
+/// gzip members by their length fields and inflates only the last ones, where the manifest
+/// is. `None` when the file is not ours or its manifest is not found there.
+pub fn peek_manifest(file: &File) -> Option<Manifest> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().ok()?.len();
+    let mut members = Vec::new();
+    let mut off = 0u64;
+    let mut h = [0u8; 20];
+    while off < len {
+        file.read_exact_at(&mut h, off).ok()?;
+        if !ParGzReader::<&[u8]>::recognizes(&h) {
+            return None;
+        }
+        let total = u64::from(u32::from_le_bytes(h[16..20].try_into().ok()?));
+        if total < 28 {
+            return None;
+        }
+        members.push((off, total));
+        off += total;
+    }
+    // Members from the end until 256 KiB of tar: the manifest (at most 64 KiB) and the end
+    // blocks are in there.
+    let mut start = members.len();
+    let mut data = 0u64;
+    while start > 0 && data < 256 << 10 {
+        start -= 1;
+        let (o, t) = members[start];
+        let mut isize = [0u8; 4];
+        file.read_exact_at(&mut isize, o + t - 4).ok()?;
+        data += u64::from(u32::from_le_bytes(isize));
+    }
+    let (from, _) = *members.get(start)?;
+    let tail_len = len - from;
+    if tail_len > 32 << 20 {
+        return None;
+    }
+    let mut comp = vec![0u8; tail_len as usize];
+    file.read_exact_at(&mut comp, from).ok()?;
+    let mut tail = Vec::new();
+    MultiGzDecoder::new(&comp[..])
+        .take(32 << 20)
+        .read_to_end(&mut tail)
+        .ok()?;
+    for at in (0..tail.len().saturating_sub(511)).step_by(512) {
+        let block = &tail[at..at + 512];
+        let name_end = block[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let name = &block[..name_end];
+        if name != b"./manifest.yaml" && name != b"manifest.yaml" {
+            continue;
+        }
+        let header = tar::Header::from_byte_slice(block);
+        if header.cksum().ok()?
+            != block[..148]
+                .iter()
+                .chain(&block[156..])
+                .map(|&b| u32::from(b))
+                .sum::<u32>()
+                + 8 * 32
+        {
+            continue;
+        }
+        let size = header.size().ok()? as usize;
+        let body = tail.get(at + 512..at + 512 + size)?;
+        if size as u64 > MANIFEST_MAX {
+            return None;
+        }
+        return Manifest::from_yaml(std::str::from_utf8(body).ok()?).ok();
+    }
+    None
 }
 
 /// Path of a sidecar `<archive>.sha256`.

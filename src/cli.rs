@@ -85,6 +85,31 @@ pub struct SettingArgs {
     )]
     pub bump_revision: u64,
 
+    /// S3 endpoint (standalone; in Juju the `s3` relation gives it). `https://` when no scheme.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 bucket; setting it turns uploads on. Credentials come only from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix inside the bucket.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_PATH")]
+    pub s3_path: Option<String>,
+
+    /// S3 region (default us-east-1).
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// `path` (default) or `host` style bucket addressing.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_URI_STYLE")]
+    pub s3_uri_style: Option<String>,
+
+    /// PEM file of CA certificates to trust for the S3 endpoint.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
+
     /// gzip level of archives, 1 (fastest) to 9 (smallest).
     #[arg(long, global = true, env = "ETCD_ACTIONS_COMPRESSION_LEVEL", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=9))]
@@ -97,6 +122,18 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Restore a snapshot archive as a new single-member cluster on this unit.
     Restore(RestoreArgs),
+    /// List the archives in the target directory and in the object store.
+    ListBackups(ListArgs),
+    /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
+    #[command(hide = true)]
+    Hook { name: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Directory of local archives.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -108,9 +145,14 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
-    /// Snapshot archive to restore. In Juju mode the `snapshot` resource is used when empty.
+    /// Snapshot archive (or plain `etcdctl snapshot save` db) to restore. In Juju mode the
+    /// `snapshot` resource is used when neither this nor --backup-id is given.
     #[arg(long)]
     pub snapshot: Option<PathBuf>,
+
+    /// A backup id from list-backups: an archive in --target or in the object store.
+    #[arg(long)]
+    pub backup_id: Option<String>,
 
     /// Directory the unit's current data is backed up to first.
     #[arg(long, default_value = DEFAULT_TARGET)]
@@ -135,10 +177,13 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     match name.as_deref() {
-        Some(action @ ("snapshot" | "restore")) => {
+        Some(action @ ("snapshot" | "restore" | "list-backups")) => {
             let mut out: Vec<OsString> = vec!["etcd-actions".into(), action.into()];
             out.extend(args.into_iter().skip(1));
             out
+        }
+        Some(hook) if hook.starts_with("s3-credentials-relation-") => {
+            vec!["etcd-actions".into(), "hook".into(), hook.into()]
         }
         _ => args,
     }

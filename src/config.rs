@@ -25,10 +25,11 @@ pub struct Settings {
     pub lock_timeout: Duration,
     pub bump_revision: u64,
     pub compression_level: u32,
+    pub s3: crate::store::StoreSettings,
 }
 
 impl Settings {
-    pub fn from_args(args: SettingArgs) -> Settings {
+    pub fn from_args(args: SettingArgs, credentials: crate::store::Credentials) -> Settings {
         Settings {
             etcd_config: args.etcd_config,
             etcdctl: args.etcdctl.filter(|p| !p.as_os_str().is_empty()),
@@ -40,6 +41,15 @@ impl Settings {
             lock_timeout: Duration::from_secs(args.lock_timeout),
             bump_revision: args.bump_revision,
             compression_level: args.compression_level,
+            s3: crate::store::StoreSettings {
+                endpoint: args.s3_endpoint.filter(|v| !v.is_empty()),
+                bucket: args.s3_bucket.filter(|v| !v.is_empty()),
+                path: args.s3_path.filter(|v| !v.is_empty()),
+                region: args.s3_region.filter(|v| !v.is_empty()),
+                uri_style: args.s3_uri_style.filter(|v| !v.is_empty()),
+                ca_file: args.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
+                credentials,
+            },
         }
     }
 

@@ -102,6 +102,12 @@ pub enum Error {
         output: String,
     },
 
+    #[error("waiting for the s3 provider: {0}; check `juju status` for the s3-integrator (its `sync-s3-credentials` action sets the keys) and run the action again")]
+    StoreNotReady(String),
+
+    #[error("object store {store}: {problem}")]
+    Store { store: String, problem: String },
+
     #[error("refusing to restore: {0}")]
     Refused(String),
 
@@ -171,6 +177,7 @@ impl Error {
             | Error::Refused(_)
             | Error::BadArchive { .. }
             | Error::NoSnapshot { .. }
+            | Error::StoreNotReady(_)
             | Error::Mismatch { .. }
             | Error::NoSpace { .. } => code::REFUSED,
             _ => code::FAILED,

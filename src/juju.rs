@@ -228,6 +228,85 @@ impl Reporter {
         Ok(units)
     }
 
+    /// The provider's application databag of the `s3-credentials` relation, with the v1
+    /// credentials secret merged in; `None` when there is no such relation. Follows the read
+    /// sequence of the s3 relation contract: relation-ids, relation-list --app, relation-get
+    /// --app, secret-get.
+    pub fn s3_relation(&self) -> Result<Option<BTreeMap<String, String>>, Error> {
+        let ids = run_checked(
+            Command::new(hook_tool("relation-ids")?).args(["--format=json", S3_ENDPOINT]),
+        )?;
+        let ids: Vec<String> = parse_list("relation-ids", &ids.stdout)?;
+        let Some(id) = ids.first() else {
+            return Ok(None);
+        };
+        let list = hook_tool("relation-list")?;
+        let app = match run_checked(Command::new(&list).args(["--format=json", "--app", "-r", id]))
+        {
+            Ok(out) => serde_json::from_str::<Option<String>>(out.stdout.trim())
+                .ok()
+                .flatten()
+                .filter(|a| !a.is_empty()),
+            Err(Error::CommandFailed { stderr, .. })
+                if stderr.contains("provided but not defined") =>
+            {
+                // Juju before 2.8.1: the application of the first unit.
+                let out = run_checked(Command::new(&list).args(["--format=json", "-r", id]))?;
+                parse_list::<String>("relation-list", &out.stdout)?
+                    .first()
+                    .and_then(|u| u.split('/').next().map(str::to_string))
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(app) = app else {
+            return Err(Error::StoreNotReady(format!(
+                "relation `{id}` has no s3 provider application yet"
+            )));
+        };
+        let out = run_checked(Command::new(hook_tool("relation-get")?).args([
+            "--format=json",
+            "-r",
+            id,
+            "--app",
+            "-",
+            &app,
+        ]))?;
+        let text = out.stdout.trim();
+        let mut bag: BTreeMap<String, String> = if text.is_empty() || text == "null" {
+            BTreeMap::new()
+        } else {
+            serde_json::from_str(text).map_err(|e| Error::BadOutput {
+                command: "relation-get --app --format=json".into(),
+                problem: format!("{e}"),
+            })?
+        };
+        if let Some(uri) = bag.get("secret-extra").cloned() {
+            let out = run_checked(Command::new(hook_tool("secret-get")?).args([
+                uri.as_str(),
+                "--refresh",
+                "--format=json",
+            ]))
+            .map_err(|e| match e {
+                Error::CommandFailed { stderr, .. } => Error::StoreNotReady(format!(
+                    "the credentials secret of relation `{id}` cannot be read ({})",
+                    stderr.trim()
+                )),
+                other => other,
+            })?;
+            let secret: BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(out.stdout.trim()).map_err(|_| Error::BadOutput {
+                    command: "secret-get --format=json".into(),
+                    problem: "not a JSON object".into(),
+                })?;
+            for key in ["access-key", "secret-key"] {
+                if let Some(serde_json::Value::String(v)) = secret.get(key) {
+                    bag.insert(key.to_string(), v.clone());
+                }
+            }
+        }
+        Ok(Some(bag))
+    }
+
     /// Reports the outcome. In Juju mode this is the single place `action-fail` is called;
     /// the process then exits 0. Standalone, prints YAML and returns the exit code.
     pub fn finish(&self, results: &Results, outcome: Result<(), Error>) -> u8 {
@@ -289,6 +368,74 @@ pub fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The charm's endpoint of the `s3` relation.
+pub const S3_ENDPOINT: &str = "s3-credentials";
+
+/// The bucket name this application asks the s3 provider for, unless the provider's own
+/// config names one: `etcd-backups-<app>`, cut to S3's rules (3 to 63 of `a-z0-9-`).
+pub fn default_bucket(app: &str) -> String {
+    let mut name: String = format!("etcd-backups-{app}")
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
+/// Runs a relation hook of the `s3-credentials` endpoint: the leader writes `bucket` into our
+/// application databag, which is what makes the provider publish its credentials. Does
+/// nothing off the leader, and nothing when the bag already says so.
+pub fn s3_relation_hook(hook: &str) -> Result<String, Error> {
+    let leader = run_checked(Command::new(hook_tool("is-leader")?).arg("--format=json"))?;
+    if leader.stdout.trim() != "true" {
+        return Ok(format!("{hook}: not the leader; nothing to do"));
+    }
+    let id = std::env::var("JUJU_RELATION_ID").unwrap_or_default();
+    if id.is_empty() {
+        return Err(Error::usage(format!(
+            "{hook} runs without JUJU_RELATION_ID; it must run as a relation hook"
+        )));
+    }
+    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    let app = unit.split('/').next().unwrap_or_default().to_string();
+    let want = default_bucket(&app);
+    let have = run_checked(Command::new(hook_tool("relation-get")?).args([
+        "--format=json",
+        "-r",
+        &id,
+        "--app",
+        "bucket",
+        &app,
+    ]))?;
+    let have: Option<String> = serde_json::from_str(have.stdout.trim()).unwrap_or(None);
+    if have.is_some() {
+        return Ok(format!("{hook}: bucket already requested; nothing to do"));
+    }
+    run_checked(Command::new(hook_tool("relation-set")?).args([
+        "-r",
+        &id,
+        "--app",
+        &format!("bucket={want}"),
+    ]))?;
+    Ok(format!(
+        "{hook}: requested bucket `{want}` on relation {id}"
+    ))
+}
+
+/// A message to the unit's log (hooks have no action output).
+pub fn juju_log(msg: &str) {
+    if let Ok(tool) = hook_tool("juju-log") {
+        let _ = run_checked(Command::new(tool).arg(bounded(msg, MESSAGE_MAX)));
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod actions;
 pub mod archive;
 pub mod bbolt;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod juju;
 pub mod manifest;
 pub mod pgzip;
 pub mod process;
+pub mod store;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -34,6 +36,8 @@ use juju::{Reporter, Results};
 pub fn run(args: Vec<OsString>) -> u8 {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
+    // The S3 credentials leave the environment at once: no child process may inherit them.
+    let credentials = store::Credentials::take_from_env();
     // An empty setting means "unset", as in a shell profile that says `ETCD_ACTIONS_ETCDUTL=`.
     for (key, value) in std::env::vars_os() {
         if value.is_empty() && key.to_string_lossy().starts_with("ETCD_ACTIONS_") {
@@ -52,8 +56,22 @@ pub fn run(args: Vec<OsString>) -> u8 {
         }
     };
     juju::started();
+    if let Command::Hook { name } = &args.command {
+        return match juju::s3_relation_hook(name) {
+            Ok(msg) => {
+                juju::juju_log(&msg);
+                0
+            }
+            Err(e) => {
+                let msg = format!("{name} failed: {e}");
+                juju::juju_log(&msg);
+                eprintln!("etcd-actions: {msg}");
+                error::code::FAILED
+            }
+        };
+    }
     let reporter = Reporter::from_env();
-    let settings = Settings::from_args(args.settings);
+    let settings = Settings::from_args(args.settings, credentials);
     let mut results = Results::default();
     let outcome = execute(&reporter, &settings, args.command, &mut results);
     let code = reporter.finish(&results, outcome);
@@ -95,6 +113,7 @@ fn execute(
         Command::Restore(a) => {
             let mut opts = RestoreOptions {
                 snapshot: a.snapshot,
+                backup_id: a.backup_id,
                 target: a.target,
                 skip_backup: a.skip_backup,
                 sha256: a.sha256,
@@ -107,6 +126,9 @@ fn execute(
                 if let Some(s) = params.string("snapshot")? {
                     opts.snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
                 }
+                if let Some(s) = params.string("backup-id")? {
+                    opts.backup_id = Some(s).filter(|s| !s.is_empty());
+                }
                 if let Some(s) = params.string("sha256")? {
                     opts.sha256 = Some(s);
                 }
@@ -118,6 +140,19 @@ fn execute(
             let unit = Unit::open(reporter, settings)?;
             actions::restore::run(&unit, &opts, results)
         }
+        Command::ListBackups(a) => {
+            let mut target = a.target;
+            if reporter.is_juju() {
+                let mut params = Params::new(reporter.params()?);
+                if let Some(t) = params.string("target")? {
+                    target = PathBuf::from(t);
+                }
+                params.finish()?;
+            }
+            let unit = Unit::open(reporter, settings)?;
+            actions::list_backups::run(&unit, &target, results)
+        }
+        Command::Hook { .. } => Ok(()),
     }
 }
 

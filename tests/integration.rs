@@ -10,4 +10,5 @@ mod hardening;
 mod hooktools;
 mod hostile;
 mod restore;
+mod s3;
 mod snapshot;

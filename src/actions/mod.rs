@@ -1,6 +1,7 @@
 //! The actions, and what they share: the unit (config, tools, state directory, lock) and the
 //! archive writer used by both `snapshot` and restore's backup step.
 
+pub mod list_backups;
 pub mod restore;
 pub mod snapshot;
 
@@ -19,6 +20,7 @@ use crate::fsutil::{pid_alive, Dir, UnitLock};
 use crate::juju::{Reporter, Results};
 use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
 use crate::process::Running;
+use crate::store::{Store, StoreConfig, TeeFile, UploadTee};
 
 /// Prefix of temp entries this tool makes in a target directory.
 const TEMP_PREFIX: &str = ".etcd-actions-tmp-";
@@ -115,6 +117,48 @@ impl<'a> Unit<'a> {
     pub fn log(&self, msg: &str) {
         self.reporter.log(msg);
     }
+
+    /// The object store archives also go to: the `s3` relation in Juju mode, the S3 settings
+    /// standalone; `None` when there is none (archives stay local).
+    pub fn store(&self) -> Result<Option<Store>, Error> {
+        let cfg = if self.reporter.is_juju() {
+            match self.reporter.s3_relation()? {
+                Some(bag) => Some(StoreConfig::from_relation_bag(&bag)?),
+                None => None,
+            }
+        } else {
+            StoreConfig::from_settings(&self.settings.s3)?
+        };
+        cfg.map(Store::open).transpose()
+    }
+
+    /// The folder of this application's archives in the store.
+    pub fn store_folder(&self, store: &Store) -> String {
+        store.cfg.folder(self.reporter.app())
+    }
+}
+
+/// Uploads a published archive by reading it again: only when the streamed upload could not
+/// see the whole archive (the snapshot fell back to archiving the finished file).
+pub fn upload_file(
+    store: &Store,
+    folder: &str,
+    path: &Path,
+) -> Result<crate::store::Upload, Error> {
+    let upload = store.start_upload(folder);
+    let mut tee = upload.tee();
+    let mut f = crate::fsutil::open_regular_path(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .ctx(|| format!("cannot read `{}`", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        tee.send(&buf[..n]);
+    }
+    Ok(upload)
 }
 
 /// Where the db of a new archive comes from.
@@ -135,6 +179,38 @@ pub struct Archive {
     pub sha256: String,
     pub bytes: u64,
     pub manifest: Manifest,
+    /// Whether the upload given to `write_archive` received the whole archive.
+    pub uploaded: bool,
+}
+
+impl Archive {
+    /// The archive's name: its backup id.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The user metadata an uploaded copy carries.
+    pub fn object_metadata(&self) -> Vec<(String, String)> {
+        let m = &self.manifest;
+        let mut meta = vec![
+            ("format-version".to_string(), m.format_version.to_string()),
+            ("sha256".to_string(), self.sha256.clone()),
+            ("db-sha256".to_string(), m.db_sha256.clone()),
+            ("db-size".to_string(), m.db_size.to_string()),
+            ("source".to_string(), m.source.clone()),
+            ("created".to_string(), m.created.clone()),
+        ];
+        let opt = |k: &str, v: Option<String>| v.map(|v| (k.to_string(), v));
+        meta.extend(opt("revision", m.revision.map(|r| r.to_string())));
+        meta.extend(opt("keys", m.keys.map(|k| k.to_string())));
+        meta.extend(opt("cluster-id", m.cluster_id.clone()));
+        meta.extend(opt("etcd-version", m.etcd_version.clone()));
+        meta.extend(opt("unit", Some(m.unit.clone())));
+        meta
+    }
 }
 
 impl Archive {
@@ -226,6 +302,7 @@ pub fn write_archive(
     target: &Dir,
     source: DbSource<'_>,
     kind: &str,
+    upload: Option<UploadTee>,
 ) -> Result<Archive, Error> {
     clean_stale_temps(target);
     let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), now_secs());
@@ -268,7 +345,7 @@ pub fn write_archive(
                 etcdctl,
                 offline,
             };
-            save_and_pack(unit, &member, &tmp.dir, out, manifest)?
+            save_and_pack(unit, &member, &tmp.dir, out, upload, manifest)?
         }
         DbSource::RawCopy { db } => {
             let size = crate::config::metadata(&db)?.len();
@@ -276,6 +353,7 @@ pub fn write_archive(
             manifest.source = SOURCE_RAW_COPY.to_string();
             manifest.member_name = Some(unit.config.name.clone());
             unit.log("writing archive of the raw db");
+            let out = TeeFile { file: out, upload };
             pack(&db, manifest, false, out, unit.settings.compression_level)?
         }
     };
@@ -336,6 +414,7 @@ fn save_and_pack(
     m: &Member<'_>,
     tmp: &Dir,
     out: File,
+    upload: Option<UploadTee>,
     manifest: Manifest,
 ) -> Result<Packed, Error> {
     let db = tmp.proc_path("db");
@@ -415,7 +494,7 @@ fn save_and_pack(
                 describe(&mut manifest)?;
                 Ok(manifest)
             },
-            out,
+            TeeFile { file: out, upload },
             level,
         );
         match streamed {
@@ -432,12 +511,19 @@ fn save_and_pack(
                 }
                 unit.log(&format!("{e}; archiving the finished file instead"));
                 rewind(&retry)?;
-                return pack_finished(unit, tmp, &describe, manifest, retry, level);
+                return pack_finished(unit, tmp, &describe, manifest, retry.into(), level);
             }
         }
     }
     finish()?;
-    pack_finished(unit, tmp, &describe, manifest, out, level)
+    pack_finished(
+        unit,
+        tmp,
+        &describe,
+        manifest,
+        TeeFile { file: out, upload },
+        level,
+    )
 }
 
 /// Empties an archive file to write it again.
@@ -453,7 +539,7 @@ fn pack_finished(
     tmp: &Dir,
     describe: &dyn Fn(&mut Manifest) -> Result<(), Error>,
     mut manifest: Manifest,
-    out: File,
+    out: TeeFile,
     level: u32,
 ) -> Result<Packed, Error> {
     unit.log("writing archive");
@@ -550,6 +636,7 @@ fn publish(
         }
     }
     Ok(Archive {
+        uploaded: packed.uploaded,
         path: target.join(&name),
         sha256: packed.sha256,
         bytes: packed.bytes,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{crash_point, open_target, pause_point, write_archive, Archive, DbSource, Unit};
+use super::{crash_point, open_target, write_archive, Archive, DbSource, Unit};
 use crate::archive::{unpack, Layout, Limits, Unpacked};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, Etcdctl, OfflineTool, RestoreRequest, Status, Version};
@@ -41,6 +41,7 @@ pub const CRASH_POINTS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub snapshot: Option<PathBuf>,
+    pub backup_id: Option<String>,
     pub target: PathBuf,
     pub skip_backup: bool,
     pub sha256: Option<String>,
@@ -250,57 +251,6 @@ fn random_token() -> String {
     }
     let salt = u64::from(std::process::id()) ^ crate::manifest::now_secs();
     format!("etcd-actions-{}-{salt:x}", hex::encode(bytes))
-}
-
-/// Finds the archive (the `snapshot` param, or the `snapshot` resource in Juju mode) and
-/// opens it once: not through a symlink, not blocking on a FIFO, and only a regular file.
-/// Everything after reads this descriptor, so the path cannot be swapped underneath.
-fn source(unit: &Unit<'_>, opts: &RestoreOptions) -> Result<(PathBuf, File), Error> {
-    let app = unit.reporter.app().to_string();
-    let path = match &opts.snapshot {
-        Some(p) => p.clone(),
-        None if unit.reporter.is_juju() => {
-            unit.reporter
-                .resource("snapshot")?
-                .ok_or_else(|| Error::NoSnapshot {
-                    detail: "the `snapshot` resource is not attached".into(),
-                    app: app.clone(),
-                })?
-        }
-        None => {
-            return Err(Error::usage(
-                "no snapshot to restore: pass --snapshot /path/to/etcd-snapshot-....tar.gz",
-            ))
-        }
-    };
-    if !path.is_absolute() {
-        return Err(Error::usage(format!(
-            "snapshot path `{}` is relative; give an absolute path on the unit",
-            path.display()
-        )));
-    }
-    let file = crate::fsutil::open_regular_path(&path).map_err(|e| Error::NoSnapshot {
-        detail: match e {
-            Error::Io { source, .. } if source.to_string() == crate::fsutil::NOT_REGULAR => {
-                format!("`{}` is not a regular file", path.display())
-            }
-            Error::Io { source, .. } => format!("`{}` cannot be read: {source}", path.display()),
-            other => other.to_string(),
-        },
-        app: app.clone(),
-    })?;
-    let len = file
-        .metadata()
-        .ctx(|| format!("cannot stat `{}`", path.display()))?
-        .len();
-    if len == 0 {
-        return Err(Error::NoSnapshot {
-            detail: format!("`{}` is an empty (zero-byte) placeholder", path.display()),
-            app,
-        });
-    }
-    pause_point("snapshot-opened");
-    Ok((path, file))
 }
 
 /// Refuses a member dir that the atomic swap cannot handle: a symlink (the swap would replace
@@ -595,7 +545,29 @@ fn restore(
     check_member_dir(unit)?;
 
     r.status("maintenance", "restore: checking the snapshot");
-    let (archive, archive_file) = source(unit, opts)?;
+    let located = crate::catalog::locate(
+        unit,
+        &crate::catalog::Wanted {
+            snapshot: opts.snapshot.as_deref(),
+            backup_id: opts.backup_id.as_deref(),
+            target: &opts.target,
+        },
+    )?;
+    let archive = located.shown.clone();
+    let expected_sha = match (expected_sha, located.recorded_sha256.clone()) {
+        (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
+            return Err(Error::Mismatch {
+                what: "the sha256 param and the sha256 recorded in the store".into(),
+                expected: given,
+                actual: recorded,
+                hint: format!(
+                    "`{}` is not the archive the sha256 names",
+                    archive.display()
+                ),
+            })
+        }
+        (given, recorded) => given.or(recorded),
+    };
     let target: Option<Dir> = if opts.skip_backup {
         None
     } else {
@@ -632,7 +604,8 @@ fn restore(
         max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
     };
     let unpacked = unpack(
-        archive_file,
+        located.reader,
+        located.size,
         &archive,
         &p.incoming_db,
         expected_sha.as_deref(),
@@ -699,6 +672,7 @@ fn restore(
                     offline: &offline,
                 },
                 "etcd-backup",
+                None,
             )?;
             b.report(results, "backup");
             backup = Some(b);
@@ -828,6 +802,7 @@ fn restore(
                 db: p.member.join("snap/db"),
             },
             "etcd-backup",
+            None,
         );
         match raw {
             Ok(b) => {
@@ -917,6 +892,7 @@ fn restore(
     sync_dir(&unit.state)?;
 
     results.set("restore.source", archive.display());
+    results.set("restore.origin", located.origin);
     results.set("restore.sha256", &unpacked.sha256);
     results.set("restore.revision", new_status.revision);
     results.set("restore.keys", keys);
@@ -1016,6 +992,8 @@ fn integrity(u: &Unpacked, sha_checked: bool) -> String {
         "archive sha256 not given"
     };
     match (&u.layout, u.db.trailer) {
+        (Layout::PlainDb, Some(_)) => format!("plain snapshot db: etcd trailer verified; {archive}"),
+        (Layout::PlainDb, None) => format!("plain db without etcd trailer (a raw copy): unchecked; {archive}"),
         (Layout::Ours, Some(_)) => format!("etcd trailer and manifest sha256 verified; {archive}"),
         (Layout::Ours, None) => format!("raw db copy: manifest sha256 verified, no etcd trailer; {archive}"),
         (Layout::Legacy, Some(_)) => format!("legacy archive: etcd trailer verified; {archive}"),

@@ -17,10 +17,22 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     // Resolve every tool before any side effect.
     let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
     let offline = OfflineTool::detect(unit.settings)?;
+    let store = unit.store()?;
     let target = super::open_target(unit, &opts.target)?;
     let _lock = unit.lock("snapshot")?;
     // A restore that crashed must be finished or rolled back before etcd is read.
     super::restore::recover(unit)?;
+    let folder = store.as_ref().map(|s| unit.store_folder(s));
+    let upload = match (&store, &folder) {
+        (Some(s), Some(f)) => {
+            unit.log(&format!(
+                "uploading to {} as it is written",
+                s.cfg.describe()
+            ));
+            Some(s.start_upload(f))
+        }
+        _ => None,
+    };
     let archive = write_archive(
         unit,
         &target,
@@ -29,8 +41,33 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
             offline: &offline,
         },
         "etcd-snapshot",
+        upload.as_ref().map(|u| u.tee()),
     )?;
     archive.report(results, "snapshot");
     results.set("copy.cmd", unit.reporter.copy_command(&archive.path));
+    if let (Some(store), Some(folder), Some(mut upload)) = (&store, &folder, upload) {
+        if !archive.uploaded {
+            drop(upload);
+            upload = super::upload_file(store, folder, &archive.path)?;
+        }
+        let key = format!("{folder}/{}", archive.name());
+        let done = upload
+            .commit(&key, archive.object_metadata())
+            .map_err(|e| match e {
+                Error::Store { store, problem } => Error::Store {
+                    store,
+                    problem: format!(
+                    "the upload of `{key}` failed ({problem}); the local archive `{}` is complete \
+                     and verified, and nothing was left under that key",
+                    archive.path.display()
+                ),
+                },
+                other => other,
+            })?;
+        results.set("upload.url", &done.url);
+        results.set("upload.etag", &done.etag);
+        results.set("upload.size", done.size);
+        unit.log(&format!("uploaded {}", done.url));
+    }
     Ok(())
 }

@@ -480,6 +480,9 @@ impl Juju {
             "resource-get",
             "relation-ids",
             "relation-list",
+            "relation-get",
+            "relation-set",
+            "secret-get",
             "is-leader",
             "status-set",
             "juju-log",
@@ -847,4 +850,155 @@ pub fn kept_previous() -> Vec<String> {
         "previous-member".to_string(),
         "previous-member.yaml".to_string(),
     ]
+}
+
+/// A real S3 server (s3s-fs) on loopback, checking SigV4 against a key pair of the test's
+/// choosing, with its objects as plain files under `dir/<bucket>/<key>`. Killed by pid on drop.
+pub struct S3 {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub access: String,
+    pub secret: String,
+    child: Option<std::process::Child>,
+}
+
+impl S3 {
+    fn binary() -> PathBuf {
+        let bin = std::env::var_os("ETCD_ACTIONS_TEST_S3S")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                    .join(".cargo/bin/s3s-fs")
+            });
+        must_exist(bin)
+    }
+
+    /// Starts a server with `buckets` created.
+    pub fn start(base: &Path, buckets: &[&str]) -> S3 {
+        let dir = base.join("s3");
+        for b in buckets {
+            fs::create_dir_all(dir.join(b)).unwrap();
+        }
+        fs::create_dir_all(&dir).unwrap();
+        let mut s3 = S3 {
+            dir,
+            port: free_port(),
+            access: "AKTESTETCDACTIONS".into(),
+            secret: format!("secret-{}-do-not-print", std::process::id()),
+            child: None,
+        };
+        s3.restart();
+        s3
+    }
+
+    /// Starts the server again (after `kill`) on the same port and directory.
+    pub fn restart(&mut self) {
+        let child = Command::new(Self::binary())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", &self.access, "--secret-key", &self.secret])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (by its pid).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The objects of `bucket` below `prefix`, as paths relative to the bucket (no temp keys).
+    pub fn objects(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let root = self.dir.join(bucket);
+        let mut out = Vec::new();
+        let mut stack = vec![root.join(prefix)];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p.strip_prefix(&root).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Settings for a standalone agent using this server.
+    pub fn env(&self, agent: Agent, bucket: &str, path: &str) -> Agent {
+        agent
+            .env("ETCD_ACTIONS_S3_ENDPOINT", self.endpoint())
+            .env("ETCD_ACTIONS_S3_BUCKET", bucket)
+            .env("ETCD_ACTIONS_S3_PATH", path)
+            .env("AWS_ACCESS_KEY_ID", &self.access)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+    }
+
+    /// The provider's databag s3-integrator (track 1) publishes for this server.
+    pub fn bag(&self, bucket: &str, path: &str) -> serde_json::Value {
+        serde_json::json!({
+            "bucket": bucket,
+            "path": path,
+            "endpoint": self.endpoint(),
+            "region": "us-east-1",
+            "s3-uri-style": "path",
+            "access-key": self.access,
+            "secret-key": self.secret,
+        })
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Juju {
+    /// An `s3-credentials` relation (id 7) to `s3-integrator` whose app bag is `bag`; with
+    /// `secret`, the credentials are in a v1 secret named by `secret-extra`.
+    pub fn s3_relation(&self, bag: serde_json::Value, secret: Option<serde_json::Value>) {
+        let rels_path = self.state.join("relations.json");
+        let mut rels: serde_json::Value = fs::read_to_string(&rels_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::json!({}));
+        rels["s3-credentials"] = serde_json::json!({"s3-credentials:7": ["s3-integrator/0"]});
+        fs::write(&rels_path, rels.to_string()).unwrap();
+        let mut bag = bag;
+        if let Some(secret) = secret {
+            let uri = "secret://model-uuid/d0ctest";
+            bag["secret-extra"] = serde_json::json!(uri);
+            fs::write(
+                self.state.join("secrets.json"),
+                serde_json::json!({ uri: secret }).to_string(),
+            )
+            .unwrap();
+        }
+        let apps =
+            serde_json::json!({"7": {"remote_app": "s3-integrator", "remote": bag, "local": {}}});
+        fs::write(self.state.join("relation-apps.json"), apps.to_string()).unwrap();
+    }
+
+    /// Every argv of every hook tool call so far.
+    pub fn calls(&self) -> String {
+        fs::read_to_string(self.state.join("calls.txt")).unwrap_or_default()
+    }
 }

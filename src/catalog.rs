@@ -1,0 +1,327 @@
+//! Finding archives: one place that restore and list-backups (and verify) call. Planning is
+//! separate from executing, as in rustic: `locate` decides where an archive is and opens it
+//! once, returning a reader and what is recorded about it; the caller's `unpack` then checks
+//! the bytes. `list` gathers what the target directory and the store hold.
+//!
+//! Sources: a path (the `snapshot` param), the Juju `snapshot` resource, a backup id (an
+//! archive's name) in the target directory or in the store. Each may hold one of our archives,
+//! the original charm's, or a plain db as `etcdctl snapshot save` writes it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::actions::Unit;
+use crate::archive::peek_manifest;
+use crate::error::{human_size, Error, IoContext};
+use crate::fsutil::Dir;
+use crate::store::{ObjectInfo, Store};
+
+/// An archive found and opened, not yet checked.
+pub struct Located {
+    /// How the archive is named in results and messages: a path or an `s3://` url.
+    pub shown: PathBuf,
+    pub reader: Box<dyn Read>,
+    pub size: Option<u64>,
+    /// The sha256 recorded beside it (the store's metadata), checked against its bytes.
+    pub recorded_sha256: Option<String>,
+    /// `path`, `resource`, `local` or `store`.
+    pub origin: &'static str,
+}
+
+/// What to look for.
+pub struct Wanted<'a> {
+    pub snapshot: Option<&'a Path>,
+    pub backup_id: Option<&'a str>,
+    pub target: &'a Path,
+}
+
+/// Checks a backup id: an archive's name, or `<app>/<name>` for another application's
+/// folder in the store; nothing that could leave its directory.
+pub fn check_id(id: &str) -> Result<(), Error> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 255
+            && !p.starts_with('.')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+".contains(&b))
+    };
+    let ok = match id.split_once('/') {
+        Some((app, name)) => part_ok(app) && part_ok(name),
+        None => part_ok(id),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "backup-id `{}` is not an archive name; run list-backups for the ids",
+            crate::error::bounded(id, 200)
+        )))
+    }
+}
+
+fn no_snapshot(unit: &Unit<'_>, detail: String) -> Error {
+    Error::NoSnapshot {
+        detail,
+        app: unit.reporter.app().to_string(),
+    }
+}
+
+/// Opens an absolute path once; see `fsutil::open_regular_path`.
+fn open_path(unit: &Unit<'_>, path: &Path) -> Result<(File, u64), Error> {
+    if !path.is_absolute() {
+        return Err(Error::usage(format!(
+            "snapshot path `{}` is relative; give an absolute path on the unit",
+            path.display()
+        )));
+    }
+    let file = crate::fsutil::open_regular_path(path).map_err(|e| {
+        no_snapshot(
+            unit,
+            match e {
+                Error::Io { source, .. } if source.to_string() == crate::fsutil::NOT_REGULAR => {
+                    format!("`{}` is not a regular file", path.display())
+                }
+                Error::Io { source, .. } => {
+                    format!("`{}` cannot be read: {source}", path.display())
+                }
+                other => other.to_string(),
+            },
+        )
+    })?;
+    let len = file
+        .metadata()
+        .ctx(|| format!("cannot stat `{}`", path.display()))?
+        .len();
+    if len == 0 {
+        return Err(no_snapshot(
+            unit,
+            format!("`{}` is an empty (zero-byte) placeholder", path.display()),
+        ));
+    }
+    Ok((file, len))
+}
+
+/// Finds and opens the archive a restore (or verify) asked for.
+pub fn locate(unit: &Unit<'_>, want: &Wanted<'_>) -> Result<Located, Error> {
+    if want.snapshot.is_some() && want.backup_id.is_some() {
+        return Err(Error::usage(
+            "give either `snapshot` (a path) or `backup-id`, not both",
+        ));
+    }
+    if let Some(id) = want.backup_id {
+        return locate_id(unit, id, want.target);
+    }
+    let (path, origin) = match want.snapshot {
+        Some(p) => (p.to_path_buf(), "path"),
+        None if unit.reporter.is_juju() => (
+            unit.reporter
+                .resource("snapshot")?
+                .ok_or_else(|| no_snapshot(unit, "the `snapshot` resource is not attached".into()))?,
+            "resource",
+        ),
+        None => {
+            return Err(Error::usage(
+                "no snapshot to restore: pass --snapshot /path/to/etcd-snapshot-....tar.gz or --backup-id",
+            ))
+        }
+    };
+    let (file, len) = open_path(unit, &path)?;
+    crate::actions::pause_point("snapshot-opened");
+    Ok(Located {
+        shown: path,
+        reader: Box::new(file),
+        size: Some(len),
+        recorded_sha256: None,
+        origin,
+    })
+}
+
+fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error> {
+    check_id(id)?;
+    let local = if id.contains('/') {
+        None
+    } else {
+        Dir::open(target).ok()
+    };
+    if let Some(dir) = local {
+        if dir.entry_stat(id)?.is_some() {
+            let file = dir
+                .open_file(id)
+                .map_err(|e| no_snapshot(unit, e.to_string()))?;
+            let len = file
+                .metadata()
+                .ctx(|| format!("cannot stat `{}`", dir.join(id).display()))?
+                .len();
+            if len == 0 {
+                return Err(no_snapshot(
+                    unit,
+                    format!("`{}` is empty", dir.join(id).display()),
+                ));
+            }
+            return Ok(Located {
+                shown: dir.join(id),
+                reader: Box::new(file),
+                size: Some(len),
+                recorded_sha256: None,
+                origin: "local",
+            });
+        }
+    }
+    let Some(store) = unit.store()? else {
+        return Err(no_snapshot(
+            unit,
+            format!(
+                "there is no backup `{id}` in `{}`, and no object store is configured",
+                target.display()
+            ),
+        ));
+    };
+    let key = match id.split_once('/') {
+        Some((app, name)) => store.cfg.key(app, name),
+        None => format!("{}/{id}", unit.store_folder(&store)),
+    };
+    let Some(info) = store.head(&key)? else {
+        return Err(no_snapshot(
+            unit,
+            format!(
+                "there is no backup `{id}` in `{}` nor at {} in {}",
+                target.display(),
+                store.cfg.url(&key),
+                store.cfg.describe()
+            ),
+        ));
+    };
+    if info.size == 0 {
+        return Err(no_snapshot(
+            unit,
+            format!("{} is an empty object", store.cfg.url(&key)),
+        ));
+    }
+    unit.log(&format!(
+        "downloading {} ({})",
+        store.cfg.url(&key),
+        human_size(info.size)
+    ));
+    Ok(Located {
+        shown: PathBuf::from(store.cfg.url(&key)),
+        reader: Box::new(store.reader(&key)),
+        size: Some(info.size),
+        recorded_sha256: info.meta.get("sha256").cloned(),
+        origin: "store",
+    })
+}
+
+/// One backup as list-backups shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Entry {
+    pub id: String,
+    pub time: String,
+    pub revision: Option<i64>,
+    pub size: u64,
+    pub sha256: Option<String>,
+    pub path: Option<PathBuf>,
+    pub url: Option<String>,
+}
+
+impl Entry {
+    pub fn place(&self) -> &'static str {
+        match (&self.path, &self.url) {
+            (Some(_), Some(_)) => "both",
+            (Some(_), None) => "local",
+            _ => "store",
+        }
+    }
+}
+
+/// Whether a name is one of the archives this tool writes.
+pub fn is_archive_name(name: &str) -> bool {
+    (name.starts_with("etcd-snapshot-") || name.starts_with("etcd-backup-"))
+        && name.ends_with(".tar.gz")
+}
+
+/// `etcd-snapshot-YYYY-MM-DD-HH.MM.SS[-N].tar.gz` -> `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn time_from_name(name: &str) -> Option<String> {
+    let stamp = name
+        .strip_prefix("etcd-snapshot-")
+        .or_else(|| name.strip_prefix("etcd-backup-"))?;
+    let s = stamp.get(..19)?;
+    let b = s.as_bytes();
+    let shape = b.len() == 19
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'-'
+        && b[13] == b'.'
+        && b[16] == b'.';
+    shape.then(|| format!("{}T{}:{}:{}Z", &s[..10], &s[11..13], &s[14..16], &s[17..19]))
+}
+
+fn read_sidecar(dir: &Dir, name: &str) -> Option<String> {
+    let side = format!("{name}.sha256");
+    let mut f = dir.open_file(&side).ok()?;
+    let mut text = String::new();
+    f.by_ref().take(4096).read_to_string(&mut text).ok()?;
+    let sha = text.split_whitespace().next()?;
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| sha.to_ascii_lowercase())
+}
+
+/// The archives in `target` (ours, by name) and in the store folder of this application.
+pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec<Entry>, Error> {
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    if let Ok(dir) = Dir::open(target) {
+        for name in dir.names() {
+            if !is_archive_name(&name) {
+                continue;
+            }
+            let Ok(file) = dir.open_file(&name) else {
+                continue;
+            };
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let manifest = peek_manifest(&file);
+            let e = entries.entry(name.clone()).or_default();
+            e.id.clone_from(&name);
+            e.time = time_from_name(&name)
+                .or_else(|| manifest.as_ref().map(|m| m.created.clone()))
+                .unwrap_or_default();
+            e.revision = manifest.as_ref().and_then(|m| m.revision);
+            e.size = size;
+            e.sha256 = read_sidecar(&dir, &name);
+            e.path = Some(dir.join(&name));
+        }
+    }
+    if let Some(store) = store {
+        let folder = unit.store_folder(store);
+        for obj in store.list(&folder)? {
+            let name = obj.name().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let e = entries.entry(name.clone()).or_default();
+            fill_from_object(e, &name, &obj, store);
+        }
+    }
+    let mut out: Vec<Entry> = entries.into_values().collect();
+    out.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
+    Ok(out)
+}
+
+fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) {
+    e.id = name.to_string();
+    if e.time.is_empty() {
+        e.time = time_from_name(name)
+            .or_else(|| obj.meta.get("created").cloned())
+            .unwrap_or_else(|| obj.modified.clone());
+    }
+    if e.revision.is_none() {
+        e.revision = obj.meta.get("revision").and_then(|r| r.parse().ok());
+    }
+    if e.sha256.is_none() {
+        e.sha256 = obj.meta.get("sha256").cloned();
+    }
+    if e.path.is_none() {
+        e.size = obj.size;
+    }
+    e.url = Some(store.cfg.url(&obj.key));
+}
