@@ -129,11 +129,17 @@ pub fn locate(unit: &Unit<'_>, want: &Wanted<'_>) -> Result<Located, Error> {
     };
     let (file, len) = open_path(unit, &path)?;
     crate::actions::pause_point("snapshot-opened");
+    // The sidecar beside it, when there is one, records its sha256.
+    let recorded = path
+        .parent()
+        .and_then(|d| Dir::open(d).ok())
+        .zip(path.file_name().and_then(|n| n.to_str()))
+        .and_then(|(d, n)| read_sidecar(&d, n));
     Ok(Located {
         shown: path,
         reader: Box::new(file),
         size: Some(len),
-        recorded_sha256: None,
+        recorded_sha256: recorded,
         origin,
     })
 }
@@ -164,7 +170,7 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
                 shown: dir.join(id),
                 reader: Box::new(file),
                 size: Some(len),
-                recorded_sha256: None,
+                recorded_sha256: read_sidecar(&dir, id),
                 origin: "local",
             });
         }

@@ -124,9 +124,30 @@ pub enum Command {
     Restore(RestoreArgs),
     /// List the archives in the target directory and in the object store.
     ListBackups(ListArgs),
+    /// Check an archive as restore would; with --deep, run a restore drill on a throwaway etcd.
+    Verify(VerifyArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Archive (or plain db) to verify; default: the newest in --target or the store.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+
+    /// A backup id from list-backups.
+    #[arg(long)]
+    pub backup_id: Option<String>,
+
+    /// Directory of local archives.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    /// Also restore it into a throwaway etcd on loopback and compare revision and key count.
+    #[arg(long)]
+    pub deep: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -177,7 +198,7 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     match name.as_deref() {
-        Some(action @ ("snapshot" | "restore" | "list-backups")) => {
+        Some(action @ ("snapshot" | "restore" | "list-backups" | "verify")) => {
             let mut out: Vec<OsString> = vec!["etcd-actions".into(), action.into()];
             out.extend(args.into_iter().skip(1));
             out

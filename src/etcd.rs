@@ -101,6 +101,15 @@ impl Etcdctl {
         &self.endpoint
     }
 
+    /// A client of another, plain-HTTP endpoint (a throwaway etcd on loopback).
+    pub fn at(&self, endpoint: &str) -> Etcdctl {
+        Etcdctl {
+            bin: self.bin.clone(),
+            endpoint: endpoint.to_string(),
+            tls: Vec::new(),
+        }
+    }
+
     /// Whether something listens on the endpoint's port. `Ok(false)` only when every address
     /// refuses the connection, which means etcd is not running here; a timeout or any other
     /// failure is an error, because etcd may be running but unreachable. Fast: no gRPC

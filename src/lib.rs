@@ -152,6 +152,32 @@ fn execute(
             let unit = Unit::open(reporter, settings)?;
             actions::list_backups::run(&unit, &target, results)
         }
+        Command::Verify(a) => {
+            let mut opts = actions::verify::VerifyOptions {
+                snapshot: a.snapshot,
+                backup_id: a.backup_id,
+                target: a.target,
+                deep: a.deep,
+            };
+            if reporter.is_juju() {
+                let mut params = Params::new(reporter.params()?);
+                if let Some(t) = params.string("target")? {
+                    opts.target = PathBuf::from(t);
+                }
+                if let Some(s) = params.string("snapshot")? {
+                    opts.snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
+                }
+                if let Some(s) = params.string("backup-id")? {
+                    opts.backup_id = Some(s).filter(|s| !s.is_empty());
+                }
+                if let Some(b) = params.boolean("deep")? {
+                    opts.deep = b;
+                }
+                params.finish()?;
+            }
+            let unit = Unit::open(reporter, settings)?;
+            actions::verify::run(&unit, &opts, results)
+        }
         Command::Hook { .. } => Ok(()),
     }
 }

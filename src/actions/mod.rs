@@ -4,6 +4,7 @@
 pub mod list_backups;
 pub mod restore;
 pub mod snapshot;
+pub mod verify;
 
 use std::cell::RefCell;
 use std::fs::{self, File};

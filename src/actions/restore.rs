@@ -111,7 +111,7 @@ pub fn staging_reserve(fs_bytes: u64) -> u64 {
 }
 
 /// What the restore tool writes besides the db: the first preallocated WAL segment.
-const WAL_SEGMENT: u64 = 64 << 20;
+pub const WAL_SEGMENT: u64 = 64 << 20;
 
 /// Moves the member dir a restore replaced (in staging) to `previous-member`, replacing the
 /// one an earlier restore kept, and records when and why.
@@ -244,7 +244,7 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
     Ok(())
 }
 
-fn random_token() -> String {
+pub fn random_token() -> String {
     let mut bytes = [0u8; 8];
     if let Ok(mut f) = fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut bytes);
@@ -557,7 +557,7 @@ fn restore(
     let expected_sha = match (expected_sha, located.recorded_sha256.clone()) {
         (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
             return Err(Error::Mismatch {
-                what: "the sha256 param and the sha256 recorded in the store".into(),
+                what: "the sha256 param and the sha256 recorded with the archive".into(),
                 expected: given,
                 actual: recorded,
                 hint: format!(
@@ -985,7 +985,7 @@ fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> (S
     }
 }
 
-fn integrity(u: &Unpacked, sha_checked: bool) -> String {
+pub fn integrity(u: &Unpacked, sha_checked: bool) -> String {
     let archive = if sha_checked {
         "archive sha256 checked"
     } else {

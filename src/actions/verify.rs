@@ -1,0 +1,336 @@
+//! The `verify` action: checks an archive the way restore would before touching data, and
+//! with `deep`, runs a restore drill: the db restored offline into a temp dir, served by a
+//! throwaway etcd on free loopback ports, its revision and key count compared with the
+//! manifest. The live etcd, its data dir and its service are never touched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::restore::{integrity, random_token, staging_reserve, WAL_SEGMENT};
+use super::Unit;
+use crate::archive::{unpack, Limits, Unpacked};
+use crate::catalog::{self, Wanted};
+use crate::error::{human_size, Error, IoContext};
+use crate::etcd::{Etcdctl, OfflineTool, RestoreRequest};
+use crate::fsutil::{free_bytes, TempPath};
+use crate::juju::Results;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub snapshot: Option<PathBuf>,
+    pub backup_id: Option<String>,
+    pub target: PathBuf,
+    pub deep: bool,
+}
+
+/// What a check found about an archive.
+pub struct Checked {
+    pub id: String,
+    pub unpacked: Unpacked,
+    pub integrity: String,
+    pub revision: i64,
+}
+
+/// Unpacks `want` into `dest` (in the state dir) and checks everything restore checks before
+/// it touches data: gzip framing, tar layout, manifest, etcd's trailer, db sha256, the sidecar
+/// or the store's recorded sha256, and that the db opens with the manifest's revision.
+pub fn check(
+    unit: &Unit<'_>,
+    want: &Wanted<'_>,
+    given_sha: Option<String>,
+    offline: &OfflineTool,
+    dest: &Path,
+) -> Result<Checked, Error> {
+    let located = catalog::locate(unit, want)?;
+    let shown = located.shown.clone();
+    let expected = match (given_sha, located.recorded_sha256.clone()) {
+        (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
+            return Err(Error::Mismatch {
+                what: "the sha256 param and the sha256 recorded with the archive".into(),
+                expected: given,
+                actual: recorded,
+                hint: format!("`{}` is not the archive the sha256 names", shown.display()),
+            })
+        }
+        (given, recorded) => given.or(recorded),
+    };
+    let fs = nix::sys::statvfs::statvfs(&unit.state)
+        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
+    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
+    let free = free_bytes(&unit.state)?;
+    let limits = Limits {
+        max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
+    };
+    let unpacked = unpack(
+        located.reader,
+        located.size,
+        &shown,
+        dest,
+        expected.as_deref(),
+        limits,
+    )?;
+    let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
+        path: shown.clone(),
+        problem: format!("its db is not a valid etcd snapshot: {e}"),
+    })?;
+    if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
+        if rev != status.revision {
+            return Err(Error::BadArchive {
+                path: shown.clone(),
+                problem: format!(
+                    "its manifest says revision {rev} but its db holds revision {}; the \
+                     manifest was altered: use another snapshot",
+                    status.revision
+                ),
+            });
+        }
+    }
+    let integrity = integrity(&unpacked, expected.is_some());
+    Ok(Checked {
+        id: shown
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        unpacked,
+        integrity,
+        revision: status.revision,
+    })
+}
+
+pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Result<(), Error> {
+    let started = Instant::now();
+    let offline = OfflineTool::detect(unit.settings)?;
+    let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
+    let etcd_bin = if opts.deep {
+        Some(etcd_binary(unit, &offline)?)
+    } else {
+        None
+    };
+    // The newest archive in target or the store when none is named.
+    let newest;
+    let backup_id = match (&opts.snapshot, &opts.backup_id) {
+        (None, None) => {
+            let store = unit.store()?;
+            let entries = catalog::list(unit, &opts.target, store.as_ref())?;
+            let Some(first) = entries.into_iter().next() else {
+                return Err(Error::NoSnapshot {
+                    detail: format!(
+                        "there is no archive in `{}`{}",
+                        opts.target.display(),
+                        if store.is_some() {
+                            " nor in the store"
+                        } else {
+                            ""
+                        }
+                    ),
+                    app: unit.reporter.app().to_string(),
+                });
+            };
+            newest = first.id;
+            Some(newest.as_str())
+        }
+        (_, id) => id.as_deref(),
+    };
+    let _lock = unit.lock("verify")?;
+    let dest = TempPath::new(unit.state.join(format!("verify-{}.db", std::process::id())));
+    let checked = check(
+        unit,
+        &Wanted {
+            snapshot: opts.snapshot.as_deref(),
+            backup_id,
+            target: &opts.target,
+        },
+        None,
+        &offline,
+        dest.path(),
+    )?;
+    unit.log(&format!("{} verified: {}", checked.id, checked.integrity));
+    results.set("verify.id", &checked.id);
+    results.set("verify.integrity", &checked.integrity);
+    results.set("verify.revision", checked.revision);
+    let manifest_keys = checked.unpacked.manifest.as_ref().and_then(|m| m.keys);
+    let drill = match &etcd_bin {
+        None => {
+            results.set(
+                "verify.keys",
+                manifest_keys.map_or("unknown".into(), |k| k.to_string()),
+            );
+            "not run".to_string()
+        }
+        Some(bin) => match drill(unit, &offline, &etcdctl, bin, dest.path(), &checked) {
+            Ok(keys) => {
+                results.set("verify.keys", keys);
+                "passed".to_string()
+            }
+            Err(e) => {
+                let msg = format!("failed: {e}");
+                results.set("verify.drill", &msg);
+                results.set(
+                    "verify.seconds",
+                    format!("{:.1}", started.elapsed().as_secs_f64()),
+                );
+                return Err(Error::BadArchive {
+                    path: PathBuf::from(&checked.id),
+                    problem: format!("the restore drill failed: {e}"),
+                });
+            }
+        },
+    };
+    results.set("verify.drill", &drill);
+    results.set(
+        "verify.seconds",
+        format!("{:.1}", started.elapsed().as_secs_f64()),
+    );
+    Ok(())
+}
+
+/// The etcd server binary for a drill: ETCD_ACTIONS_ETCD, else the `etcd` beside the offline
+/// tool, else `etcd` on PATH.
+fn etcd_binary(unit: &Unit<'_>, offline: &OfflineTool) -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os("ETCD_ACTIONS_ETCD").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let _ = unit;
+    if let Some(beside) = offline.bin.parent().map(|d| d.join("etcd")) {
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    which::which("etcd").map_err(|_| Error::ToolMissing {
+        tool: "etcd".into(),
+        hint: "a deep verify starts a throwaway etcd; set ETCD_ACTIONS_ETCD to the etcd binary"
+            .into(),
+    })
+}
+
+/// A free loopback port (the kernel's choice).
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ctx(|| "cannot find a free loopback port".to_string())
+}
+
+/// A throwaway etcd, killed (by its pid) and reaped when dropped.
+struct Throwaway(Child);
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The restore drill; returns the key count the throwaway etcd serves.
+fn drill(
+    unit: &Unit<'_>,
+    offline: &OfflineTool,
+    etcdctl: &Etcdctl,
+    etcd: &Path,
+    db: &Path,
+    checked: &Checked,
+) -> Result<u64, String> {
+    let size = checked.unpacked.db.size;
+    let fs = nix::sys::statvfs::statvfs(&unit.state).map_err(|e| e.to_string())?;
+    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
+    let free = free_bytes(&unit.state).map_err(|e| e.to_string())?;
+    let need = size + 2 * WAL_SEGMENT + reserve;
+    if free < need {
+        return Err(format!(
+            "not enough space for the drill on the data filesystem: it needs {} (keeping {} for \
+             the live etcd), {} is free",
+            human_size(need),
+            human_size(reserve),
+            human_size(free)
+        ));
+    }
+    let dir = TempPath::new(unit.state.join(format!("drill-{}", std::process::id())));
+    std::fs::create_dir(dir.path()).map_err(|e| e.to_string())?;
+    let (client, peer) = (
+        free_port().map_err(|e| e.to_string())?,
+        free_port().map_err(|e| e.to_string())?,
+    );
+    let name = format!("drill-{}", std::process::id());
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let client_url = format!("http://127.0.0.1:{client}");
+    let data = dir.path().join("data");
+    unit.log(&format!(
+        "drill: {} snapshot restore into a temp dir",
+        offline.name
+    ));
+    offline
+        .restore(&RestoreRequest {
+            db,
+            data_dir: &data,
+            name: &name,
+            peer_urls: std::slice::from_ref(&peer_url),
+            token: &random_token(),
+            skip_hash_check: checked.unpacked.db.trailer.is_none(),
+            bump: 0,
+        })
+        .map_err(|e| format!("{} cannot restore the db: {e}", offline.name))?;
+    let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(|e| e.to_string())?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(etcd)
+        .arg(format!("--name={name}"))
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster={name}={peer_url}"))
+        .arg("--log-level=error")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start `{}`: {e}", etcd.display()))?;
+    let child = Throwaway(child);
+    unit.log(&format!(
+        "drill: throwaway etcd (pid {}) on {client_url}",
+        child.0.id()
+    ));
+    let ctl = etcdctl.at(&client_url);
+    let deadline = Instant::now() + unit.settings.start_timeout;
+    let status = loop {
+        match ctl.listening().and_then(|up| {
+            if up {
+                ctl.status()
+            } else {
+                Err(Error::usage("not yet"))
+            }
+        }) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("the throwaway etcd did not become healthy: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let members = ctl.members().map_err(|e| e.to_string())?;
+    if members.len() != 1 {
+        return Err(format!(
+            "the drill cluster has {} members instead of 1",
+            members.len()
+        ));
+    }
+    if status.revision != checked.revision {
+        return Err(format!(
+            "the restored revision is {} but the snapshot's is {}",
+            status.revision, checked.revision
+        ));
+    }
+    let keys = ctl.key_count(status.revision).map_err(|e| e.to_string())?;
+    if let Some(want) = checked.unpacked.manifest.as_ref().and_then(|m| m.keys) {
+        if keys != want {
+            return Err(format!(
+                "the restored db holds {keys} keys but the manifest says {want}"
+            ));
+        }
+    }
+    drop(child);
+    Ok(keys)
+}
