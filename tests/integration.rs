@@ -9,6 +9,7 @@ mod errors;
 mod hardening;
 mod hooktools;
 mod hostile;
+mod lifecycle;
 mod restore;
 mod s3;
 mod snapshot;
