@@ -225,6 +225,9 @@ pub struct Entry {
     pub id: String,
     pub time: String,
     pub revision: Option<i64>,
+    pub cluster_id: Option<String>,
+    /// Written by this tool and carrying a readable manifest (or the store's record of one).
+    pub ours: bool,
     pub size: u64,
     pub sha256: Option<String>,
     pub path: Option<PathBuf>,
@@ -275,10 +278,25 @@ fn read_sidecar(dir: &Dir, name: &str) -> Option<String> {
 
 /// The archives in `target` (ours, by name) and in the store folder of this application.
 pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec<Entry>, Error> {
+    Ok(list_all(unit, target, store)?.0)
+}
+
+/// The archives, and what else is there (files and objects this tool did not write, listed
+/// as ignored: `path` or `url`).
+pub fn list_all(
+    unit: &Unit<'_>,
+    target: &Path,
+    store: Option<&Store>,
+) -> Result<(Vec<Entry>, Vec<String>), Error> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let mut ignored = Vec::new();
     if let Ok(dir) = Dir::open(target) {
         for name in dir.names() {
             if !is_archive_name(&name) {
+                let sidecar_of_ours = name.strip_suffix(".sha256").is_some_and(is_archive_name);
+                if !sidecar_of_ours && !name.starts_with(".etcd-actions-tmp-") {
+                    ignored.push(dir.join(&name).display().to_string());
+                }
                 continue;
             }
             let Ok(file) = dir.open_file(&name) else {
@@ -292,6 +310,8 @@ pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec
                 .or_else(|| manifest.as_ref().map(|m| m.created.clone()))
                 .unwrap_or_default();
             e.revision = manifest.as_ref().and_then(|m| m.revision);
+            e.cluster_id = manifest.as_ref().and_then(|m| m.cluster_id.clone());
+            e.ours = manifest.is_some();
             e.size = size;
             e.sha256 = read_sidecar(&dir, &name);
             e.path = Some(dir.join(&name));
@@ -310,7 +330,8 @@ pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec
     }
     let mut out: Vec<Entry> = entries.into_values().collect();
     out.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
-    Ok(out)
+    ignored.sort();
+    Ok((out, ignored))
 }
 
 fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) {
@@ -325,6 +346,12 @@ fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) 
     }
     if e.sha256.is_none() {
         e.sha256 = obj.meta.get("sha256").cloned();
+    }
+    if e.cluster_id.is_none() {
+        e.cluster_id = obj.meta.get("cluster-id").cloned();
+    }
+    if e.path.is_none() {
+        e.ours = is_archive_name(name) && obj.meta.contains_key("format-version");
     }
     if e.path.is_none() {
         e.size = obj.size;

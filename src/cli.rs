@@ -126,6 +126,8 @@ pub enum Command {
     ListBackups(ListArgs),
     /// Check an archive as restore would; with --deep, run a restore drill on a throwaway etcd.
     Verify(VerifyArgs),
+    /// Delete archives by a retention policy (restic's forget rules), locally and in the store.
+    Prune(PruneArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
@@ -148,6 +150,37 @@ pub struct VerifyArgs {
     /// Also restore it into a throwaway etcd on loopback and compare revision and key count.
     #[arg(long)]
     pub deep: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// Directory of local archives.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+    /// Keep the N newest archives.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_last: Option<i64>,
+    /// Keep the newest archive of each of the last N hours that have one.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_hourly: Option<i64>,
+    /// ... of each of the last N days.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_daily: Option<i64>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_weekly: Option<i64>,
+    /// ... of each of the last N months.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_monthly: Option<i64>,
+    /// ... of each of the last N years.
+    #[arg(long, allow_negative_numbers = true)]
+    pub keep_yearly: Option<i64>,
+    /// Keep every archive this much younger than the newest (e.g. 14d, 2w, 1y6m, 12h).
+    #[arg(long)]
+    pub keep_within: Option<String>,
+    /// Only say what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -198,7 +231,7 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     match name.as_deref() {
-        Some(action @ ("snapshot" | "restore" | "list-backups" | "verify")) => {
+        Some(action @ ("snapshot" | "restore" | "list-backups" | "verify" | "prune")) => {
             let mut out: Vec<OsString> = vec!["etcd-actions".into(), action.into()];
             out.extend(args.into_iter().skip(1));
             out

@@ -16,6 +16,7 @@ pub mod juju;
 pub mod manifest;
 pub mod pgzip;
 pub mod process;
+pub mod retention;
 pub mod store;
 
 use std::ffi::OsString;
@@ -178,6 +179,47 @@ fn execute(
             let unit = Unit::open(reporter, settings)?;
             actions::verify::run(&unit, &opts, results)
         }
+        Command::Prune(a) => {
+            let mut target = a.target;
+            let mut counts = [
+                ("last", a.keep_last),
+                ("hourly", a.keep_hourly),
+                ("daily", a.keep_daily),
+                ("weekly", a.keep_weekly),
+                ("monthly", a.keep_monthly),
+                ("yearly", a.keep_yearly),
+            ];
+            let mut within = a.keep_within;
+            let mut dry_run = a.dry_run;
+            if reporter.is_juju() {
+                let mut params = Params::new(reporter.params()?);
+                if let Some(t) = params.string("target")? {
+                    target = PathBuf::from(t);
+                }
+                for (name, value) in counts.iter_mut() {
+                    if let Some(v) = params.integer(&format!("keep-{name}"))? {
+                        *value = Some(v);
+                    }
+                }
+                if let Some(w) = params.string("keep-within")? {
+                    within = Some(w);
+                }
+                // The action's default is a dry run (actions.yaml); only an explicit false deletes.
+                dry_run = params.boolean("dry-run")?.unwrap_or(true);
+                params.finish()?;
+            }
+            let policy = actions::prune::policy_from(counts, within.as_deref())?;
+            let unit = Unit::open(reporter, settings)?;
+            actions::prune::run(
+                &unit,
+                &actions::prune::PruneOptions {
+                    target,
+                    policy,
+                    dry_run,
+                },
+                results,
+            )
+        }
         Command::Hook { .. } => Ok(()),
     }
 }
@@ -210,6 +252,19 @@ impl Params {
             Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
             Some(other) => Err(Error::usage(format!(
                 "param `{key}` must be true or false, got `{other}`"
+            ))),
+        }
+    }
+
+    fn integer(&mut self, key: &str) -> Result<Option<i64>, Error> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.as_i64().is_some() => Ok(n.as_i64()),
+            Some(Value::String(s)) if s.trim().parse::<i64>().is_ok() => {
+                Ok(s.trim().parse::<i64>().ok())
+            }
+            Some(other) => Err(Error::usage(format!(
+                "param `{key}` must be a whole number, got `{other}`"
             ))),
         }
     }

@@ -155,3 +155,148 @@ fn deep_drill_on_etcd_35() {
 fn deep_drill_on_etcd_34() {
     deep_drill(&v34());
 }
+
+/// Copies one real archive under the names of `stamps` (with sidecars), as if taken then.
+fn archives_at(dir: &Path, real: &Path, kind: &str, stamps: &[String]) -> Vec<String> {
+    fs::create_dir_all(dir).unwrap();
+    let sha = sha256_file(real);
+    stamps
+        .iter()
+        .map(|s| {
+            let name = format!("{kind}-{s}.tar.gz");
+            fs::copy(real, dir.join(&name)).unwrap();
+            fs::write(
+                dir.join(format!("{name}.sha256")),
+                format!("{sha}  {name}\n"),
+            )
+            .unwrap();
+            name
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DD-10.00.00` for the 20 days up to 2026-03-31, newest first.
+fn daily_stamps() -> Vec<String> {
+    (0..20)
+        .map(|i| format!("2026-03-{:02}-10.00.00", 31 - i))
+        .collect()
+}
+
+fn kept(results: &serde_yaml::Value) -> std::collections::BTreeMap<String, String> {
+    results["archives"]
+        .as_mapping()
+        .map(|m| {
+            m.values()
+                .map(|e| {
+                    (
+                        e["id"].as_str().unwrap().to_string(),
+                        e["kept-by"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "unit", &v35());
+    let (real, _) = snapshot(&node, &tmp.path().join("real"));
+    let dir = tmp.path().join("archives");
+    let snaps = archives_at(&dir, &real, "etcd-snapshot", &daily_stamps());
+    let backups = archives_at(
+        &dir,
+        &real,
+        "etcd-backup",
+        &[
+            "2026-03-30-09.00.00".to_string(),
+            "2026-01-02-09.00.00".to_string(),
+        ],
+    );
+    fs::write(dir.join("notes.txt"), "mine").unwrap();
+    fs::write(
+        dir.join("etcd-snapshot-2026-03-31-23.00.00.tar.gz"),
+        "not an archive",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("etcd-snapshot-2019-01-01-00.00.00.tar.gz.sha256"),
+        "orphan",
+    )
+    .unwrap();
+    let t = dir.to_str().unwrap();
+
+    let bad = Agent::standalone(&node, &["prune", "--target", t]).run();
+    assert!(bad.failure().contains("no keep rule"));
+    let bad = Agent::standalone(&node, &["prune", "--target", t, "--keep-daily", "-1"]).run();
+    assert!(bad.failure().contains("0 or more"));
+    let bad = Agent::standalone(&node, &["prune", "--target", t, "--keep-within", "3q"]).run();
+    assert!(bad.failure().contains("unknown unit"));
+    assert_eq!(
+        files_in(&dir).len(),
+        2 * 22 + 3,
+        "nothing deleted by refusals"
+    );
+
+    let args = [
+        "prune",
+        "--target",
+        t,
+        "--keep-daily",
+        "3",
+        "--keep-weekly",
+        "2",
+    ];
+    let mut dry = args.to_vec();
+    dry.push("--dry-run");
+    let r = Agent::standalone(&node, &dry).run().success();
+    let k = kept(&r);
+    assert_eq!(k[&snaps[0]], "daily, weekly");
+    assert_eq!(k[&snaps[1]], "daily");
+    assert_eq!(k[&snaps[2]], "daily, weekly");
+    assert!(k[&snaps[3]].starts_with("removed"));
+    // Backups count separately: the newest is kept by both rules, the old one by weekly.
+    assert_eq!(k[&backups[0]], "daily, weekly");
+    assert_eq!(k[&backups[1]], "daily, weekly");
+    assert_eq!(
+        files_in(&dir).len(),
+        2 * 22 + 3,
+        "a dry run deletes nothing"
+    );
+
+    let r = Agent::standalone(&node, &args).run().success();
+    assert_eq!(r["prune"]["removed"].as_str(), Some("17"));
+    let mut want: Vec<String> = vec![
+        snaps[0].clone(),
+        snaps[1].clone(),
+        snaps[2].clone(),
+        backups[0].clone(),
+        backups[1].clone(),
+    ]
+    .into_iter()
+    .flat_map(|n| [n.clone(), format!("{n}.sha256")])
+    .collect();
+    want.push("etcd-snapshot-2026-03-31-23.00.00.tar.gz".into());
+    want.push("notes.txt".into());
+    want.sort();
+    assert_eq!(
+        files_in(&dir),
+        want,
+        "kept archives, their sidecars, foreign files; orphan tidied"
+    );
+    let ignored: Vec<&str> = r["ignored"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        ignored.iter().any(|i| i.ends_with("notes.txt")),
+        "{ignored:?}"
+    );
+    assert!(
+        ignored.iter().any(|i| i.ends_with("23.00.00.tar.gz")),
+        "{ignored:?}"
+    );
+}

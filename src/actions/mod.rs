@@ -2,6 +2,7 @@
 //! archive writer used by both `snapshot` and restore's backup step.
 
 pub mod list_backups;
+pub mod prune;
 pub mod restore;
 pub mod snapshot;
 pub mod verify;
