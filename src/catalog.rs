@@ -244,6 +244,22 @@ impl Entry {
     }
 }
 
+/// Orders archives newest first: by time, then by the `-N` suffix two archives of one second
+/// get (a higher N is newer), then by id.
+pub fn newest_first(a: &Entry, b: &Entry) -> std::cmp::Ordering {
+    let suffix = |id: &str| -> u32 {
+        id.strip_suffix(".tar.gz")
+            .and_then(|s| s.rsplit_once('-'))
+            .filter(|(stem, _)| stem.ends_with(|c: char| c.is_ascii_digit()) && stem.contains('.'))
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or(0)
+    };
+    b.time
+        .cmp(&a.time)
+        .then(suffix(&b.id).cmp(&suffix(&a.id)))
+        .then(b.id.cmp(&a.id))
+}
+
 /// Whether a name is one of the archives this tool writes.
 pub fn is_archive_name(name: &str) -> bool {
     (name.starts_with("etcd-snapshot-") || name.starts_with("etcd-backup-"))
@@ -329,7 +345,7 @@ pub fn list_all(
         }
     }
     let mut out: Vec<Entry> = entries.into_values().collect();
-    out.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
+    out.sort_by(newest_first);
     ignored.sort();
     Ok((out, ignored))
 }

@@ -128,6 +128,11 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Delete archives by a retention policy (restic's forget rules), locally and in the store.
     Prune(PruneArgs),
+    /// For timers: snapshot if changed (uploaded when a store is configured), then prune by
+    /// ETCD_ACTIONS_RETENTION. Exits 0 also when nothing changed.
+    Backup(BackupArgs),
+    /// Print (and with --install, install) a systemd service + timer running `backup`.
+    Schedule(ScheduleArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
@@ -184,6 +189,32 @@ pub struct PruneArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Directory the archive is written to.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    /// Retention policy, e.g. `last=7,daily=7,weekly=4`; empty: no pruning.
+    #[arg(long, env = "ETCD_ACTIONS_RETENTION", default_value = "")]
+    pub retention: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleArgs {
+    /// When to run, as systemd's OnCalendar (e.g. `daily`, `*-*-* 02:30:00`).
+    #[arg(long)]
+    pub on_calendar: String,
+
+    /// Directory the backups are written to.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    /// Write the units to /etc/systemd/system and enable the timer.
+    #[arg(long)]
+    pub install: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     /// Directory of local archives.
     #[arg(long, default_value = DEFAULT_TARGET)]
@@ -195,6 +226,11 @@ pub struct SnapshotArgs {
     /// Directory the archive is written to (absolute; created 0700 if missing).
     #[arg(long, default_value = DEFAULT_TARGET)]
     pub target: PathBuf,
+
+    /// Write nothing when the newest snapshot (in --target or the store) already holds this
+    /// cluster at its current revision.
+    #[arg(long)]
+    pub if_changed: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -236,7 +272,7 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
             out.extend(args.into_iter().skip(1));
             out
         }
-        Some(hook) if hook.starts_with("s3-credentials-relation-") => {
+        Some(hook) if hook.starts_with("s3-credentials-relation-") || hook == "config-changed" => {
             vec!["etcd-actions".into(), "hook".into(), hook.into()]
         }
         _ => args,

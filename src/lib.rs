@@ -58,7 +58,12 @@ pub fn run(args: Vec<OsString>) -> u8 {
     };
     juju::started();
     if let Command::Hook { name } = &args.command {
-        return match juju::s3_relation_hook(name) {
+        let outcome = if name == "config-changed" {
+            actions::schedule::config_changed()
+        } else {
+            juju::s3_relation_hook(name)
+        };
+        return match outcome {
             Ok(msg) => {
                 juju::juju_log(&msg);
                 0
@@ -100,11 +105,17 @@ fn execute(
 ) -> Result<(), Error> {
     match command {
         Command::Snapshot(a) => {
-            let mut opts = SnapshotOptions { target: a.target };
+            let mut opts = SnapshotOptions {
+                target: a.target,
+                if_changed: a.if_changed,
+            };
             if reporter.is_juju() {
                 let mut params = Params::new(reporter.params()?);
                 if let Some(t) = params.string("target")? {
                     opts.target = PathBuf::from(t);
+                }
+                if let Some(b) = params.boolean("if-changed")? {
+                    opts.if_changed = b;
                 }
                 params.finish()?;
             }
@@ -219,6 +230,39 @@ fn execute(
                 },
                 results,
             )
+        }
+        Command::Backup(a) => {
+            // Parsed before anything runs: a bad policy deletes nothing and takes no snapshot.
+            let policy = retention::Policy::parse(&a.retention)
+                .map_err(|e| Error::usage(format!("ETCD_ACTIONS_RETENTION: {e}")))?;
+            let unit = Unit::open(reporter, settings)?;
+            actions::snapshot::run(
+                &unit,
+                &SnapshotOptions {
+                    target: a.target.clone(),
+                    if_changed: true,
+                },
+                results,
+            )?;
+            if policy.keeps_nothing() {
+                results.set(
+                    "prune.skipped",
+                    "no retention policy (ETCD_ACTIONS_RETENTION)",
+                );
+                return Ok(());
+            }
+            actions::prune::run(
+                &unit,
+                &actions::prune::PruneOptions {
+                    target: a.target,
+                    policy,
+                    dry_run: false,
+                },
+                results,
+            )
+        }
+        Command::Schedule(a) => {
+            actions::schedule::run(settings, &a.on_calendar, &a.target, a.install, results)
         }
         Command::Hook { .. } => Ok(()),
     }

@@ -51,6 +51,23 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// The credentials as `AWS_*` environment lines, for a 0600 environment file only.
+    pub fn env_pairs(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if let Some(k) = &self.access_key {
+            v.push(("AWS_ACCESS_KEY_ID", k.clone()));
+        }
+        if let Some(k) = &self.secret_key {
+            v.push(("AWS_SECRET_ACCESS_KEY", k.clone()));
+        }
+        if let Some(k) = &self.session_token {
+            v.push(("AWS_SESSION_TOKEN", k.clone()));
+        }
+        v
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Credentials(<redacted>)")

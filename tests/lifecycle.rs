@@ -38,21 +38,28 @@ fn verify_passes_good_archives_and_fails_bad_ones() {
     let bad_dir = tmp.path().join("bad");
     fs::create_dir(&bad_dir).unwrap();
     let bytes = fs::read(&good).unwrap();
+    // Each damaged copy comes with the original's sidecar, as a copy of both would.
+    let sha = sha256_file(&good);
     let write = |name: &str, data: &[u8]| -> PathBuf {
         let p = bad_dir.join(name);
         fs::write(&p, data).unwrap();
+        fs::write(
+            bad_dir.join(format!("{name}.sha256")),
+            format!("{sha}  {name}\n"),
+        )
+        .unwrap();
         p
     };
     let mut flipped = bytes.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
     let cases: Vec<(PathBuf, &str)> = vec![
-        (write("flipped.tar.gz", &flipped), "refused"),
+        (write("flipped.tar.gz", &flipped), "sha256"),
         (
             write("truncated.tar.gz", &bytes[..bytes.len() - 100]),
-            "refused",
+            "sha256",
         ),
-        (write("noise.tar.gz", &[7u8; 4096]), "not a gzip file"),
+        (write("noise.tar.gz", &[7u8; 4096]), "sha256"),
         (write("empty.tar.gz", b""), "empty"),
     ];
     for (path, want) in &cases {
@@ -61,6 +68,15 @@ fn verify_passes_good_archives_and_fails_bad_ones() {
         assert_eq!(run.code(), 3, "{msg}");
         assert!(msg.contains(want), "{}: {msg}", path.display());
     }
+    // Without a sidecar, damage to the content is found by the archive's own checks.
+    fs::remove_file(bad_dir.join("truncated.tar.gz.sha256")).unwrap();
+    fs::remove_file(bad_dir.join("noise.tar.gz.sha256")).unwrap();
+    let truncated = bad_dir.join("truncated.tar.gz");
+    let msg = verify(&node, &["--snapshot", truncated.to_str().unwrap()]).failure();
+    assert!(msg.contains("refused"), "{msg}");
+    let noise = bad_dir.join("noise.tar.gz");
+    let msg = verify(&node, &["--snapshot", noise.to_str().unwrap()]).failure();
+    assert!(msg.contains("not a gzip file"), "{msg}");
     // A sidecar that does not match its archive.
     let copy = bad_dir.join("copy.tar.gz");
     fs::copy(&good, &copy).unwrap();
@@ -299,4 +315,220 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
         ignored.iter().any(|i| i.ends_with("23.00.00.tar.gz")),
         "{ignored:?}"
     );
+}
+
+#[test]
+fn if_changed_skips_unchanged_data_and_reads_the_store() {
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &["etcd-backups"]);
+    let node = Node::single(tmp.path(), "unit", &v35());
+    node.fill("k/", 10);
+    let snaps = tmp.path().join("snaps");
+    let t = snaps.to_str().unwrap();
+    let first = Agent::snapshot(&node, t).run().success();
+    let again = Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"])
+        .run()
+        .success();
+    let id = Path::new(first["snapshot"]["path"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        again["snapshot"]["skipped"].as_str(),
+        Some(format!("unchanged since {id}").as_str())
+    );
+    assert_eq!(again["snapshot"]["path"], first["snapshot"]["path"]);
+    assert_eq!(files_in(&snaps).len(), 2, "no new archive");
+
+    node.put("new", "write");
+    let changed = Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"])
+        .run()
+        .success();
+    assert!(changed["snapshot"]["skipped"].is_null());
+    assert_eq!(files_in(&snaps).len(), 4);
+
+    // Uploaded, then the local copy deleted: the store's metadata still says unchanged.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    node.put("newer", "write");
+    let up = s3
+        .env(Agent::snapshot(&node, t), "etcd-backups", "")
+        .run()
+        .success();
+    let local = PathBuf::from(up["snapshot"]["path"].as_str().unwrap());
+    fs::remove_file(&local).unwrap();
+    fs::remove_file(format!("{}.sha256", local.display())).unwrap();
+    let skipped = s3
+        .env(
+            Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"]),
+            "etcd-backups",
+            "",
+        )
+        .run()
+        .success();
+    assert!(skipped["snapshot"]["skipped"]
+        .as_str()
+        .unwrap()
+        .starts_with("unchanged since"));
+    assert_eq!(skipped["upload"]["url"], up["upload"]["url"]);
+}
+
+#[test]
+fn backup_snapshots_when_changed_uploads_and_prunes() {
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &["etcd-backups"]);
+    let node = Node::single(tmp.path(), "unit", &v35());
+    let snaps = tmp.path().join("snaps");
+    let backup = || {
+        s3.env(
+            Agent::standalone(&node, &["backup", "--target", snaps.to_str().unwrap()]),
+            "etcd-backups",
+            "",
+        )
+        .env("ETCD_ACTIONS_RETENTION", "last=2")
+        .run()
+    };
+    for i in 0..3 {
+        node.put("k", &format!("v{i}"));
+        let r = backup().success();
+        assert!(r["upload"]["url"].as_str().is_some());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let archives: Vec<String> = files_in(&snaps)
+        .into_iter()
+        .filter(|n| n.ends_with(".tar.gz"))
+        .collect();
+    assert_eq!(archives.len(), 2, "last=2 kept two: {archives:?}");
+    assert_eq!(s3.objects("etcd-backups", "").len(), 2);
+    // Nothing changed: exit 0, nothing new.
+    let r = backup();
+    assert_eq!(r.code(), 0);
+    assert!(r.success()["snapshot"]["skipped"].as_str().is_some());
+    // A bad policy is refused before anything happens.
+    let bad = s3
+        .env(
+            Agent::standalone(&node, &["backup", "--target", snaps.to_str().unwrap()]),
+            "etcd-backups",
+            "",
+        )
+        .env("ETCD_ACTIONS_RETENTION", "last=two")
+        .run();
+    assert_eq!(bad.code(), 2);
+    assert_eq!(files_in(&snaps).len(), 4);
+}
+
+/// `systemd-analyze verify` on unit files.
+fn verify_units(dir: &Path) {
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("etcd-actions-backup.service"))
+        .arg(dir.join("etcd-actions-backup.timer"))
+        .output()
+        .expect("systemd-analyze (scripts/install-deps installs systemd)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn schedule_units_verify_and_the_charm_hook_follows_its_config() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "unit", &v35());
+    let units = tmp.path().join("units");
+    let env_file = tmp.path().join("backup.env");
+    let r = Agent::standalone(
+        &node,
+        &[
+            "schedule",
+            "--on-calendar",
+            "*-*-* 02:30:00",
+            "--target",
+            "/var/backups/etcd",
+            "--install",
+        ],
+    )
+    .env("ETCD_ACTIONS_SYSTEMD_DIR", &units)
+    .env("ETCD_ACTIONS_ENV_FILE", &env_file)
+    .env("ETCD_ACTIONS_RETENTION", "daily=7")
+    .env("AWS_ACCESS_KEY_ID", "AKSCHED")
+    .env("AWS_SECRET_ACCESS_KEY", "sched-secret")
+    .run()
+    .success();
+    verify_units(&units);
+    let service = fs::read_to_string(units.join("etcd-actions-backup.service")).unwrap();
+    assert!(
+        service.contains("\"backup\" \"--target\" \"/var/backups/etcd\""),
+        "{service}"
+    );
+    assert!(service.contains(&format!(
+        "ETCD_ACTIONS_ETCD_CONFIG={}",
+        node.config_path().display()
+    )));
+    assert!(
+        !service.contains("sched-secret"),
+        "no secret in a world-readable unit"
+    );
+    assert!(!r["schedule"]["service"]
+        .as_str()
+        .unwrap()
+        .contains("sched-secret"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&env_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let env = fs::read_to_string(&env_file).unwrap();
+    assert!(env.contains("ETCD_ACTIONS_RETENTION=\"daily=7\"") && env.contains("sched-secret"));
+    let bad = Agent::standalone(&node, &["schedule", "--on-calendar", "every full moon"]).run();
+    assert_eq!(bad.code(), 2);
+
+    // The charm: config-changed installs, updates and removes the timer.
+    let juju = Juju::new(tmp.path(), "etcd/0");
+    let exec = juju.bin.join("juju-exec");
+    fs::write(&exec, "#!/bin/sh\nexit 0\n").unwrap();
+    set_mode(&exec, 0o755);
+    let hook = tmp.path().join("charm/hooks/config-changed");
+    fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(AGENT, &hook).unwrap();
+    let units = tmp.path().join("charm-units");
+    let run_hook = |config: serde_json::Value| {
+        fs::write(juju.state.join("config.json"), config.to_string()).unwrap();
+        let out = std::process::Command::new(&hook)
+            .env(
+                "PATH",
+                format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("JUJU_UNIT_NAME", "etcd/0")
+            .env("FAKE_JUJU_STATE", &juju.state)
+            .env("ETCD_ACTIONS_SYSTEMD_DIR", &units)
+            .env("ETCD_ACTIONS_ENV_FILE", tmp.path().join("charm.env"))
+            .env_remove("JUJU_ACTION_NAME")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) =
+        run_hook(serde_json::json!({"backup-schedule": "daily", "backup-retention": "last=3"}));
+    assert_eq!(code, Some(0), "{err}");
+    verify_units(&units);
+    let service = fs::read_to_string(units.join("etcd-actions-backup.service")).unwrap();
+    assert!(service.contains("juju-exec\" \"etcd/0\""), "{service}");
+    let (code, _) =
+        run_hook(serde_json::json!({"backup-schedule": "hourly", "backup-retention": "last=3"}));
+    assert_eq!(code, Some(0));
+    assert!(fs::read_to_string(units.join("etcd-actions-backup.timer"))
+        .unwrap()
+        .contains("OnCalendar=hourly"));
+    let (code, err) =
+        run_hook(serde_json::json!({"backup-schedule": "hourly", "backup-retention": "last=x"}));
+    assert_eq!(code, Some(1), "a bad policy fails the hook: {err}");
+    let (code, _) = run_hook(serde_json::json!({"backup-schedule": "", "backup-retention": ""}));
+    assert_eq!(code, Some(0));
+    assert!(files_in(&units).is_empty(), "the timer is removed");
 }

@@ -4,6 +4,7 @@
 pub mod list_backups;
 pub mod prune;
 pub mod restore;
+pub mod schedule;
 pub mod snapshot;
 pub mod verify;
 
@@ -123,7 +124,10 @@ impl<'a> Unit<'a> {
     /// The object store archives also go to: the `s3` relation in Juju mode, the S3 settings
     /// standalone; `None` when there is none (archives stay local).
     pub fn store(&self) -> Result<Option<Store>, Error> {
-        let cfg = if self.reporter.is_juju() {
+        // In an action, or run by `juju-exec` (the backup timer): the relation has it.
+        let hook_context =
+            std::env::var_os("JUJU_UNIT_NAME").is_some() && which::which("relation-ids").is_ok();
+        let cfg = if self.reporter.is_juju() || hook_context {
             match self.reporter.s3_relation()? {
                 Some(bag) => Some(StoreConfig::from_relation_bag(&bag)?),
                 None => None,

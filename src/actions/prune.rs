@@ -70,7 +70,7 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
                 )),
             }
         }
-        group.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
+        group.sort_by(catalog::newest_first);
         let times: Vec<i64> = group
             .iter()
             .map(|e| parse_time(&e.time).unwrap_or(0))

@@ -4,13 +4,16 @@
 use std::path::PathBuf;
 
 use super::{write_archive, DbSource, Unit};
+use crate::catalog;
 use crate::error::Error;
-use crate::etcd::{Etcdctl, OfflineTool};
+use crate::etcd::{hex_id, Etcdctl, OfflineTool};
 use crate::juju::Results;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
     pub target: PathBuf,
+    /// Write nothing when the newest snapshot archive already holds this cluster at this revision.
+    pub if_changed: bool,
 }
 
 pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Result<(), Error> {
@@ -22,6 +25,38 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     let _lock = unit.lock("snapshot")?;
     // A restore that crashed must be finished or rolled back before etcd is read.
     super::restore::recover(unit)?;
+    if opts.if_changed {
+        let status = etcdctl.status()?;
+        let entries = catalog::list(unit, &opts.target, store.as_ref())?;
+        // The newest snapshot archive this tool wrote (backups and foreign files aside).
+        if let Some(newest) = entries
+            .iter()
+            .find(|e| e.ours && e.id.starts_with("etcd-snapshot-"))
+        {
+            let same_cluster =
+                newest.cluster_id.as_deref() == Some(hex_id(status.cluster_id).as_str());
+            // A recorded revision is exact (read from the db by `snapshot status`); an
+            // archive without one never counts as unchanged.
+            if same_cluster && newest.revision == Some(status.revision) {
+                unit.log(&format!(
+                    "revision {} of cluster {} is already in {}; nothing to do",
+                    status.revision,
+                    hex_id(status.cluster_id),
+                    newest.id
+                ));
+                results.set("snapshot.skipped", format!("unchanged since {}", newest.id));
+                results.set("snapshot.revision", status.revision);
+                if let Some(p) = &newest.path {
+                    results.set("snapshot.path", p.display());
+                    results.set("copy.cmd", unit.reporter.copy_command(p));
+                }
+                if let Some(u) = &newest.url {
+                    results.set("upload.url", u);
+                }
+                return Ok(());
+            }
+        }
+    }
     let folder = store.as_ref().map(|s| unit.store_folder(s));
     let upload = match (&store, &folder) {
         (Some(s), Some(f)) => {

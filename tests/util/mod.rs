@@ -486,6 +486,7 @@ impl Juju {
             "is-leader",
             "status-set",
             "juju-log",
+            "config-get",
         ] {
             std::os::unix::fs::symlink(&tool, bin.join(name)).unwrap();
         }

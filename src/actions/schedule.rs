@@ -1,0 +1,312 @@
+//! Scheduled backups: a systemd service + timer pair that runs `etcd-actions backup`, printed
+//! by `etcd-actions schedule`, installed with `--install`, and kept in step with the charm's
+//! `backup-schedule` / `backup-retention` config by its `config-changed` hook.
+//!
+//! The service runs as root with the same `ETCD_ACTIONS_*` settings the command was given, and
+//! writes to the journal. Under Juju it runs through `juju-exec <unit>` so that the backup
+//! reads the `s3` relation as an action does. Secrets never go into the world-readable unit
+//! files: the retention policy and any S3 credentials go into a 0600 environment file.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, IoContext};
+use crate::juju::Results;
+use crate::process::run_checked;
+
+pub const UNIT: &str = "etcd-actions-backup";
+const ENV_FILE: &str = "/etc/etcd-actions/backup.env";
+
+/// Where unit files go: `/etc/systemd/system`, or ETCD_ACTIONS_SYSTEMD_DIR.
+fn unit_dir() -> PathBuf {
+    std::env::var_os("ETCD_ACTIONS_SYSTEMD_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/etc/systemd/system"), PathBuf::from)
+}
+
+fn env_file() -> PathBuf {
+    std::env::var_os("ETCD_ACTIONS_ENV_FILE")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(ENV_FILE), PathBuf::from)
+}
+
+/// Quotes a value for a systemd unit line: `%` is a specifier, `\\` and `"` are escapes.
+fn quote(v: &str) -> String {
+    format!(
+        "\"{}\"",
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('%', "%%")
+    )
+}
+
+/// Quotes an `ExecStart=` argument, where `$` also expands.
+fn quote_exec(v: &str) -> String {
+    quote(&v.replace('$', "$$"))
+}
+
+/// Checks an OnCalendar expression: with `systemd-analyze calendar` when it is there, and
+/// always for characters that cannot be in one.
+pub fn check_calendar(spec: &str) -> Result<(), Error> {
+    let bad = |why: String| {
+        Error::usage(format!(
+            "OnCalendar `{}` is not valid: {why}; write it as systemd does, e.g. `daily`, \
+             `*-*-* 02:30:00` or `Mon..Fri *-*-* 00/6:00`",
+            crate::error::bounded(spec, 200)
+        ))
+    };
+    if spec.trim().is_empty() || spec.chars().any(|c| c.is_control()) {
+        return Err(bad("it is empty or has control characters".into()));
+    }
+    if let Ok(tool) = which::which("systemd-analyze") {
+        if let Err(Error::CommandFailed { stderr, .. }) =
+            run_checked(Command::new(tool).args(["calendar", spec]))
+        {
+            return Err(bad(stderr.trim().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// The service and timer texts.
+pub fn units(exec: &[String], env: &[(String, String)], on_calendar: &str) -> (String, String) {
+    let mut service = String::from(
+        "[Unit]\n\
+         Description=Back up this machine's etcd (etcd-actions backup)\n\
+         After=network-online.target\n\
+         Wants=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n",
+    );
+    service.push_str(&format!(
+        "ExecStart={}\n",
+        exec.iter()
+            .map(|a| quote_exec(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    for (k, v) in env {
+        service.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
+    }
+    service.push_str(&format!(
+        "EnvironmentFile=-{}\n\
+         Nice=10\n\
+         IOSchedulingClass=best-effort\n\
+         StandardOutput=journal\n\
+         StandardError=journal\n",
+        env_file().display()
+    ));
+    let timer = format!(
+        "[Unit]\n\
+         Description=Scheduled etcd backups (etcd-actions)\n\
+         \n\
+         [Timer]\n\
+         OnCalendar={on_calendar}\n\
+         Persistent=true\n\
+         RandomizedDelaySec=60\n\
+         Unit={UNIT}.service\n\
+         \n\
+         [Install]\n\
+         WantedBy=timers.target\n"
+    );
+    (service, timer)
+}
+
+/// The `ETCD_ACTIONS_*` settings of this process, secrets aside, for the service.
+fn current_settings() -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("ETCD_ACTIONS_")
+                && !matches!(
+                    k.as_str(),
+                    "ETCD_ACTIONS_RETENTION"
+                        | "ETCD_ACTIONS_SYSTEMD_DIR"
+                        | "ETCD_ACTIONS_ENV_FILE"
+                        | "ETCD_ACTIONS_PAUSE"
+                        | "ETCD_ACTIONS_PEAK_RSS_FILE"
+                )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), Error> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).ctx(|| format!("cannot create `{}`", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp-etcd-actions");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .ctx(|| format!("cannot write `{}`", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .ctx(|| format!("cannot write `{}`", tmp.display()))?;
+    fs::rename(&tmp, path).ctx(|| format!("cannot write `{}`", path.display()))
+}
+
+/// Runs systemctl when systemd runs this machine; says what it did.
+fn systemctl(args: &[&str]) -> String {
+    if !Path::new("/run/systemd/system").exists() {
+        return format!(
+            "systemd is not running here: run `systemctl {}` yourself",
+            args.join(" ")
+        );
+    }
+    match which::which("systemctl")
+        .map_err(|e| e.to_string())
+        .and_then(|t| run_checked(Command::new(t).args(args)).map_err(|e| e.to_string()))
+    {
+        Ok(_) => format!("systemctl {}: done", args.join(" ")),
+        Err(e) => format!("systemctl {} failed: {e}", args.join(" ")),
+    }
+}
+
+/// Writes the units (and the 0600 environment file), then reloads and enables the timer.
+fn install(service: &str, timer: &str, env_file_text: &str) -> Result<Vec<String>, Error> {
+    let dir = unit_dir();
+    write_file(&dir.join(format!("{UNIT}.service")), service, 0o644)?;
+    write_file(&dir.join(format!("{UNIT}.timer")), timer, 0o644)?;
+    write_file(&env_file(), env_file_text, 0o600)?;
+    Ok(vec![
+        systemctl(&["daemon-reload"]),
+        systemctl(&["enable", "--now", &format!("{UNIT}.timer")]),
+    ])
+}
+
+/// Disables the timer and removes the units.
+fn uninstall() -> Result<Vec<String>, Error> {
+    let mut done = vec![systemctl(&["disable", "--now", &format!("{UNIT}.timer")])];
+    let dir = unit_dir();
+    for name in [format!("{UNIT}.service"), format!("{UNIT}.timer")] {
+        crate::fsutil::remove_any(&dir.join(name))?;
+    }
+    crate::fsutil::remove_any(&env_file())?;
+    done.push(systemctl(&["daemon-reload"]));
+    Ok(done)
+}
+
+fn self_exe() -> Result<String, Error> {
+    std::env::current_exe()
+        .ctx(|| "cannot find this program's path".to_string())
+        .map(|p| p.display().to_string())
+}
+
+/// `etcd-actions schedule`.
+pub fn run(
+    settings: &crate::config::Settings,
+    on_calendar: &str,
+    target: &Path,
+    install_units: bool,
+    results: &mut Results,
+) -> Result<(), Error> {
+    check_calendar(on_calendar)?;
+    let exec = vec![
+        self_exe()?,
+        "backup".to_string(),
+        "--target".to_string(),
+        target.display().to_string(),
+    ];
+    let (service, timer) = units(&exec, &current_settings(), on_calendar);
+    results.set("schedule.service", &service);
+    results.set("schedule.timer", &timer);
+    if install_units {
+        let retention = std::env::var("ETCD_ACTIONS_RETENTION").unwrap_or_default();
+        let mut text = env_text(&retention);
+        for (k, v) in settings.s3.credentials.env_pairs() {
+            text.push_str(&format!("{k}={}\n", quote(&v)));
+        }
+        for note in install(&service, &timer, &text)? {
+            results.set(&format!("schedule.{}", note_key(&note)), note);
+        }
+        results.set("schedule.installed", unit_dir().display());
+    }
+    Ok(())
+}
+
+fn note_key(note: &str) -> &'static str {
+    if note.contains("daemon-reload") {
+        "reload"
+    } else {
+        "enable"
+    }
+}
+
+fn env_text(retention: &str) -> String {
+    format!(
+        "# Written by etcd-actions; read by {UNIT}.service.\nETCD_ACTIONS_RETENTION={}\n",
+        quote(retention)
+    )
+}
+
+/// The charm's `config-changed` hook: installs, updates or removes the timer from the
+/// `backup-schedule` and `backup-retention` options.
+pub fn config_changed() -> Result<String, Error> {
+    let tool = which::which("config-get").map_err(|_| Error::ToolMissing {
+        tool: "config-get".into(),
+        hint: "config-changed runs as a Juju hook".into(),
+    })?;
+    let out = run_checked(Command::new(tool).arg("--format=json"))?;
+    let config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(out.stdout.trim()).unwrap_or_default();
+    let get = |k: &str| {
+        config
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let schedule = get("backup-schedule");
+    let retention = get("backup-retention");
+    if schedule.is_empty() {
+        let had = unit_dir().join(format!("{UNIT}.timer")).exists();
+        let notes = uninstall()?;
+        return Ok(if had {
+            format!(
+                "backup-schedule is empty: removed the timer ({})",
+                notes.join("; ")
+            )
+        } else {
+            "backup-schedule is empty: no timer".to_string()
+        });
+    }
+    check_calendar(&schedule)?;
+    crate::retention::Policy::parse(&retention)
+        .map_err(|e| Error::usage(format!("backup-retention: {e}")))?;
+    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    let juju_exec = ["juju-exec", "juju-run"]
+        .iter()
+        .find_map(|t| which::which(t).ok())
+        .ok_or_else(|| Error::ToolMissing {
+            tool: "juju-exec".into(),
+            hint: "the timer runs the backup through juju-exec (juju-run on Juju 2.9)".into(),
+        })?;
+    let target = config
+        .get("backup-target")
+        .and_then(|v| v.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(crate::cli::DEFAULT_TARGET)
+        .to_string();
+    let command = format!(
+        "{} backup --target {}",
+        crate::juju::shell_quote(&self_exe()?),
+        crate::juju::shell_quote(&target)
+    );
+    let exec = vec![juju_exec.display().to_string(), unit, command];
+    let (service, timer) = units(&exec, &current_settings(), &schedule);
+    let notes = install(&service, &timer, &env_text(&retention))?;
+    Ok(format!(
+        "backup timer `{schedule}` installed in {} ({})",
+        unit_dir().display(),
+        notes.join("; ")
+    ))
+}
