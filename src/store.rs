@@ -724,3 +724,65 @@ impl From<std::fs::File> for TeeFile {
         TeeFile { file, upload: None }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bag(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_the_relation_bag() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let chain = serde_json::to_string(&vec![pem]).unwrap();
+        let c = StoreConfig::from_relation_bag(&bag(&[
+            ("bucket", "/b/"),
+            ("access-key", "AK"),
+            ("secret-key", "SK"),
+            ("endpoint", "s3.example.com/"),
+            ("path", "/test/path_1/"),
+            ("s3-uri-style", "host"),
+            ("tls-ca-chain", &chain),
+        ]))
+        .unwrap();
+        assert_eq!(c.bucket, "b");
+        assert_eq!(c.endpoint.as_deref(), Some("https://s3.example.com"));
+        assert_eq!(c.prefix, "test/path_1");
+        assert!(c.host_style);
+        assert_eq!(c.ca_pems, vec![pem.to_string()]);
+        assert_eq!(c.region, "us-east-1");
+        assert_eq!(c.key("etcd", "x.tar.gz"), "test/path_1/etcd/x.tar.gz");
+        assert!(!format!("{c:?}").contains("SK"), "no secret in Debug");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        let err = StoreConfig::from_relation_bag(&bag(&[("bucket", "b")])).unwrap_err();
+        assert!(matches!(err, Error::StoreNotReady(_)), "{err}");
+        assert!(
+            err.to_string().contains("`access-key`, `secret-key`"),
+            "{err}"
+        );
+        let err = StoreConfig::from_relation_bag(&bag(&[
+            ("bucket", "b"),
+            ("access-key", "AK"),
+            ("secret-key", "SK"),
+            ("s3-api-version", "2"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+        let err = StoreConfig::from_relation_bag(&bag(&[
+            ("bucket", "b"),
+            ("access-key", "AK"),
+            ("secret-key", "SK"),
+            ("s3-uri-style", "sideways"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("sideways"), "{err}");
+    }
+}
