@@ -143,8 +143,9 @@ fn broken_and_hostile_archives_are_refused() {
     let mid = flipped.len() / 2;
     // Several bytes, so that not all can land in gzip header fields no checksum covers
     // (MTIME, OS), where a flip leaves the content intact.
+    let len = flipped.len();
     for at in [mid, mid + 37, mid + 101] {
-        flipped[at % flipped.len()] ^= 0x55;
+        flipped[at % len] ^= 0x55;
     }
     v.refuses(
         &write("flipped.tar.gz", &flipped),
