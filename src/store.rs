@@ -279,7 +279,7 @@ impl StoreConfig {
     fn client(&self, headers: Vec<(String, String)>) -> Result<AmazonS3, Error> {
         let mut options = ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(10))
-            .with_timeout(Duration::from_secs(300));
+            .with_timeout(Duration::from_secs(120));
         for pem in &self.ca_pems {
             for cert in
                 Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| Error::ConfigInvalid {
