@@ -316,7 +316,10 @@ impl StoreConfig {
             .with_secret_access_key(&self.secret_key)
             .with_virtual_hosted_style_request(self.host_style)
             .with_client_options(options)
-            .with_retry(retry);
+            .with_retry(retry)
+            // The body is not hashed a second time for the signature: its sha256 is computed in
+            // the archive pass, recorded in the (signed) metadata, and checked at restore.
+            .with_unsigned_payload(true);
         if let Some(t) = &self.session_token {
             b = b.with_token(t);
         }
