@@ -97,3 +97,36 @@ fn action_fail_does_not_stop_and_action_get_formats() {
     assert_eq!(tool(&juju, "relation-list", &[]).status.code(), Some(2));
     assert_eq!(tool(&juju, "action-log", &[]).status.code(), Some(2));
 }
+
+/// The charm's YAML files parse, and every action has a link to the binary.
+#[test]
+fn charm_files_are_valid() {
+    for f in ["actions.yaml", "metadata.yaml", "config.yaml"] {
+        let text = std::fs::read_to_string(repo().join(f)).unwrap();
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(doc.is_mapping(), "{f}");
+    }
+    let actions: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("actions.yaml")).unwrap())
+            .unwrap();
+    for name in actions.as_mapping().unwrap().keys() {
+        let link = repo().join("actions").join(name.as_str().unwrap());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            std::path::PathBuf::from("../target/release/etcd-actions"),
+            "{}",
+            link.display()
+        );
+    }
+    for hook in [
+        "s3-credentials-relation-joined",
+        "s3-credentials-relation-changed",
+        "config-changed",
+    ] {
+        assert!(
+            std::fs::read_link(repo().join("hooks").join(hook)).is_ok(),
+            "{hook}"
+        );
+    }
+}
