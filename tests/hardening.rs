@@ -563,9 +563,9 @@ fn huge_messages_reach_the_operator_cut() {
 }
 
 /// A 2-member cluster.
-fn pair(base: &Path) -> Vec<Node> {
+fn pair(base: &Path, flavor: &Flavor) -> Vec<Node> {
     let nodes: Vec<Node> = (0..2)
-        .map(|i| Node::prepare(base, &format!("m{i}"), &v35()))
+        .map(|i| Node::prepare(base, &format!("m{i}"), flavor))
         .collect();
     let initial: Vec<String> = nodes
         .iter()
@@ -585,10 +585,19 @@ fn pair(base: &Path) -> Vec<Node> {
 // and failing that from `initial-cluster`.
 #[test]
 fn a_stopped_member_of_a_cluster_is_refused() {
+    stopped_member_is_refused(&v35());
+}
+
+#[test]
+fn a_stopped_member_of_a_cluster_is_refused_on_etcd_34() {
+    stopped_member_is_refused(&v34());
+}
+
+fn stopped_member_is_refused(flavor: &Flavor) {
     let tmp = tempdir();
-    let src = Node::single(tmp.path(), "src", &v35());
+    let src = Node::single(tmp.path(), "src", flavor);
     let (archive, _) = snapshot(&src, &tmp.path().join("snaps"));
-    let nodes = pair(tmp.path());
+    let nodes = pair(tmp.path(), flavor);
     nodes[0].fill("k/", 10);
     let before = nodes[0].dump();
     nodes[1].stop();
