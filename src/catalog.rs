@@ -12,9 +12,12 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::actions::restore::{integrity, staging_reserve, WAL_SEGMENT};
 use crate::actions::Unit;
-use crate::archive::peek_manifest;
+use crate::archive::{peek_manifest, unpack, Limits, Unpacked};
 use crate::error::{human_size, Error, IoContext};
+use crate::etcd::OfflineTool;
+use crate::fsutil::free_bytes;
 use crate::fsutil::Dir;
 use crate::store::{ObjectInfo, Store};
 
@@ -216,6 +219,98 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
         size: Some(info.size),
         recorded_sha256: info.meta.get("sha256").cloned(),
         origin: "store",
+    })
+}
+
+/// What a check found about an archive.
+pub struct Checked {
+    pub id: String,
+    pub shown: PathBuf,
+    pub origin: &'static str,
+    pub unpacked: Unpacked,
+    pub integrity: String,
+    pub revision: i64,
+}
+
+/// Finds `want` and checks it; see `check_located`.
+pub fn check(
+    unit: &Unit<'_>,
+    want: &Wanted<'_>,
+    given_sha: Option<String>,
+    offline: &OfflineTool,
+    dest: &Path,
+) -> Result<Checked, Error> {
+    let located = locate(unit, want)?;
+    check_located(unit, located, given_sha, offline, dest)
+}
+
+/// Unpacks a located archive into `dest` (in the state dir, leaving the live etcd its reserve
+/// whatever the archive's headers claim) and checks everything restore checks before it
+/// touches data: gzip framing, tar layout, manifest, etcd's trailer, db sha256, the `sha256`
+/// given and the one recorded beside it (sidecar or store), and that the db opens with the
+/// manifest's revision. Restore and verify both call this.
+pub fn check_located(
+    unit: &Unit<'_>,
+    located: Located,
+    given_sha: Option<String>,
+    offline: &OfflineTool,
+    dest: &Path,
+) -> Result<Checked, Error> {
+    let shown = located.shown.clone();
+    let origin = located.origin;
+    let expected = match (given_sha, located.recorded_sha256.clone()) {
+        (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
+            return Err(Error::Mismatch {
+                what: "the sha256 param and the sha256 recorded with the archive".into(),
+                expected: given,
+                actual: recorded,
+                hint: format!("`{}` is not the archive the sha256 names", shown.display()),
+            })
+        }
+        (given, recorded) => given.or(recorded),
+    };
+    let fs = nix::sys::statvfs::statvfs(&unit.state)
+        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
+    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
+    let free = free_bytes(&unit.state)?;
+    let limits = Limits {
+        max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
+    };
+    let unpacked = unpack(
+        located.reader,
+        located.size,
+        &shown,
+        dest,
+        expected.as_deref(),
+        limits,
+    )?;
+    let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
+        path: shown.clone(),
+        problem: format!("its db is not a valid etcd snapshot: {e}"),
+    })?;
+    if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
+        if rev != status.revision {
+            return Err(Error::BadArchive {
+                path: shown.clone(),
+                problem: format!(
+                    "its manifest says revision {rev} but its db holds revision {}; the \
+                     manifest was altered: use another snapshot",
+                    status.revision
+                ),
+            });
+        }
+    }
+    let integrity = integrity(&unpacked, expected.is_some());
+    Ok(Checked {
+        origin,
+        shown: shown.clone(),
+        id: shown
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        unpacked,
+        integrity,
+        revision: status.revision,
     })
 }
 

@@ -132,15 +132,7 @@ fn execute(
             };
             if reporter.is_juju() {
                 let mut params = Params::new(reporter.params()?);
-                if let Some(t) = params.string("target")? {
-                    opts.target = PathBuf::from(t);
-                }
-                if let Some(s) = params.string("snapshot")? {
-                    opts.snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
-                }
-                if let Some(s) = params.string("backup-id")? {
-                    opts.backup_id = Some(s).filter(|s| !s.is_empty());
-                }
+                params.archive(&mut opts.target, &mut opts.snapshot, &mut opts.backup_id)?;
                 if let Some(s) = params.string("sha256")? {
                     opts.sha256 = Some(s);
                 }
@@ -173,15 +165,7 @@ fn execute(
             };
             if reporter.is_juju() {
                 let mut params = Params::new(reporter.params()?);
-                if let Some(t) = params.string("target")? {
-                    opts.target = PathBuf::from(t);
-                }
-                if let Some(s) = params.string("snapshot")? {
-                    opts.snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
-                }
-                if let Some(s) = params.string("backup-id")? {
-                    opts.backup_id = Some(s).filter(|s| !s.is_empty());
-                }
+                params.archive(&mut opts.target, &mut opts.snapshot, &mut opts.backup_id)?;
                 if let Some(b) = params.boolean("deep")? {
                     opts.deep = b;
                 }
@@ -298,6 +282,25 @@ impl Params {
                 "param `{key}` must be true or false, got `{other}`"
             ))),
         }
+    }
+
+    /// The params that name an archive: `target`, `snapshot` and `backup-id` (empty = unset).
+    fn archive(
+        &mut self,
+        target: &mut PathBuf,
+        snapshot: &mut Option<PathBuf>,
+        backup_id: &mut Option<String>,
+    ) -> Result<(), Error> {
+        if let Some(t) = self.string("target")? {
+            *target = PathBuf::from(t);
+        }
+        if let Some(s) = self.string("snapshot")? {
+            *snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(s) = self.string("backup-id")? {
+            *backup_id = Some(s).filter(|s| !s.is_empty());
+        }
+        Ok(())
     }
 
     fn integer(&mut self, key: &str) -> Result<Option<i64>, Error> {

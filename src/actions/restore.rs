@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{crash_point, open_target, write_archive, Archive, DbSource, Unit};
-use crate::archive::{unpack, Layout, Limits, Unpacked};
+use crate::archive::{Layout, Unpacked};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, Etcdctl, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
@@ -228,9 +228,17 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
     for entry in fs::read_dir(&unit.state).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if (name.starts_with("service-") || name.starts_with("etcdctl-save-"))
-            && (name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log"))
-        {
+        // Under the lock no other run writes here: every temp file is a killed run's.
+        let killed_output = (name.starts_with("service-") || name.starts_with("etcdctl-save-"))
+            && (name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log"));
+        let atomic_temp = name.starts_with('.') && name.contains(".tmp-");
+        let verify_leftover = (name.starts_with("verify-") && name.ends_with(".db"))
+            || name.starts_with("drill-");
+        if verify_leftover {
+            let _ = remove_any(&entry.path());
+            continue;
+        }
+        if killed_output || atomic_temp {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -593,49 +601,20 @@ fn restore(
     refuse_scaled(unit, &etcdctl, status.as_ref())?;
 
     // Verify the archive completely, into the state dir on the data filesystem, leaving the
-    // live etcd its reserve whatever the archive's headers claim.
+    // live etcd its reserve whatever the archive's headers claim, and check what can be
+    // checked offline before anything stops: the db must open and hold the manifest's revision.
     unit.log(&format!("verifying {}", archive.display()));
+    let incoming = crate::fsutil::TempPath::new(p.incoming_db.clone());
+    let checked =
+        crate::catalog::check_located(unit, located, expected_sha, &offline, &p.incoming_db)?;
+    crash_point("restore-after-unpack");
+    let integrity = checked.integrity.clone();
+    let origin = checked.origin;
+    let unpacked = checked.unpacked;
+    unit.log(&format!("archive verified: {integrity}"));
     let data_fs = nix::sys::statvfs::statvfs(&unit.state)
         .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
-    let fs_bytes = data_fs.blocks() as u64 * data_fs.fragment_size() as u64;
-    let reserve = staging_reserve(fs_bytes);
-    let free = free_bytes(&unit.state)?;
-    let limits = Limits {
-        max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
-    };
-    let unpacked = unpack(
-        located.reader,
-        located.size,
-        &archive,
-        &p.incoming_db,
-        expected_sha.as_deref(),
-        limits,
-    )?;
-    let incoming = crate::fsutil::TempPath::new(p.incoming_db.clone());
-    crash_point("restore-after-unpack");
-    let integrity = integrity(&unpacked, expected_sha.is_some());
-    unit.log(&format!("archive verified: {integrity}"));
-
-    // What can be checked offline is checked before anything stops: the db must open and
-    // hold the revision the manifest claims.
-    let db_status = offline
-        .db_status(&p.incoming_db)
-        .map_err(|e| Error::BadArchive {
-            path: archive.clone(),
-            problem: format!("its db is not a valid etcd snapshot: {e}"),
-        })?;
-    if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
-        if rev != db_status.revision {
-            return Err(Error::BadArchive {
-                path: archive.clone(),
-                problem: format!(
-                    "its manifest says revision {rev} but its db holds revision {}; the \
-                     manifest was altered: use another snapshot",
-                    db_status.revision
-                ),
-            });
-        }
-    }
+    let reserve = staging_reserve(data_fs.blocks() as u64 * data_fs.fragment_size() as u64);
 
     let unit_version = status
         .as_ref()
@@ -892,7 +871,7 @@ fn restore(
     sync_dir(&unit.state)?;
 
     results.set("restore.source", archive.display());
-    results.set("restore.origin", located.origin);
+    results.set("restore.origin", origin);
     results.set("restore.sha256", &unpacked.sha256);
     results.set("restore.revision", new_status.revision);
     results.set("restore.keys", keys);

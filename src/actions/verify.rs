@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::restore::{integrity, random_token, staging_reserve, WAL_SEGMENT};
+use super::restore::{random_token, staging_reserve, WAL_SEGMENT};
 use super::Unit;
-use crate::archive::{unpack, Limits, Unpacked};
-use crate::catalog::{self, Wanted};
+use crate::catalog::{self, Checked, Wanted};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{Etcdctl, OfflineTool, RestoreRequest};
 use crate::fsutil::{free_bytes, TempPath};
@@ -22,80 +21,6 @@ pub struct VerifyOptions {
     pub backup_id: Option<String>,
     pub target: PathBuf,
     pub deep: bool,
-}
-
-/// What a check found about an archive.
-pub struct Checked {
-    pub id: String,
-    pub unpacked: Unpacked,
-    pub integrity: String,
-    pub revision: i64,
-}
-
-/// Unpacks `want` into `dest` (in the state dir) and checks everything restore checks before
-/// it touches data: gzip framing, tar layout, manifest, etcd's trailer, db sha256, the sidecar
-/// or the store's recorded sha256, and that the db opens with the manifest's revision.
-pub fn check(
-    unit: &Unit<'_>,
-    want: &Wanted<'_>,
-    given_sha: Option<String>,
-    offline: &OfflineTool,
-    dest: &Path,
-) -> Result<Checked, Error> {
-    let located = catalog::locate(unit, want)?;
-    let shown = located.shown.clone();
-    let expected = match (given_sha, located.recorded_sha256.clone()) {
-        (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
-            return Err(Error::Mismatch {
-                what: "the sha256 param and the sha256 recorded with the archive".into(),
-                expected: given,
-                actual: recorded,
-                hint: format!("`{}` is not the archive the sha256 names", shown.display()),
-            })
-        }
-        (given, recorded) => given.or(recorded),
-    };
-    let fs = nix::sys::statvfs::statvfs(&unit.state)
-        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
-    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
-    let free = free_bytes(&unit.state)?;
-    let limits = Limits {
-        max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,
-    };
-    let unpacked = unpack(
-        located.reader,
-        located.size,
-        &shown,
-        dest,
-        expected.as_deref(),
-        limits,
-    )?;
-    let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
-        path: shown.clone(),
-        problem: format!("its db is not a valid etcd snapshot: {e}"),
-    })?;
-    if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
-        if rev != status.revision {
-            return Err(Error::BadArchive {
-                path: shown.clone(),
-                problem: format!(
-                    "its manifest says revision {rev} but its db holds revision {}; the \
-                     manifest was altered: use another snapshot",
-                    status.revision
-                ),
-            });
-        }
-    }
-    let integrity = integrity(&unpacked, expected.is_some());
-    Ok(Checked {
-        id: shown
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        unpacked,
-        integrity,
-        revision: status.revision,
-    })
 }
 
 pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Result<(), Error> {
@@ -134,7 +59,7 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
     };
     let _lock = unit.lock("verify")?;
     let dest = TempPath::new(unit.state.join(format!("verify-{}.db", std::process::id())));
-    let checked = check(
+    let checked = catalog::check(
         unit,
         &Wanted {
             snapshot: opts.snapshot.as_deref(),
