@@ -232,8 +232,8 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
         let killed_output = (name.starts_with("service-") || name.starts_with("etcdctl-save-"))
             && (name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log"));
         let atomic_temp = name.starts_with('.') && name.contains(".tmp-");
-        let verify_leftover = (name.starts_with("verify-") && name.ends_with(".db"))
-            || name.starts_with("drill-");
+        let verify_leftover =
+            (name.starts_with("verify-") && name.ends_with(".db")) || name.starts_with("drill-");
         if verify_leftover {
             let _ = remove_any(&entry.path());
             continue;
