@@ -444,8 +444,8 @@ fn save_and_pack(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let finished_size = |f: &File| -> Result<u64, Error> {
-        let _ = f;
+    // The size of the db etcdctl finished writing (opened anew: it renames `.part` to `db`).
+    let finished_size = || -> Result<u64, Error> {
         Ok(tmp
             .open_file("db")?
             .metadata()
@@ -487,7 +487,7 @@ fn save_and_pack(
             true,
             |_| {
                 finish()?;
-                let actual = finished_size(&retry)?;
+                let actual = finished_size()?;
                 if actual != size {
                     return Err(Error::Mismatch {
                         what: "the snapshot's size".into(),
@@ -511,7 +511,7 @@ fn save_and_pack(
                 // The meta page announced another size than etcd sent (the stream ended
                 // early or ran long): archive the finished file instead. Same size: the
                 // error stands (a trailer mismatch is corruption, not a misread size).
-                let actual = finished_size(&retry)?;
+                let actual = finished_size()?;
                 if actual == size {
                     return Err(e);
                 }

@@ -28,7 +28,7 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
     let offline = OfflineTool::detect(unit.settings)?;
     let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
     let etcd_bin = if opts.deep {
-        Some(etcd_binary(unit, &offline)?)
+        Some(etcd_binary(&offline)?)
     } else {
         None
     };
@@ -112,11 +112,10 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
 
 /// The etcd server binary for a drill: ETCD_ACTIONS_ETCD, else the `etcd` beside the offline
 /// tool, else `etcd` on PATH.
-fn etcd_binary(unit: &Unit<'_>, offline: &OfflineTool) -> Result<PathBuf, Error> {
+fn etcd_binary(offline: &OfflineTool) -> Result<PathBuf, Error> {
     if let Some(p) = std::env::var_os("ETCD_ACTIONS_ETCD").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let _ = unit;
     if let Some(beside) = offline.bin.parent().map(|d| d.join("etcd")) {
         if beside.is_file() {
             return Ok(beside);
