@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::actions::restore::{integrity, staging_reserve, WAL_SEGMENT};
+use crate::actions::restore::{data_reserve, integrity, WAL_SEGMENT};
 use crate::actions::Unit;
 use crate::archive::{peek_manifest, unpack, Limits, Unpacked};
 use crate::error::{human_size, Error, IoContext};
@@ -269,9 +269,7 @@ pub fn check_located(
         }
         (given, recorded) => given.or(recorded),
     };
-    let fs = nix::sys::statvfs::statvfs(&unit.state)
-        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
-    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
+    let reserve = data_reserve(unit)?;
     let free = free_bytes(&unit.state)?;
     let limits = Limits {
         max_db: free.saturating_sub(reserve + WAL_SEGMENT) / 2,

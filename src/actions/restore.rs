@@ -110,6 +110,15 @@ pub fn staging_reserve(fs_bytes: u64) -> u64 {
     (fs_bytes / 20).clamp(64 << 20, 1 << 30)
 }
 
+/// The reserve of the unit's data filesystem (`staging_reserve` of its size).
+pub fn data_reserve(unit: &Unit<'_>) -> Result<u64, Error> {
+    let fs = nix::sys::statvfs::statvfs(&unit.state)
+        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
+    Ok(staging_reserve(
+        fs.blocks() as u64 * fs.fragment_size() as u64,
+    ))
+}
+
 /// What the restore tool writes besides the db: the first preallocated WAL segment.
 pub const WAL_SEGMENT: u64 = 64 << 20;
 
@@ -612,9 +621,7 @@ fn restore(
     let origin = checked.origin;
     let unpacked = checked.unpacked;
     unit.log(&format!("archive verified: {integrity}"));
-    let data_fs = nix::sys::statvfs::statvfs(&unit.state)
-        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
-    let reserve = staging_reserve(data_fs.blocks() as u64 * data_fs.fragment_size() as u64);
+    let reserve = data_reserve(unit)?;
 
     let unit_version = status
         .as_ref()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::restore::{random_token, staging_reserve, WAL_SEGMENT};
+use super::restore::{random_token, WAL_SEGMENT};
 use super::Unit;
 use crate::catalog::{self, Checked, Wanted};
 use crate::error::{human_size, Error, IoContext};
@@ -156,8 +156,7 @@ fn drill(
     checked: &Checked,
 ) -> Result<u64, String> {
     let size = checked.unpacked.db.size;
-    let fs = nix::sys::statvfs::statvfs(&unit.state).map_err(|e| e.to_string())?;
-    let reserve = staging_reserve(fs.blocks() as u64 * fs.fragment_size() as u64);
+    let reserve = super::restore::data_reserve(unit).map_err(|e| e.to_string())?;
     let free = free_bytes(&unit.state).map_err(|e| e.to_string())?;
     let need = size + 2 * WAL_SEGMENT + reserve;
     if free < need {
