@@ -442,9 +442,22 @@ pub fn pack_stream<R: Read>(
         pos: 0,
     };
     let appended = tar.append(&header, &mut reader);
-    drop(reader);
+    // The source must end where it said it would: one more read sees its end (for a stream,
+    // its clean close).
+    let overrun = match appended {
+        Ok(()) => reader.inner.into_inner().read(&mut [0u8; 1]).map(|n| n > 0),
+        Err(_) => Ok(false),
+    };
     let hashes = digest.finish();
     appended.map_err(io_err("db"))?;
+    if overrun.map_err(|e| Error::io(format!("cannot read `{what}`"), e))? {
+        return Err(Error::Mismatch {
+            what: format!("the length of `{what}`"),
+            expected: format!("{size} bytes"),
+            actual: "more".into(),
+            hint: "it changed while it was archived; take it again".into(),
+        });
+    }
     if hashes.size != size {
         return Err(Error::io(
             format!("`{what}` ended after {} of {size} bytes", hashes.size),

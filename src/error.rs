@@ -51,6 +51,13 @@ pub enum Error {
     #[error("etcd is not reachable at `{endpoint}`: {detail}; check that the etcd service is running and that ETCD_ACTIONS_ETCD_CONFIG points at its config")]
     EtcdUnreachable { endpoint: String, detail: String },
 
+    #[error("etcd at `{endpoint}` refused {call}: {detail}")]
+    Etcd {
+        endpoint: String,
+        call: String,
+        detail: String,
+    },
+
     #[error("unexpected output from `{command}`: {problem}")]
     BadOutput { command: String, problem: String },
 

@@ -6,13 +6,14 @@
 //! otherwise (3.4); etcd 3.6's etcdctl has neither.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
 
+use etcd_client::{Certificate, ConnectOptions, GetOptions, Identity, TlsOptions};
 use serde::Deserialize;
 
-use crate::config::{EtcdConfig, Settings};
-use crate::error::Error;
-use crate::process::{display, etcd_tool, run_checked, spawn_logged, Running};
+use crate::config::{ClientTls, EtcdConfig, Settings};
+use crate::error::{Error, IoContext};
+use crate::process::{display, etcd_tool, run_checked};
 
 /// A `major.minor.patch` etcd version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,15 +52,11 @@ pub struct Status {
     pub db_size: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Member {
-    #[serde(rename = "ID")]
     pub id: u64,
-    #[serde(default)]
     pub name: String,
-    #[serde(rename = "peerURLs", default)]
     pub peer_urls: Vec<String>,
-    #[serde(rename = "isLearner", default)]
     pub is_learner: bool,
 }
 
@@ -68,46 +65,35 @@ pub fn hex_id(id: u64) -> String {
     format!("{id:x}")
 }
 
-/// Online client for this unit's member.
+/// Online client for this unit's member: etcd's v3 API in-process (the `etcd-client` crate),
+/// each call on a small tokio runtime of its own, so the rest of the program stays synchronous.
 #[derive(Debug, Clone)]
-pub struct Etcdctl {
-    pub bin: PathBuf,
+pub struct Client {
     endpoint: String,
-    tls: Vec<String>,
+    tls: ClientTls,
 }
 
-impl Etcdctl {
-    pub fn new(settings: &Settings, config: &EtcdConfig) -> Result<Etcdctl, Error> {
-        let bin = settings.etcdctl()?;
-        let mut tls = Vec::new();
-        let t = &config.tls;
-        if let Some(ca) = &t.trusted_ca_file {
-            tls.push(format!("--cacert={}", ca.display()));
-        }
-        if let Some(cert) = &t.cert_file {
-            tls.push(format!("--cert={}", cert.display()));
-        }
-        if let Some(key) = &t.key_file {
-            tls.push(format!("--key={}", key.display()));
-        }
-        Ok(Etcdctl {
-            bin,
-            endpoint: config.endpoint().to_string(),
+/// Time to connect, and to answer one unary call.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the snapshot stream may stay silent: etcd sends 32 KiB at a time.
+const STREAM_STALL: Duration = Duration::from_secs(60);
+
+impl Client {
+    pub fn new(config: &EtcdConfig) -> Client {
+        Client::with_tls(config.endpoint(), config.tls.clone())
+    }
+
+    /// A client of `endpoint`; the TLS files are used when it is `https://`.
+    pub fn with_tls(endpoint: &str, tls: ClientTls) -> Client {
+        Client {
+            endpoint: endpoint.to_string(),
             tls,
-        })
+        }
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
-    }
-
-    /// A client of another, plain-HTTP endpoint (a throwaway etcd on loopback).
-    pub fn at(&self, endpoint: &str) -> Etcdctl {
-        Etcdctl {
-            bin: self.bin.clone(),
-            endpoint: endpoint.to_string(),
-            tls: Vec::new(),
-        }
     }
 
     /// Whether something listens on the endpoint's port. `Ok(false)` only when every address
@@ -116,18 +102,7 @@ impl Etcdctl {
     /// retries against a closed port.
     pub fn listening(&self) -> Result<bool, Error> {
         use std::net::{TcpStream, ToSocketAddrs};
-        let rest = self
-            .endpoint
-            .split_once("://")
-            .map_or(self.endpoint.as_str(), |(_, r)| r);
-        let hostport = rest.split('/').next().unwrap_or(rest);
-        let hostport = if hostport.rsplit_once(':').is_some_and(|(h, p)| {
-            !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
-        }) {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:2379")
-        };
+        let hostport = host_port(&self.endpoint);
         let fail = |detail: String| Error::EtcdUnreachable {
             endpoint: self.endpoint.clone(),
             detail,
@@ -138,7 +113,7 @@ impl Etcdctl {
             .collect();
         let mut other = None;
         for addr in &addrs {
-            match TcpStream::connect_timeout(addr, std::time::Duration::from_secs(3)) {
+            match TcpStream::connect_timeout(addr, Duration::from_secs(3)) {
                 Ok(_) => return Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 Err(e) => other = Some(format!("{addr}: {e}")),
@@ -154,130 +129,376 @@ impl Etcdctl {
         }
     }
 
-    fn command(&self, dial_timeout: &str) -> Command {
-        let mut cmd = etcd_tool(&self.bin);
-        cmd.arg(format!("--endpoints={}", self.endpoint))
-            .arg(format!("--dial-timeout={dial_timeout}"))
-            .args(&self.tls);
-        cmd
+    fn options(&self) -> Result<ConnectOptions, Error> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(20));
+        if !self.endpoint.starts_with("https://") {
+            return Ok(opts);
+        }
+        let read = |what: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| Error::ConfigInvalid {
+                path: p.to_path_buf(),
+                problem: format!(
+                    "cannot read the client {what} ({e}); the agent reads etcd's TLS files as \
+                     etcdctl does: run it as root"
+                ),
+            })
+        };
+        let mut tls = TlsOptions::new();
+        match &self.tls.trusted_ca_file {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read("CA", ca)?)),
+            None => tls = tls.with_native_roots(),
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("certificate", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(Error::Usage(
+                    "a client certificate needs its key, and a key its certificate (cert-file \
+                     and key-file, or --cert and --key)"
+                        .into(),
+                ))
+            }
+        }
+        opts = opts.with_tls(tls);
+        Ok(opts)
     }
 
-    fn json<T: for<'de> Deserialize<'de>>(&self, args: &[&str]) -> Result<T, Error> {
-        let mut cmd = self.command("5s");
-        cmd.arg("--command-timeout=30s")
-            .args(args)
-            .arg("-w")
-            .arg("json");
-        let out = run_checked(&mut cmd).map_err(|e| self.unreachable(e))?;
-        serde_json::from_str(out.stdout.trim()).map_err(|e| Error::BadOutput {
-            command: display(&cmd),
-            problem: e.to_string(),
+    fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ctx(|| "cannot start the etcd client's runtime".to_string())
+    }
+
+    /// Turns a client error into ours, naming the endpoint and the call.
+    fn error(&self, call: &str, e: &etcd_client::Error) -> Error {
+        let detail = error_chain(e);
+        let unreachable = match e {
+            etcd_client::Error::GRpcStatus(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            _ => false,
+        };
+        if unreachable {
+            Error::EtcdUnreachable {
+                endpoint: self.endpoint.clone(),
+                detail,
+            }
+        } else {
+            Error::Etcd {
+                endpoint: self.endpoint.clone(),
+                call: call.to_string(),
+                detail,
+            }
+        }
+    }
+
+    fn timed_out(&self, call: &str, after: Duration) -> Error {
+        Error::EtcdUnreachable {
+            endpoint: self.endpoint.clone(),
+            detail: format!("{call} got no answer within {}s", after.as_secs()),
+        }
+    }
+
+    /// Runs one call on a runtime of its own. A port that refuses connections fails at once
+    /// (gRPC would keep retrying it until the timeout).
+    fn call<T, F, Fut>(&self, call: &str, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        if !self.listening()? {
+            return Err(Error::EtcdUnreachable {
+                endpoint: self.endpoint.clone(),
+                detail: "connection refused".into(),
+            });
+        }
+        let opts = self.options()?;
+        let rt = Client::runtime()?;
+        rt.block_on(async {
+            let work = async {
+                let c = etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await?;
+                f(c).await
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, work).await {
+                Ok(r) => r.map_err(|e| self.error(call, &e)),
+                Err(_) => Err(self.timed_out(call, CALL_TIMEOUT)),
+            }
         })
     }
 
-    /// Connection failures become `EtcdUnreachable`; anything else stays as it is.
-    fn unreachable(&self, err: Error) -> Error {
-        match err {
-            Error::CommandFailed { stderr, .. }
-                if [
-                    "context deadline exceeded",
-                    "connection refused",
-                    "no such host",
-                    "Unavailable",
-                    "timed out",
-                    "connection reset",
-                    "transport: ",
-                ]
-                .iter()
-                .any(|p| stderr.contains(p)) =>
-            {
-                Error::EtcdUnreachable {
-                    endpoint: self.endpoint.clone(),
-                    detail: last_line(&stderr),
-                }
-            }
-            other => other,
-        }
-    }
-
     pub fn status(&self) -> Result<Status, Error> {
-        #[derive(Deserialize)]
-        struct Header {
-            cluster_id: u64,
-            member_id: u64,
-            #[serde(default)]
-            revision: i64,
-        }
-        #[derive(Deserialize)]
-        struct Inner {
-            header: Header,
-            version: String,
-            #[serde(rename = "dbSize", default)]
-            db_size: u64,
-        }
-        #[derive(Deserialize)]
-        struct Entry {
-            #[serde(rename = "Status")]
-            status: Inner,
-        }
-        let entries: Vec<Entry> = self.json(&["endpoint", "status"])?;
-        let e = entries.into_iter().next().ok_or_else(|| Error::BadOutput {
-            command: "etcdctl endpoint status".into(),
-            problem: "no endpoint in the output".into(),
-        })?;
-        Ok(Status {
-            version: e.status.version,
-            cluster_id: e.status.header.cluster_id,
-            member_id: e.status.header.member_id,
-            revision: e.status.header.revision,
-            db_size: e.status.db_size,
+        self.call("status", |mut c| async move {
+            let r = c.status().await?;
+            let h = r.header();
+            Ok(Status {
+                version: r.version().to_string(),
+                cluster_id: h.map_or(0, |h| h.cluster_id()),
+                member_id: h.map_or(0, |h| h.member_id()),
+                revision: h.map_or(0, |h| h.revision()),
+                db_size: u64::try_from(r.db_size()).unwrap_or(0),
+            })
         })
     }
 
     pub fn members(&self) -> Result<Vec<Member>, Error> {
-        #[derive(Deserialize)]
-        struct List {
-            #[serde(default)]
-            members: Vec<Member>,
-        }
-        Ok(self.json::<List>(&["member", "list"])?.members)
+        self.call("member list", |mut c| async move {
+            let r = c.member_list().await?;
+            Ok(r.members()
+                .iter()
+                .map(|m| Member {
+                    id: m.id(),
+                    name: m.name().to_string(),
+                    peer_urls: m.peer_urls().to_vec(),
+                    is_learner: m.is_learner(),
+                })
+                .collect())
+        })
     }
 
-    /// Number of live keys at `revision`.
+    /// Number of live keys at `revision`: one count-only Range over all keys.
     pub fn key_count(&self, revision: i64) -> Result<u64, Error> {
-        #[derive(Deserialize)]
-        struct Count {
-            #[serde(default)]
-            count: u64,
+        self.call("range count", |mut c| async move {
+            let opts = GetOptions::new()
+                .with_all_keys()
+                .with_count_only()
+                .with_revision(revision);
+            let r = c.get("", Some(opts)).await?;
+            Ok(u64::try_from(r.count()).unwrap_or(0))
+        })
+    }
+
+    /// Opens etcd's snapshot stream. A thread of its own receives it (so the network keeps
+    /// flowing while the caller compresses) and hands it over in etcd's 32 KiB messages
+    /// through a bounded queue. Returns once the first message has arrived: it announces the
+    /// size.
+    pub fn snapshot(&self) -> Result<SnapshotStream, Error> {
+        if !self.listening()? {
+            return Err(Error::EtcdUnreachable {
+                endpoint: self.endpoint.clone(),
+                detail: "connection refused".into(),
+            });
         }
-        let rev = format!("--rev={revision}");
-        // `count` is the size of the whole range whatever the limit; etcdctl 3.4 has no
-        // --count-only, so ask for one key name and read the count.
-        let args = ["get", "", "--prefix", "--keys-only", "--limit=1", &rev];
-        Ok(self.json::<Count>(&args)?.count)
+        let opts = self.options()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Option<Vec<u8>>, Error>>(64);
+        let (first_tx, first_rx) = std::sync::mpsc::channel::<Result<(Vec<u8>, u64), Error>>();
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("etcd-snapshot".into())
+            .spawn(move || me.receive(opts, &first_tx, &tx))
+            .ctx(|| "cannot start the snapshot receiver".to_string())?;
+        let (first, remaining) = first_rx.recv().unwrap_or_else(|_| {
+            Err(Error::EtcdUnreachable {
+                endpoint: self.endpoint.clone(),
+                detail: "the snapshot stream ended before it started".into(),
+            })
+        })?;
+        let db = remaining + first.len() as u64;
+        Ok(SnapshotStream {
+            endpoint: self.endpoint.clone(),
+            size: db + 32,
+            received: first.len() as u64,
+            chunk: first,
+            at: 0,
+            rx,
+            ended: false,
+            failure: None,
+            thread: Some(thread),
+        })
     }
 
-    /// Starts `etcdctl snapshot save`: a consistent copy through the snapshot API, written to
-    /// `<path>.part` and renamed to `path` when complete. Finish with `finish_save`.
-    pub fn snapshot_save_start(&self, path: &Path, log: &Path) -> Result<Running, Error> {
-        let mut cmd = self.command("10s");
-        cmd.arg("snapshot").arg("save").arg(path);
-        spawn_logged(&mut cmd, log)
-    }
-
-    /// Waits for a save started by `snapshot_save_start`.
-    pub fn finish_save(&self, save: &mut Running) -> Result<(), Error> {
-        save.wait().map(drop).map_err(|e| self.unreachable(e))
+    /// The receiving thread: sends the first message's bytes and remaining count on `first`,
+    /// then every further message on `rest`, then `None` at the stream's end.
+    fn receive(
+        &self,
+        opts: ConnectOptions,
+        first: &std::sync::mpsc::Sender<Result<(Vec<u8>, u64), Error>>,
+        rest: &std::sync::mpsc::SyncSender<Result<Option<Vec<u8>>, Error>>,
+    ) {
+        let rt = match Client::runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = first.send(Err(e));
+                return;
+            }
+        };
+        rt.block_on(async {
+            let open = async {
+                let mut c =
+                    etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await?;
+                let mut stream = c.snapshot().await?;
+                let m = stream.message().await?;
+                Ok::<_, etcd_client::Error>((c, stream, m))
+            };
+            let (_client, mut stream, m) = match tokio::time::timeout(CALL_TIMEOUT, open).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    let _ = first.send(Err(self.error("snapshot", &e)));
+                    return;
+                }
+                Err(_) => {
+                    let _ = first.send(Err(self.timed_out("snapshot", CALL_TIMEOUT)));
+                    return;
+                }
+            };
+            let Some(m) = m else {
+                let _ = first.send(Err(Error::EtcdUnreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: "the snapshot stream ended before it started".into(),
+                }));
+                return;
+            };
+            let remaining = m.remaining_bytes();
+            if first.send(Ok((m.0.blob, remaining))).is_err() {
+                return;
+            }
+            loop {
+                let next = match tokio::time::timeout(STREAM_STALL, stream.message()).await {
+                    Ok(Ok(Some(m))) => Ok(Some(m.0.blob)),
+                    Ok(Ok(None)) => Ok(None),
+                    Ok(Err(e)) => Err(self.error("snapshot", &e)),
+                    Err(_) => Err(self.timed_out("the snapshot stream", STREAM_STALL)),
+                };
+                let end = !matches!(next, Ok(Some(_)));
+                // The reader went away (the archive failed): stop, which cancels the stream.
+                if rest.send(next).is_err() || end {
+                    return;
+                }
+            }
+        });
     }
 }
 
-fn last_line(s: &str) -> String {
-    s.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("no output")
-        .trim()
-        .to_string()
+/// `host:port` of a client URL (port 2379 when it has none).
+fn host_port(endpoint: &str) -> String {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+    }) {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:2379")
+    }
+}
+
+/// An error and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// etcd's snapshot stream as a `Read`: the db's bytes, then the 32-byte sha256 etcd sends
+/// last. `size` is what the first message announced; a stream that ends early, runs long or
+/// breaks is a read error, and the typed cause is kept for `take_failure`.
+pub struct SnapshotStream {
+    endpoint: String,
+    /// Bytes the stream announced: the db and etcd's 32-byte digest.
+    pub size: u64,
+    received: u64,
+    chunk: Vec<u8>,
+    at: usize,
+    rx: std::sync::mpsc::Receiver<Result<Option<Vec<u8>>, Error>>,
+    ended: bool,
+    failure: Option<Error>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SnapshotStream {
+    /// Why the stream failed, when it did.
+    pub fn take_failure(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    fn fail(&mut self, e: Error) -> std::io::Error {
+        let io = std::io::Error::other(e.to_string());
+        self.failure = Some(e);
+        io
+    }
+}
+
+impl std::io::Read for SnapshotStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(e) = &self.failure {
+            return Err(std::io::Error::other(e.to_string()));
+        }
+        while self.at == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(Some(data))) => {
+                    self.received += data.len() as u64;
+                    if self.received > self.size {
+                        let e = Error::EtcdUnreachable {
+                            endpoint: self.endpoint.clone(),
+                            detail: format!(
+                                "etcd sent more than the {} bytes it announced",
+                                self.size
+                            ),
+                        };
+                        return Err(self.fail(e));
+                    }
+                    self.chunk = data;
+                    self.at = 0;
+                }
+                Ok(Ok(None)) => {
+                    self.ended = true;
+                    if self.received != self.size {
+                        let e = Error::EtcdUnreachable {
+                            endpoint: self.endpoint.clone(),
+                            detail: format!(
+                                "the snapshot stream ended after {} of the {} bytes etcd \
+                                 announced",
+                                self.received, self.size
+                            ),
+                        };
+                        return Err(self.fail(e));
+                    }
+                }
+                Ok(Err(e)) => return Err(self.fail(e)),
+                Err(_) => {
+                    let e = Error::EtcdUnreachable {
+                        endpoint: self.endpoint.clone(),
+                        detail: "the snapshot receiver stopped".into(),
+                    };
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl Drop for SnapshotStream {
+    fn drop(&mut self) {
+        // Closing the queue stops the receiver at its next message.
+        let (_, rx) = std::sync::mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, rx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What `snapshot status` reads from a db file.

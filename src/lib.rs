@@ -16,7 +16,9 @@ pub mod juju;
 pub mod manifest;
 pub mod pgzip;
 pub mod process;
+pub mod progress;
 pub mod retention;
+pub mod revision;
 pub mod store;
 
 use std::ffi::OsString;

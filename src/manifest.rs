@@ -29,6 +29,9 @@ pub struct Manifest {
     pub member_name: Option<String>,
     #[serde(default)]
     pub revision: Option<i64>,
+    /// Why `revision` is absent, when it could not be established exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_note: Option<String>,
     #[serde(default)]
     pub keys: Option<u64>,
     pub db_size: u64,
@@ -50,6 +53,7 @@ impl Manifest {
             member_id: None,
             member_name: None,
             revision: None,
+            revision_note: None,
             keys: None,
             db_size: 0,
             db_sha256: String::new(),

@@ -10,19 +10,20 @@ pub mod verify;
 
 use std::cell::RefCell;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::rc::Rc;
 
-use crate::archive::{pack, pack_file, pack_stream, snapshot_size_from_meta, Packed};
+use crate::archive::{pack, pack_stream, Packed};
 use crate::config::{EtcdConfig, Settings};
 use crate::error::{human_size, Error, IoContext};
-use crate::etcd::{hex_id, Etcdctl, OfflineTool, Status};
+use crate::etcd::{hex_id, Client, Status};
 use crate::fsutil::{pid_alive, Dir, UnitLock};
 use crate::juju::{Reporter, Results};
 use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
-use crate::process::Running;
+use crate::progress::{Counted, Progress};
+use crate::revision::RevisionFinder;
 use crate::store::{Store, StoreConfig, TeeFile, UploadTee};
 
 /// Prefix of temp entries this tool makes in a target directory.
@@ -56,9 +57,9 @@ pub fn pause_point(name: &str) {
         }
         let dir = Path::new(dir);
         let _ = fs::write(dir.join(format!("{name}.reached")), b"");
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while !dir.join(format!("{name}.go")).exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
     #[cfg(not(feature = "failpoints"))]
@@ -170,10 +171,7 @@ pub fn upload_file(
 /// Where the db of a new archive comes from.
 pub enum DbSource<'a> {
     /// etcd's snapshot API on this unit's member.
-    Live {
-        etcdctl: &'a Etcdctl,
-        offline: &'a OfflineTool,
-    },
+    Live { client: &'a Client },
     /// A copy of `member/snap/db` of a stopped etcd.
     RawCopy { db: PathBuf },
 }
@@ -327,31 +325,27 @@ pub fn write_archive(
 
     let mut manifest = Manifest::new(unit.reporter.unit(), SOURCE_SNAPSHOT);
     let packed = match source {
-        DbSource::Live { etcdctl, offline } => {
-            unit.log(&format!("checking etcd at {}", etcdctl.endpoint()));
-            let status = etcdctl.status()?;
-            let name = etcdctl
+        DbSource::Live { client } => {
+            unit.log(&format!("checking etcd at {}", client.endpoint()));
+            let status = client.status()?;
+            let name = client
                 .members()?
                 .into_iter()
                 .find(|m| m.id == status.member_id)
                 .map(|m| m.name);
-            // etcdctl writes the db; the archive is at most about as large again.
-            target.require_space(
-                status.db_size.saturating_mul(2) + (64 << 20),
-                "the snapshot",
-            )?;
+            // Only the compressed archive is written: at most about the db's size.
+            target.require_space(status.db_size + (64 << 20), "the snapshot")?;
             unit.log(&format!(
-                "saving and archiving a snapshot of member {} ({} db)",
+                "streaming a snapshot of member {} ({} db)",
                 hex_id(status.member_id),
                 human_size(status.db_size)
             ));
             let member = Member {
                 status,
                 name,
-                etcdctl,
-                offline,
+                client,
             };
-            save_and_pack(unit, &member, &tmp.dir, out, upload, manifest)?
+            stream_and_pack(unit, &member, out, upload, manifest)?
         }
         DbSource::RawCopy { db } => {
             let size = crate::config::metadata(&db)?.len();
@@ -380,185 +374,79 @@ const ARCHIVE_TMP: &str = "archive.tar.gz";
 struct Member<'a> {
     status: Status,
     name: Option<String>,
-    etcdctl: &'a Etcdctl,
-    offline: &'a OfflineTool,
+    client: &'a Client,
 }
 
-/// Reads a file that etcdctl is still writing: at its current end it waits for more until
-/// etcdctl has exited.
-struct Growing<'a> {
-    file: File,
-    save: &'a RefCell<Running>,
-}
-
-impl Read for Growing<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let n = self.file.read(buf)?;
-            if n > 0 || buf.is_empty() {
-                return Ok(n);
-            }
-            let exited = self.save.borrow_mut().exited().map_err(io::Error::other)?;
-            if exited {
-                // One more read: the last bytes may have landed just before the exit.
-                return self.file.read(buf);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-/// Takes the snapshot and archives it in the same pass: the archive is written while etcdctl
-/// is still receiving the snapshot, reading its `.part` file as it grows, with the db's size
-/// read from its first page (bbolt's meta). Whatever the stream did, the db is checked against
-/// etcd's sha256 trailer and its final size against the size archived; if the first page is
-/// not a bbolt meta page, or the sizes differ, the finished file is archived instead.
-/// etcdctl writes into `tmp` through `/proc/<pid>/fd`, so a renamed or swapped temp dir
-/// cannot redirect it.
-fn save_and_pack(
+/// Takes the snapshot from etcd's stream and archives it in the same pass: the db is hashed,
+/// checked against etcd's trailing sha256, walked for its revision and compressed as it
+/// arrives; only the compressed archive is written. The stream must end exactly where its
+/// first message said it would.
+fn stream_and_pack(
     unit: &Unit<'_>,
     m: &Member<'_>,
-    tmp: &Dir,
     out: File,
     upload: Option<UploadTee>,
     manifest: Manifest,
 ) -> Result<Packed, Error> {
-    let db = tmp.proc_path("db");
-    let log = unit
-        .state
-        .join(format!("etcdctl-save-{}.log", std::process::id()));
-    let save = RefCell::new(m.etcdctl.snapshot_save_start(&db, &log)?);
-    let finish = || m.etcdctl.finish_save(&mut save.borrow_mut());
-    let file = loop {
-        if let Ok(f) = tmp.open_file("db.part").or_else(|_| tmp.open_file("db")) {
-            break f;
-        }
-        if save.borrow_mut().exited()? {
-            finish()?;
-            break tmp.open_file("db").map_err(|e| {
-                Error::io(
-                    format!("etcdctl wrote no db ({e})"),
-                    io::ErrorKind::NotFound.into(),
-                )
-            })?;
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    let mut stream = m.client.snapshot()?;
+    let size = stream.size;
+    let finder = Rc::new(RefCell::new(RevisionFinder::new(m.status.revision)));
+    let source = crate::revision::Tap {
+        inner: Counted {
+            inner: &mut stream,
+            progress: Progress::new(unit.reporter, "snapshot", size),
+        },
+        finder: finder.clone(),
     };
-    // The size of the db etcdctl finished writing (opened anew: it renames `.part` to `db`).
-    let finished_size = || -> Result<u64, Error> {
-        Ok(tmp
-            .open_file("db")?
-            .metadata()
-            .ctx(|| "cannot stat the snapshot".to_string())?
-            .len())
-    };
-    let mut growing = Growing { file, save: &save };
-    let mut head = Vec::with_capacity(4096);
-    (&mut growing)
-        .take(4096)
-        .read_to_end(&mut head)
-        .ctx(|| "cannot read the snapshot etcdctl is writing".to_string())?;
-    let level = unit.settings.compression_level;
-    let describe = |manifest: &mut Manifest| -> Result<(), Error> {
-        let revision = m.offline.db_status(&db)?.revision;
-        let keys = match m.etcdctl.key_count(revision) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                unit.log(&format!("could not count keys at revision {revision}: {e}"));
-                None
-            }
-        };
-        manifest.etcd_version = Some(m.status.version.clone());
-        manifest.cluster_id = Some(hex_id(m.status.cluster_id));
-        manifest.member_id = Some(hex_id(m.status.member_id));
-        manifest.member_name.clone_from(&m.name);
-        manifest.revision = Some(revision);
-        manifest.keys = keys;
-        Ok(())
-    };
-    if let Some(size) = snapshot_size_from_meta(&head) {
-        let retry = out
-            .try_clone()
-            .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
-        let streamed = pack_stream(
-            io::Cursor::new(head).chain(growing),
-            size,
-            "the snapshot stream",
-            true,
-            |_| {
-                finish()?;
-                let actual = finished_size()?;
-                if actual != size {
+    let packed = pack_stream(
+        source,
+        size,
+        "etcd's snapshot stream",
+        true,
+        |_| {
+            let finder = finder.replace(RevisionFinder::new(0));
+            if let Some(pages) = finder.db_size() {
+                if pages + 32 != size {
                     return Err(Error::Mismatch {
                         what: "the snapshot's size".into(),
-                        expected: format!("{size} bytes (from its bbolt meta page)"),
-                        actual: format!("{actual} bytes"),
-                        hint: "etcd sent another size than its first page announced".into(),
+                        expected: format!("{} bytes (from its bbolt meta page)", pages + 32),
+                        actual: format!("{size} bytes"),
+                        hint: "etcd sent another size than its first page announced; take the \
+                               snapshot again"
+                            .into(),
                     });
                 }
-                let mut manifest = manifest.clone();
-                describe(&mut manifest)?;
-                Ok(manifest)
-            },
-            TeeFile { file: out, upload },
-            level,
-        );
-        match streamed {
-            Ok(packed) => return Ok(packed),
-            Err(e) => {
-                // etcdctl's own failure says more than a short stream does.
-                finish()?;
-                // The meta page announced another size than etcd sent (the stream ended
-                // early or ran long): archive the finished file instead. Same size: the
-                // error stands (a trailer mismatch is corruption, not a misread size).
-                let actual = finished_size()?;
-                if actual == size {
-                    return Err(e);
-                }
-                unit.log(&format!("{e}; archiving the finished file instead"));
-                rewind(&retry)?;
-                return pack_finished(unit, tmp, &describe, manifest, retry.into(), level);
             }
-        }
-    }
-    finish()?;
-    pack_finished(
-        unit,
-        tmp,
-        &describe,
-        manifest,
+            let mut manifest = manifest;
+            manifest.etcd_version = Some(m.status.version.clone());
+            manifest.cluster_id = Some(hex_id(m.status.cluster_id));
+            manifest.member_id = Some(hex_id(m.status.member_id));
+            manifest.member_name.clone_from(&m.name);
+            match finder.finish() {
+                Ok(revision) => {
+                    manifest.revision = Some(revision);
+                    manifest.keys = match m.client.key_count(revision) {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            unit.log(&format!("could not count keys at revision {revision}: {e}"));
+                            None
+                        }
+                    };
+                }
+                Err(why) => {
+                    unit.log(&format!("the snapshot's revision is unknown: {why}"));
+                    manifest.revision_note = Some(format!(
+                        "unknown: {why}; `etcdutl snapshot status` on the db tells it"
+                    ));
+                }
+            }
+            Ok(manifest)
+        },
         TeeFile { file: out, upload },
-        level,
-    )
-}
-
-/// Empties an archive file to write it again.
-fn rewind(file: &File) -> Result<(), Error> {
-    use std::io::Seek;
-    file.set_len(0)
-        .and_then(|()| (&*file).seek(io::SeekFrom::Start(0)).map(drop))
-        .ctx(|| "cannot rewind the archive".to_string())
-}
-
-fn pack_finished(
-    unit: &Unit<'_>,
-    tmp: &Dir,
-    describe: &dyn Fn(&mut Manifest) -> Result<(), Error>,
-    mut manifest: Manifest,
-    out: TeeFile,
-    level: u32,
-) -> Result<Packed, Error> {
-    unit.log("writing archive");
-    describe(&mut manifest)?;
-    let db = tmp.open_file("db")?;
-    pack_file(
-        db,
-        &tmp.join("db").display().to_string(),
-        manifest,
-        true,
-        out,
-        level,
-    )
+        unit.settings.compression_level,
+    );
+    // The stream's own failure says more than "cannot write archive".
+    packed.map_err(|e| stream.take_failure().unwrap_or(e))
 }
 
 /// Names and publishes the archive `ARCHIVE_TMP` of `tmp` in `target`, with its sidecar,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::{crash_point, open_target, write_archive, Archive, DbSource, Unit};
 use crate::archive::{Layout, Unpacked};
 use crate::error::{human_size, Error, IoContext};
-use crate::etcd::{hex_id, Etcdctl, OfflineTool, RestoreRequest, Status, Version};
+use crate::etcd::{hex_id, Client, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
     exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic, Dir,
     TempPath,
@@ -347,7 +347,7 @@ fn members_on_disk(unit: &Unit<'_>) -> (Vec<String>, String) {
 
 /// Refuses when this unit is not alone: Juju peers, or other etcd members (asked of etcd when
 /// it runs, read from disk when it is stopped).
-fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) -> Result<(), Error> {
+fn refuse_scaled(unit: &Unit<'_>, client: &Client, status: Option<&Status>) -> Result<(), Error> {
     if unit.reporter.is_juju() {
         let peers = unit.reporter.peers("cluster")?;
         if !peers.is_empty() {
@@ -361,7 +361,7 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
         }
     }
     let (mut names, what) = if status.is_some() {
-        let names = etcdctl
+        let names = client
             .members()?
             .iter()
             .map(|m| {
@@ -389,13 +389,13 @@ fn refuse_scaled(unit: &Unit<'_>, etcdctl: &Etcdctl, status: Option<&Status>) ->
 }
 
 /// Waits for etcd to answer, then checks it is the restored cluster.
-fn wait_healthy(unit: &Unit<'_>, etcdctl: &Etcdctl) -> Result<Status, Error> {
+fn wait_healthy(unit: &Unit<'_>, client: &Client) -> Result<Status, Error> {
     let deadline = Instant::now() + unit.settings.start_timeout;
     loop {
-        let answer = match etcdctl.listening() {
-            Ok(true) => etcdctl.status(),
+        let answer = match client.listening() {
+            Ok(true) => client.status(),
             Ok(false) => Err(Error::EtcdUnreachable {
-                endpoint: etcdctl.endpoint().to_string(),
+                endpoint: client.endpoint().to_string(),
                 detail: "connection refused".into(),
             }),
             Err(e) => Err(e),
@@ -424,15 +424,15 @@ struct Expected {
 
 fn verify_restored(
     unit: &Unit<'_>,
-    etcdctl: &Etcdctl,
+    client: &Client,
     want: &Expected,
 ) -> Result<(Status, u64), Error> {
-    let status = wait_healthy(unit, etcdctl)?;
+    let status = wait_healthy(unit, client)?;
     let fail = |detail: String| Error::RestoreFailed {
         detail,
         outcome: String::new(),
     };
-    let members = etcdctl.members()?;
+    let members = client.members()?;
     if members.len() != 1 {
         return Err(fail(format!(
             "the restored cluster has {} members instead of 1",
@@ -450,7 +450,7 @@ fn verify_restored(
             )));
         }
     }
-    let keys = etcdctl.key_count(status.revision)?;
+    let keys = client.key_count(status.revision)?;
     if let Some(k) = want.keys {
         if keys != k {
             return Err(fail(format!(
@@ -518,13 +518,10 @@ enum Health {
 }
 
 fn health(unit: &Unit<'_>) -> Health {
-    let etcdctl = match Etcdctl::new(unit.settings, &unit.config) {
-        Ok(e) => e,
-        Err(e) => return Health::Failing(e.to_string()),
-    };
-    match etcdctl.listening() {
+    let client = Client::new(&unit.config);
+    match client.listening() {
         Ok(false) => Health::Stopped,
-        Ok(true) => match etcdctl.status() {
+        Ok(true) => match client.status() {
             Ok(_) => Health::Healthy,
             Err(e) => Health::Failing(e.to_string()),
         },
@@ -540,7 +537,7 @@ fn restore(
 ) -> Result<(), Error> {
     let r = unit.reporter;
     // Resolve everything before any side effect.
-    let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
+    let client = Client::new(&unit.config);
     let offline = OfflineTool::detect(unit.settings)?;
     if let Some(wal) = &unit.config.wal_dir {
         return Err(Error::Refused(format!(
@@ -596,18 +593,18 @@ fn restore(
 
     // Offline only when nothing listens on the client port; a timeout or a TLS failure is an
     // error, not a stopped etcd.
-    let status = if etcdctl.listening()? {
+    let status = if client.listening()? {
         *was_online = Some(true);
-        Some(etcdctl.status()?)
+        Some(client.status()?)
     } else {
         *was_online = Some(false);
         unit.log(&format!(
             "nothing listens at {} (connection refused); restoring offline",
-            etcdctl.endpoint()
+            client.endpoint()
         ));
         None
     };
-    refuse_scaled(unit, &etcdctl, status.as_ref())?;
+    refuse_scaled(unit, &client, status.as_ref())?;
 
     // Verify the archive completely, into the state dir on the data filesystem, leaving the
     // live etcd its reserve whatever the archive's headers claim, and check what can be
@@ -653,10 +650,7 @@ fn restore(
             let b = write_archive(
                 unit,
                 target,
-                DbSource::Live {
-                    etcdctl: &etcdctl,
-                    offline: &offline,
-                },
+                DbSource::Live { client: &client },
                 "etcd-backup",
                 None,
             )?;
@@ -832,7 +826,7 @@ fn restore(
         .and_then(|()| {
             crash_point("restore-after-start");
             unit.log("waiting for etcd to become healthy");
-            verify_restored(unit, &etcdctl, &want)
+            verify_restored(unit, &client, &want)
         });
     let (new_status, keys) = match started {
         Ok(v) => v,
@@ -840,7 +834,7 @@ fn restore(
             unit.log(&format!(
                 "the restored etcd failed its checks ({err}); putting the previous data back"
             ));
-            let (outcome, keep_journal) = roll_back(unit, &etcdctl, &p, old_inode.is_some());
+            let (outcome, keep_journal) = roll_back(unit, &client, &p, old_inode.is_some());
             if !keep_journal {
                 remove_any(&p.journal)?;
             }
@@ -921,7 +915,7 @@ fn restore(
 /// Puts the previous data back after a failed start, and starts it. Returns what happened,
 /// for the error message, and whether the journal must stay for the next run (a service
 /// command timed out, so etcd's state is unknown).
-fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> (String, bool) {
+fn roll_back(unit: &Unit<'_>, client: &Client, p: &Paths, had_old: bool) -> (String, bool) {
     if let Err(e @ Error::ServiceTimeout { .. }) = stop_service(unit) {
         return (
             format!(
@@ -959,7 +953,7 @@ fn roll_back(unit: &Unit<'_>, etcdctl: &Etcdctl, p: &Paths, had_old: bool) -> (S
             false,
         );
     }
-    match wait_healthy(unit, etcdctl) {
+    match wait_healthy(unit, client) {
         Ok(_) => (
             "the previous data was put back and etcd restarted".into(),
             false,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::{write_archive, DbSource, Unit};
 use crate::catalog;
 use crate::error::Error;
-use crate::etcd::{hex_id, Etcdctl, OfflineTool};
+use crate::etcd::{hex_id, Client};
 use crate::juju::Results;
 
 #[derive(Debug, Clone)]
@@ -18,15 +18,14 @@ pub struct SnapshotOptions {
 
 pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Result<(), Error> {
     // Resolve every tool before any side effect.
-    let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
-    let offline = OfflineTool::detect(unit.settings)?;
+    let client = Client::new(&unit.config);
     let store = unit.store()?;
     let target = super::open_target(unit, &opts.target)?;
     let _lock = unit.lock("snapshot")?;
     // A restore that crashed must be finished or rolled back before etcd is read.
     super::restore::recover(unit)?;
     if opts.if_changed {
-        let status = etcdctl.status()?;
+        let status = client.status()?;
         let entries = catalog::list(unit, &opts.target, store.as_ref())?;
         // The newest snapshot archive this tool wrote (backups and foreign files aside).
         if let Some(newest) = entries
@@ -71,10 +70,7 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     let archive = write_archive(
         unit,
         &target,
-        DbSource::Live {
-            etcdctl: &etcdctl,
-            offline: &offline,
-        },
+        DbSource::Live { client: &client },
         "etcd-snapshot",
         upload.as_ref().map(|u| u.tee()),
     )?;

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use super::restore::{random_token, WAL_SEGMENT};
 use super::Unit;
 use crate::catalog::{self, Checked, Wanted};
+use crate::config::ClientTls;
 use crate::error::{human_size, Error, IoContext};
-use crate::etcd::{Etcdctl, OfflineTool, RestoreRequest};
+use crate::etcd::{Client, OfflineTool, RestoreRequest};
 use crate::fsutil::{free_bytes, TempPath};
 use crate::juju::Results;
 
@@ -26,7 +27,6 @@ pub struct VerifyOptions {
 pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Result<(), Error> {
     let started = Instant::now();
     let offline = OfflineTool::detect(unit.settings)?;
-    let etcdctl = Etcdctl::new(unit.settings, &unit.config)?;
     let etcd_bin = if opts.deep {
         Some(etcd_binary(&offline)?)
     } else {
@@ -83,7 +83,7 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
             );
             "not run".to_string()
         }
-        Some(bin) => match drill(unit, &offline, &etcdctl, bin, dest.path(), &checked) {
+        Some(bin) => match drill(unit, &offline, bin, dest.path(), &checked) {
             Ok(keys) => {
                 results.set("verify.keys", keys);
                 "passed".to_string()
@@ -150,7 +150,6 @@ impl Drop for Throwaway {
 fn drill(
     unit: &Unit<'_>,
     offline: &OfflineTool,
-    etcdctl: &Etcdctl,
     etcd: &Path,
     db: &Path,
     checked: &Checked,
@@ -216,7 +215,7 @@ fn drill(
         "drill: throwaway etcd (pid {}) on {client_url}",
         child.0.id()
     ));
-    let ctl = etcdctl.at(&client_url);
+    let ctl = Client::with_tls(&client_url, ClientTls::default());
     let deadline = Instant::now() + unit.settings.start_timeout;
     let status = loop {
         match ctl.listening().and_then(|up| {

@@ -1,0 +1,480 @@
+//! The snapshot's revision, read from the bbolt pages as etcd streams them: no db file, one
+//! forward pass, memory bounded by the number of branch pages.
+//!
+//! The revision is the main revision of the largest key of the `key` bucket, as
+//! `etcdutl snapshot status` reports it. bbolt's `tx.WriteTo` sends both meta pages (from the
+//! snapshot's transaction), then every page from 2 to the high-water mark in id order, freed
+//! pages included. A child page may come before its parent, so what the final lookup may need
+//! is remembered as it goes by:
+//! - every branch page's last child, and its child covering the name `key` (for the root
+//!   bucket);
+//! - the `key` bucket's entry of every leaf that holds one (its root page, or its inline page's
+//!   last key);
+//! - the last key of every leaf whose last key looks like a revision and is at least the
+//!   revision etcd reported before the stream started (the snapshot's cannot be lower), or
+//!   whose id a branch seen earlier names as its last child; and, as a safety net, the leaves
+//!   with the largest last keys below that bound.
+//!
+//! At the end the tree is followed from the meta page's root: root bucket → `key` bucket →
+//! last children → last key. A page is only taken as a page when its header carries its own id
+//! (freed pages keep theirs; the middle of a large value does not), so a stale overflow count
+//! never hides a live page. If anything the lookup needs was not seen, the answer is "unknown",
+//! never a guess.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+const MAGIC: u32 = 0xED0C_DAED;
+const BRANCH: u16 = 0x01;
+const LEAF: u16 = 0x02;
+const BUCKET_LEAF: u32 = 0x01;
+const HEADER: usize = 16;
+/// Leaves below the bound kept as a safety net (tombstones removed by a compaction can leave
+/// the largest key below the revision etcd reports).
+const SPARE_LEAVES: usize = 256;
+/// Bytes captured from one page at most (keys and a small inline bucket).
+const MAX_CAPTURE: usize = 1 << 20;
+
+fn le_u16(b: &[u8], o: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+}
+fn le_u32(b: &[u8], o: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+}
+fn le_u64(b: &[u8], o: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+}
+
+fn fnv64a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A key of the `key` bucket: 8-byte big-endian main revision, `_`, 8-byte sub revision, and
+/// an optional `t` (tombstone).
+fn is_revision_key(k: &[u8]) -> bool {
+    (k.len() == 17 || k.len() == 18) && k[8] == b'_'
+}
+
+fn main_revision(k: &[u8]) -> i64 {
+    i64::from_be_bytes(k[..8].try_into().expect("8 bytes"))
+}
+
+/// Where the `key` bucket's tree is, as a leaf of the root bucket records it.
+#[derive(Debug, Clone)]
+enum KeyBucket {
+    Page(u64),
+    /// Inline: the last key of its page (`None` when it is empty).
+    Inline(Option<Vec<u8>>),
+}
+
+/// A byte range of the current page to keep.
+struct Want {
+    start: usize,
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+/// The page being read.
+struct Page {
+    id: u64,
+    flags: u16,
+    count: usize,
+    span: usize,
+    /// Bytes of this page seen so far.
+    seen: usize,
+    /// The header and element table (`HEADER + count * 16` bytes).
+    table: Vec<u8>,
+    /// Ranges to capture, known once the table is complete; `None` until then.
+    wants: Option<Vec<Want>>,
+    /// Set when the page asks for more than `MAX_CAPTURE`: it is then ignored.
+    too_large: bool,
+}
+
+/// Feed it the snapshot stream's bytes in order with `update`; `finish` gives the revision.
+pub struct RevisionFinder {
+    /// Leaves whose last key is at least this are remembered.
+    bound: Vec<u8>,
+    pos: u64,
+    page_size: usize,
+    /// From the first meta page: the root bucket's page and the high-water mark.
+    root: u64,
+    hwm: u64,
+    meta: Vec<u8>,
+    active: Vec<Page>,
+    /// The next page boundary's header, when it straddles two reads.
+    head: Vec<u8>,
+    branches: HashMap<u64, (u64, u64)>,
+    last_children: HashSet<u64>,
+    leaves: HashMap<u64, Vec<u8>>,
+    spare: BinaryHeap<Reverse<(Vec<u8>, u64)>>,
+    key_buckets: HashMap<u64, KeyBucket>,
+    problem: Option<String>,
+}
+
+impl RevisionFinder {
+    /// `at_least`: the revision etcd reported just before the stream started (0 when unknown:
+    /// then every leaf's last key is remembered).
+    pub fn new(at_least: i64) -> RevisionFinder {
+        RevisionFinder {
+            bound: at_least.max(0).to_be_bytes().to_vec(),
+            pos: 0,
+            page_size: 0,
+            root: 0,
+            hwm: 0,
+            meta: Vec::new(),
+            active: Vec::new(),
+            head: Vec::new(),
+            branches: HashMap::new(),
+            last_children: HashSet::new(),
+            leaves: HashMap::new(),
+            spare: BinaryHeap::new(),
+            key_buckets: HashMap::new(),
+            problem: None,
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.problem.is_none() {
+            self.problem = Some(why);
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && self.problem.is_none() {
+            if self.page_size == 0 {
+                // The first meta page: page size, root bucket and high-water mark.
+                let need = HEADER + 64 - self.meta.len();
+                let n = need.min(data.len());
+                self.meta.extend_from_slice(&data[..n]);
+                if self.meta.len() == HEADER + 64 {
+                    self.read_meta();
+                }
+                self.pos += n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let ps = self.page_size as u64;
+            let end = self.hwm * ps;
+            if self.pos >= end {
+                // etcd's sha256 trailer.
+                self.pos += data.len() as u64;
+                return;
+            }
+            // Up to the next page boundary (or the end of the pages).
+            let next = ((self.pos / ps) + 1) * ps;
+            let take = (next.min(end) - self.pos).min(data.len() as u64) as usize;
+            let (chunk, rest) = data.split_at(take);
+            let in_page = (self.pos % ps) as usize;
+            if self.pos / ps >= 2 && in_page < HEADER {
+                let n = (HEADER - in_page).min(chunk.len());
+                self.head.extend_from_slice(&chunk[..n]);
+                if self.head.len() == HEADER {
+                    let head = std::mem::take(&mut self.head);
+                    self.start_page(self.pos / ps, &head);
+                }
+            }
+            self.feed_active(chunk);
+            self.pos += take as u64;
+            data = rest;
+        }
+    }
+
+    fn read_meta(&mut self) {
+        let m = &self.meta[HEADER..];
+        let valid = le_u32(m, 0) == Some(MAGIC)
+            && le_u32(m, 4) == Some(2)
+            && le_u64(m, 56) == Some(fnv64a(&m[..56]));
+        let page_size = le_u32(m, 8).unwrap_or(0) as usize;
+        if !valid || !(512..=65536).contains(&page_size) {
+            self.fail("the stream does not start with a valid bbolt meta page".into());
+            return;
+        }
+        self.page_size = page_size;
+        self.root = le_u64(m, 16).unwrap_or(0);
+        self.hwm = le_u64(m, 40).unwrap_or(0);
+    }
+
+    /// A page boundary: a page starts here when its header carries this id.
+    fn start_page(&mut self, pgid: u64, head: &[u8]) {
+        let id = le_u64(head, 0).unwrap_or(u64::MAX);
+        let flags = le_u16(head, 8).unwrap_or(0);
+        if id != pgid || (flags != BRANCH && flags != LEAF) {
+            return;
+        }
+        let count = usize::from(le_u16(head, 10).unwrap_or(0));
+        let overflow = u64::from(le_u32(head, 12).unwrap_or(0));
+        // Pages never run past the high-water mark.
+        let pages = (overflow + 1).min(self.hwm.saturating_sub(pgid)).max(1);
+        let span = pages as usize * self.page_size;
+        let table_len = HEADER + count * 16;
+        if table_len > span {
+            return;
+        }
+        let mut table = Vec::with_capacity(table_len);
+        table.extend_from_slice(head);
+        // `seen` is where in the page the chunk being fed starts; `feed_active` skips the
+        // header bytes, which are already in `table`.
+        self.active.push(Page {
+            id,
+            flags,
+            count,
+            span,
+            seen: (self.pos % self.page_size as u64) as usize,
+            table,
+            wants: None,
+            too_large: false,
+        });
+    }
+
+    fn feed_active(&mut self, chunk: &[u8]) {
+        let mut done = Vec::new();
+        for (i, page) in self.active.iter_mut().enumerate() {
+            let mut data = chunk;
+            // The page's own first bytes (its header) are already in `table`.
+            while !data.is_empty() {
+                let at = page.seen;
+                if at >= page.span {
+                    break;
+                }
+                let n = (page.span - at).min(data.len());
+                let piece = &data[..n];
+                let table_len = HEADER + page.count * 16;
+                if at < table_len {
+                    let from = at.max(HEADER);
+                    if from < table_len && from < at + n {
+                        let upto = table_len.min(at + n);
+                        page.table.extend_from_slice(&piece[from - at..upto - at]);
+                    }
+                    if page.table.len() == table_len && page.wants.is_none() {
+                        page.wants = Some(plan(page));
+                        let total: usize = page
+                            .wants
+                            .as_ref()
+                            .map_or(0, |w| w.iter().map(|w| w.len).sum());
+                        page.too_large = total > MAX_CAPTURE;
+                    }
+                }
+                if let (Some(wants), false) = (page.wants.as_mut(), page.too_large) {
+                    for w in wants.iter_mut() {
+                        let (ws, we) = (w.start, w.start + w.len);
+                        let (ps, pe) = (at, at + n);
+                        if ws < pe && ps < we && w.bytes.len() < w.len {
+                            let s = ws.max(ps);
+                            let e = we.min(pe);
+                            // Bytes arrive in order, so what is missing starts at `s`.
+                            if ws + w.bytes.len() == s {
+                                w.bytes.extend_from_slice(&piece[s - at..e - at]);
+                            }
+                        }
+                    }
+                }
+                page.seen += n;
+                data = &data[n..];
+            }
+            if page.seen >= page.span {
+                done.push(i);
+            }
+        }
+        for i in done.into_iter().rev() {
+            let page = self.active.remove(i);
+            self.finish_page(page);
+        }
+    }
+
+    fn finish_page(&mut self, page: Page) {
+        if page.too_large {
+            return;
+        }
+        let Some(wants) = page.wants else {
+            return;
+        };
+        let t = &page.table;
+        let get = |start: usize| -> Option<&[u8]> {
+            wants
+                .iter()
+                .find(|w| w.start == start && w.bytes.len() == w.len)
+                .map(|w| w.bytes.as_slice())
+        };
+        if page.count == 0 {
+            if page.flags == LEAF {
+                self.leaves.insert(page.id, Vec::new());
+            }
+            return;
+        }
+        if page.flags == BRANCH {
+            let child = |i: usize| le_u64(t, HEADER + i * 16 + 8).unwrap_or(0);
+            let last = child(page.count - 1);
+            // The child covering the name `key`: the last one whose first key is <= "key".
+            let mut named = child(0);
+            for i in 0..page.count {
+                let e = HEADER + i * 16;
+                let start = e + le_u32(t, e).unwrap_or(0) as usize;
+                match get(start) {
+                    Some(k) if k <= b"key".as_slice() => named = child(i),
+                    _ => break,
+                }
+            }
+            self.branches.insert(page.id, (last, named));
+            self.last_children.insert(last);
+            return;
+        }
+        // A leaf.
+        for i in 0..page.count {
+            let e = HEADER + i * 16;
+            let flags = le_u32(t, e).unwrap_or(0);
+            let ksize = le_u32(t, e + 8).unwrap_or(0) as usize;
+            if flags & BUCKET_LEAF == 0 || ksize != 3 {
+                continue;
+            }
+            let start = e + le_u32(t, e + 4).unwrap_or(0) as usize;
+            let (Some(k), Some(v)) = (get(start), get(start + 3)) else {
+                continue;
+            };
+            if k == b"key" {
+                if let Some(b) = key_bucket(v) {
+                    self.key_buckets.insert(page.id, b);
+                }
+            }
+        }
+        let e = HEADER + (page.count - 1) * 16;
+        let start = e + le_u32(t, e + 4).unwrap_or(0) as usize;
+        let Some(last) = get(start) else {
+            return;
+        };
+        if !is_revision_key(last) {
+            return;
+        }
+        if last >= self.bound.as_slice() || self.last_children.contains(&page.id) {
+            self.leaves.insert(page.id, last.to_vec());
+        } else {
+            self.spare.push(Reverse((last.to_vec(), page.id)));
+            if self.spare.len() > SPARE_LEAVES {
+                self.spare.pop();
+            }
+        }
+    }
+
+    /// The db's size as its meta page gives it (pages up to the high-water mark), once seen.
+    pub fn db_size(&self) -> Option<u64> {
+        (self.page_size > 0).then(|| self.hwm.saturating_mul(self.page_size as u64))
+    }
+
+    /// The revision, or why it cannot be known exactly.
+    pub fn finish(mut self) -> Result<i64, String> {
+        if let Some(p) = self.problem.take() {
+            return Err(p);
+        }
+        if self.page_size == 0 {
+            return Err("the stream ended before its first page".into());
+        }
+        for Reverse((k, id)) in std::mem::take(&mut self.spare) {
+            self.leaves.entry(id).or_insert(k);
+        }
+        let missing = |what: &str, id: u64| format!("{what} (page {id}) was not in the stream");
+        // Root bucket → the leaf holding the `key` bucket.
+        let mut id = self.root;
+        for _ in 0..64 {
+            match self.branches.get(&id) {
+                Some(&(_, named)) => id = named,
+                None => break,
+            }
+        }
+        let bucket = self
+            .key_buckets
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| missing("the root bucket's leaf naming the `key` bucket", id))?;
+        let last = match bucket {
+            KeyBucket::Inline(last) => last,
+            KeyBucket::Page(root) => {
+                let mut id = root;
+                for _ in 0..64 {
+                    match self.branches.get(&id) {
+                        Some(&(last, _)) => id = last,
+                        None => break,
+                    }
+                }
+                let last = self
+                    .leaves
+                    .get(&id)
+                    .ok_or_else(|| missing("the `key` bucket's last leaf", id))?;
+                (!last.is_empty()).then(|| last.clone())
+            }
+        };
+        Ok(last.map_or(0, |k| main_revision(&k)))
+    }
+}
+
+/// The ranges of a page to capture once its element table is known: for a branch every key
+/// (to find the child covering `key`); for a leaf the last key and, of every bucket element
+/// with a 3-byte name, its name and value.
+fn plan(page: &Page) -> Vec<Want> {
+    let t = &page.table;
+    let mut wants = Vec::new();
+    let mut want = |start: usize, len: usize| {
+        if start.saturating_add(len) <= page.span {
+            wants.push(Want {
+                start,
+                len,
+                bytes: Vec::with_capacity(len.min(4096)),
+            });
+        }
+    };
+    for i in 0..page.count {
+        let e = HEADER + i * 16;
+        if page.flags == BRANCH {
+            let pos = le_u32(t, e).unwrap_or(0) as usize;
+            let ksize = le_u32(t, e + 4).unwrap_or(0) as usize;
+            want(e + pos, ksize);
+        } else {
+            let flags = le_u32(t, e).unwrap_or(0);
+            let pos = le_u32(t, e + 4).unwrap_or(0) as usize;
+            let ksize = le_u32(t, e + 8).unwrap_or(0) as usize;
+            let vsize = le_u32(t, e + 12).unwrap_or(0) as usize;
+            if flags & BUCKET_LEAF != 0 && ksize == 3 {
+                want(e + pos, 3);
+                want(e + pos + 3, vsize);
+            } else if i + 1 == page.count {
+                want(e + pos, ksize);
+            }
+        }
+    }
+    wants
+}
+
+/// A `key` bucket's value: its root page, or its inline page's last key.
+fn key_bucket(v: &[u8]) -> Option<KeyBucket> {
+    let root = le_u64(v, 0)?;
+    if root != 0 {
+        return Some(KeyBucket::Page(root));
+    }
+    let page = v.get(16..)?;
+    let count = usize::from(le_u16(page, 10)?);
+    if count == 0 {
+        return Some(KeyBucket::Inline(None));
+    }
+    let e = HEADER + (count - 1) * 16;
+    let pos = le_u32(page, e + 4)? as usize;
+    let ksize = le_u32(page, e + 8)? as usize;
+    let key = page.get(e + pos..e + pos + ksize)?;
+    Some(KeyBucket::Inline(Some(key.to_vec())))
+}
+
+/// A `Read` that shows every byte going through it to a `RevisionFinder`.
+pub struct Tap<R> {
+    pub inner: R,
+    pub finder: std::rc::Rc<std::cell::RefCell<RevisionFinder>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Tap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.finder.borrow_mut().update(&buf[..n]);
+        Ok(n)
+    }
+}
