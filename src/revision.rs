@@ -72,6 +72,16 @@ enum KeyBucket {
     Inline(Option<Vec<u8>>),
 }
 
+/// What `finish_detailed` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub revision: i64,
+    /// The `key` bucket was inline in the root bucket's leaf.
+    pub inline: bool,
+    /// Branch levels above the `key` bucket's last leaf.
+    pub depth: usize,
+}
+
 /// A byte range of the current page to keep.
 struct Want {
     start: usize,
@@ -365,7 +375,12 @@ impl RevisionFinder {
     }
 
     /// The revision, or why it cannot be known exactly.
-    pub fn finish(mut self) -> Result<i64, String> {
+    pub fn finish(self) -> Result<i64, String> {
+        self.finish_detailed().map(|f| f.revision)
+    }
+
+    /// The revision and how it was found.
+    pub fn finish_detailed(mut self) -> Result<Found, String> {
         if let Some(p) = self.problem.take() {
             return Err(p);
         }
@@ -389,6 +404,11 @@ impl RevisionFinder {
             .get(&id)
             .cloned()
             .ok_or_else(|| missing("the root bucket's leaf naming the `key` bucket", id))?;
+        let mut found = Found {
+            revision: 0,
+            inline: matches!(bucket, KeyBucket::Inline(_)),
+            depth: 0,
+        };
         let last = match bucket {
             KeyBucket::Inline(last) => last,
             KeyBucket::Page(root) => {
@@ -398,6 +418,7 @@ impl RevisionFinder {
                         Some(&(last, _)) => id = last,
                         None => break,
                     }
+                    found.depth += 1;
                 }
                 let last = self
                     .leaves
@@ -406,7 +427,8 @@ impl RevisionFinder {
                 (!last.is_empty()).then(|| last.clone())
             }
         };
-        Ok(last.map_or(0, |k| main_revision(&k)))
+        found.revision = last.map_or(0, |k| main_revision(&k));
+        Ok(found)
     }
 }
 

@@ -11,5 +11,6 @@ mod hooktools;
 mod hostile;
 mod lifecycle;
 mod restore;
+mod revision;
 mod s3;
 mod snapshot;
