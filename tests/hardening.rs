@@ -60,23 +60,6 @@ fn reachable_tmp() -> tempfile::TempDir {
     tmp
 }
 
-/// Waits until a paused agent reached `point`, then lets the test act.
-#[track_caller]
-fn wait_reached(ctl: &Path, point: &str, child: &mut std::process::Child) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ctl.join(format!("{point}.reached")).exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("the agent exited ({st}) before reaching {point}");
-        }
-        assert!(Instant::now() < deadline, "{point} never reached");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn go(ctl: &Path, point: &str) {
-    fs::write(ctl.join(format!("{point}.go")), b"").unwrap();
-}
-
 /// A root-owned file in a root-owned directory: what the hostile user wants to own.
 fn root_victim(base: &Path) -> (PathBuf, PathBuf) {
     let dir = base.join("rootdir");

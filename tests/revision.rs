@@ -57,7 +57,12 @@ fn check(node: &Node, dir: &Path, name: &str) -> Found {
     node.ctl_ok(&["snapshot", "save", db.to_str().unwrap()]);
     let want = upstream_revision(&node.flavor, &db);
     let mut found = None;
-    for (bound, chunk) in [(0, 32 * 1024), (before, 32 * 1024), (before, 4093), (before, 7)] {
+    for (bound, chunk) in [
+        (0, 32 * 1024),
+        (before, 32 * 1024),
+        (before, 4093),
+        (before, 7),
+    ] {
         let f = walk(&db, bound, chunk)
             .unwrap_or_else(|e| panic!("{name}: no revision (bound {bound}, chunk {chunk}): {e}"));
         assert_eq!(
@@ -127,12 +132,18 @@ fn shapes(flavor: &Flavor) {
     node.put("a", "1");
     node.put("b", "2");
     let tiny = check(&node, &dir, "tiny");
-    assert!(tiny.inline, "the tiny db's key bucket should be inline: {tiny:?}");
+    assert!(
+        tiny.inline,
+        "the tiny db's key bucket should be inline: {tiny:?}"
+    );
 
     // Thousands of keys: the `key` bucket is a tree with branch pages.
     node.fill("k", 4000);
     let deep = check(&node, &dir, "deep");
-    assert!(!deep.inline && deep.depth >= 1, "expected branch pages: {deep:?}");
+    assert!(
+        !deep.inline && deep.depth >= 1,
+        "expected branch pages: {deep:?}"
+    );
 
     // Values larger than a page: leaves with overflow pages.
     load(&node, "/big/", 40, 200 * 1024, 4);
@@ -185,7 +196,9 @@ fn revision_is_exact_while_a_writer_puts_as_fast_as_it_can() {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let mut c = etcd_client::Client::connect([endpoint], None).await.unwrap();
+                let mut c = etcd_client::Client::connect([endpoint], None)
+                    .await
+                    .unwrap();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     c.put(format!("hot/{:06}", n % 5000), vec![b'x'; 300], None)
@@ -205,8 +218,15 @@ fn revision_is_exact_while_a_writer_puts_as_fast_as_it_can() {
         let archive = Path::new(out["snapshot"]["path"].as_str().unwrap()).to_path_buf();
         let db = extract_db(&archive, &base.path().join(format!("x{i}")));
         let want = upstream_revision(&node.flavor, &db);
-        let got: i64 = out["snapshot"]["revision"].as_str().unwrap().parse().unwrap();
-        assert_eq!(got, want, "snapshot {i}: manifest {got}, snapshot status {want}");
+        let got: i64 = out["snapshot"]["revision"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            got, want,
+            "snapshot {i}: manifest {got}, snapshot status {want}"
+        );
         assert!(got >= before, "snapshot {i}: {got} is older than {before}");
     }
     stop.store(true, Ordering::Relaxed);
@@ -222,11 +242,7 @@ fn revision_is_exact_on_a_multi_gb_db() {
     let base = tempdir();
     let flavor = v35();
     let node = Node::prepare(base.path(), "unit", &flavor);
-    node.write_config(
-        &format!("unit={}", node.peer_url()),
-        "new",
-        "tok-big",
-    );
+    node.write_config(&format!("unit={}", node.peer_url()), "new", "tok-big");
     let mut cfg = fs::read_to_string(node.config_path()).unwrap();
     cfg.push_str("quota-backend-bytes: 8589934592\nmax-request-bytes: 2097152\n");
     fs::write(node.config_path(), cfg).unwrap();
@@ -251,7 +267,11 @@ fn revision_is_exact_on_a_multi_gb_db() {
     fs::remove_file(&archive).unwrap();
     fs::remove_dir_all(node.data_dir()).unwrap();
     let want = upstream_revision(&flavor, &db);
-    let got: i64 = out["snapshot"]["revision"].as_str().unwrap().parse().unwrap();
+    let got: i64 = out["snapshot"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(got, want, "manifest {got}, snapshot status {want}");
     let walked = walk(&db, 0, 32 * 1024).unwrap();
     assert_eq!(walked.revision, want);

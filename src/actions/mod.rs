@@ -389,6 +389,7 @@ fn stream_and_pack(
     manifest: Manifest,
 ) -> Result<Packed, Error> {
     let mut stream = m.client.snapshot()?;
+    pause_point("snapshot-streaming");
     let size = stream.size;
     let finder = Rc::new(RefCell::new(RevisionFinder::new(m.status.revision)));
     let source = crate::revision::Tap {

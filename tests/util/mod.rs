@@ -96,6 +96,10 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// What the agent is given as etcdctl where it must not need one: snapshots (any etcd)
+/// and everything on 3.5 use etcd's API in-process and etcdutl.
+pub const NO_ETCDCTL: &str = "/nonexistent/etcdctl";
+
 /// One etcd member run by `scripts/etcd-service` in its own directory, killed by pid on drop.
 pub struct Node {
     pub dir: PathBuf,
@@ -592,8 +596,10 @@ impl Agent {
     }
 
     /// `etcd-actions snapshot --target <target>` standalone.
+    /// A standalone snapshot, with no etcdctl anywhere: the agent talks to etcd itself.
     pub fn snapshot(node: &Node, target: &str) -> Agent {
         Agent::standalone(node, &["snapshot", "--target", target])
+            .env("ETCD_ACTIONS_ETCDCTL", NO_ETCDCTL)
     }
 
     /// Starts the agent with its output captured, without waiting.
@@ -646,7 +652,15 @@ impl Agent {
         }
         self.cmd
             .env("ETCD_ACTIONS_ETCD_CONFIG", node.config_path())
-            .env("ETCD_ACTIONS_ETCDCTL", &node.flavor.etcdctl)
+            // etcdctl is only 3.4's offline restore tool; nothing else may need it.
+            .env(
+                "ETCD_ACTIONS_ETCDCTL",
+                if node.flavor.etcdutl.is_some() {
+                    Path::new(NO_ETCDCTL)
+                } else {
+                    node.flavor.etcdctl.as_path()
+                },
+            )
             .env("ETCD_ACTIONS_STOP_COMMAND", node.stop_command())
             .env("ETCD_ACTIONS_START_COMMAND", node.start_command())
             .env("ETCD_ACTIONS_START_TIMEOUT", "30")
@@ -833,6 +847,23 @@ pub fn extract_db(archive: &Path, dest_dir: &Path) -> PathBuf {
         .unwrap();
     assert!(st.success());
     dest_dir.join("db")
+}
+
+/// Waits until a paused agent reached `point`, then lets the test act.
+#[track_caller]
+pub fn wait_reached(ctl: &Path, point: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ctl.join(format!("{point}.reached")).exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the agent exited ({st}) before reaching {point}");
+        }
+        assert!(Instant::now() < deadline, "{point} never reached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn go(ctl: &Path, point: &str) {
+    fs::write(ctl.join(format!("{point}.go")), b"").unwrap();
 }
 
 /// Serializes tests that mount file systems or are sensitive to load.
