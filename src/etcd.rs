@@ -76,6 +76,8 @@ pub struct Client {
 /// Time to connect, and to answer one unary call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused port is retried before a call gives up.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the snapshot stream may stay silent: etcd sends 32 KiB at a time.
 const STREAM_STALL: Duration = Duration::from_secs(60);
 
@@ -127,6 +129,23 @@ impl Client {
                  whether etcd is stopped"
             ))),
         }
+    }
+
+    /// Waits up to `DIAL_TIMEOUT` for the port to accept connections, as etcdctl's dial does
+    /// (etcd just started by a service command needs a moment); a refused port is then an
+    /// error at once, where gRPC would keep retrying it until the call's timeout.
+    fn wait_listening(&self) -> Result<(), Error> {
+        let deadline = std::time::Instant::now() + DIAL_TIMEOUT;
+        while !self.listening()? {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::EtcdUnreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: format!("connection refused for {}s", DIAL_TIMEOUT.as_secs()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     fn options(&self) -> Result<ConnectOptions, Error> {
@@ -209,19 +228,13 @@ impl Client {
         }
     }
 
-    /// Runs one call on a runtime of its own. A port that refuses connections fails at once
-    /// (gRPC would keep retrying it until the timeout).
+    /// Runs one call on a runtime of its own.
     fn call<T, F, Fut>(&self, call: &str, f: F) -> Result<T, Error>
     where
         F: FnOnce(etcd_client::Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        if !self.listening()? {
-            return Err(Error::EtcdUnreachable {
-                endpoint: self.endpoint.clone(),
-                detail: "connection refused".into(),
-            });
-        }
+        self.wait_listening()?;
         let opts = self.options()?;
         let rt = Client::runtime()?;
         rt.block_on(async {
@@ -282,12 +295,7 @@ impl Client {
     /// through a bounded queue. Returns once the first message has arrived: it announces the
     /// size.
     pub fn snapshot(&self) -> Result<SnapshotStream, Error> {
-        if !self.listening()? {
-            return Err(Error::EtcdUnreachable {
-                endpoint: self.endpoint.clone(),
-                detail: "connection refused".into(),
-            });
-        }
+        self.wait_listening()?;
         let opts = self.options()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Option<Vec<u8>>, Error>>(64);
         let (first_tx, first_rx) = std::sync::mpsc::channel::<Result<(Vec<u8>, u64), Error>>();

@@ -147,6 +147,7 @@ mod tests {
             member_id: None,
             member_name: None,
             revision: Some(5),
+            revision_note: None,
             keys: Some(3),
             db_size: 20480,
             db_sha256: "0".repeat(64),

@@ -337,3 +337,67 @@ fn restore_when_etcd_is_down_takes_a_raw_backup() {
         back["restore"]["integrity"]
     );
 }
+
+/// A stop command that returns while etcd still runs (here `true`), or that leaves the db
+/// held open: the restore waits for etcd to be really gone, and when it is not, swaps nothing,
+/// runs the start command, removes the staging area and says which check failed.
+#[test]
+fn a_stop_command_that_leaves_etcd_running_changes_nothing() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "unit", &v35());
+    node.fill("old/", 50);
+    let (archive, _) = snapshot(&node, &tmp.path().join("snaps"));
+    node.fill("new/", 50);
+    let before = (node.dump(), node.cluster_id(), node.pid());
+    let state = node.data_dir().join(".etcd-actions");
+    let leftovers = || {
+        files_in(&state)
+            .into_iter()
+            .filter(|n| n != "lock")
+            .collect::<Vec<_>>()
+    };
+
+    let run = Agent::restore(&node, archive.to_str().unwrap(), &["--skip-backup"])
+        .env("ETCD_ACTIONS_STOP_COMMAND", "true")
+        .env("ETCD_ACTIONS_START_TIMEOUT", "3")
+        .run();
+    let msg = run.failure();
+    assert!(
+        msg.contains("etcd is still running") && msg.contains("still accepts connections"),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing was swapped"), "{msg}");
+    assert_eq!((node.dump(), node.cluster_id(), node.pid()), before);
+    assert_eq!(leftovers(), Vec::<String>::new(), "staging removed");
+
+    // Stopped, but something still holds the db open (bbolt's flock): no swap either.
+    let db = node.data_dir().join("member/snap/db");
+    let marker = tmp.path().join("locked");
+    let stop = format!(
+        "{stop} && (flock -x {db} -c 'touch {m}; sleep 6' >/dev/null 2>&1 &) ; \
+         while [ ! -e {m} ]; do sleep 0.05; done",
+        stop = node.stop_command(),
+        db = db.display(),
+        m = marker.display()
+    );
+    let run = Agent::restore(&node, archive.to_str().unwrap(), &["--skip-backup"])
+        .env("ETCD_ACTIONS_STOP_COMMAND", stop)
+        .env("ETCD_ACTIONS_START_TIMEOUT", "2")
+        .run();
+    let msg = run.failure();
+    assert!(
+        msg.contains("etcd is still running") && msg.contains("still locked"),
+        "{msg}"
+    );
+    // The start command ran (etcd may wait for the lock: give it the time the holder keeps it).
+    node.wait_healthy();
+    assert_eq!((node.dump(), node.cluster_id()), (before.0, before.1));
+    assert_eq!(leftovers(), Vec::<String>::new(), "staging removed");
+
+    // With an honest stop command the same archive restores.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    Agent::restore(&node, archive.to_str().unwrap(), &["--skip-backup"])
+        .run()
+        .success();
+    assert!(node.dump().keys().all(|k| k.starts_with("old/")));
+}

@@ -98,7 +98,7 @@ fn standalone_upload_keeps_credentials_out_of_children_and_lists_each_place() {
     let s3 = S3::start(tmp.path(), &[BUCKET]);
     let node = Node::single(tmp.path(), "unit", &v35());
     node.fill("a/", 10);
-    // etcdctl, etcdutl and the service commands record their environment and argv.
+    // etcdutl and the service commands record their environment and argv.
     let spy = tmp.path().join("spy");
     fs::create_dir(&spy).unwrap();
     let wrap = |name: &str, real: &Path| -> PathBuf {
@@ -115,12 +115,10 @@ fn standalone_upload_keeps_credentials_out_of_children_and_lists_each_place() {
         set_mode(&w, 0o755);
         w
     };
-    let ctl = wrap("etcdctl", &node.flavor.etcdctl);
     let utl = wrap("etcdutl", node.flavor.etcdutl.as_ref().unwrap());
     let local = tmp.path().join("local");
     let run = |agent: Agent| {
         s3.env(agent, BUCKET, "")
-            .env("ETCD_ACTIONS_ETCDCTL", &ctl)
             .env("ETCD_ACTIONS_ETCDUTL", &utl)
             .run()
     };
@@ -130,14 +128,6 @@ fn standalone_upload_keeps_credentials_out_of_children_and_lists_each_place() {
         .as_str()
         .unwrap()
         .starts_with("s3://etcd-backups/etcd/"));
-    let seen = fs::read_to_string(spy.join("env.txt")).unwrap()
-        + &fs::read_to_string(spy.join("argv.txt")).unwrap();
-    assert!(!seen.contains(&s3.secret), "a child saw the secret");
-    assert!(
-        !seen.contains("AWS_ACCESS_KEY_ID"),
-        "a child got the credentials"
-    );
-
     // One archive only in the store, one only local, one in both.
     let r2 = run(Agent::snapshot(&node, local.to_str().unwrap())).success();
     let second = PathBuf::from(r2["snapshot"]["path"].as_str().unwrap());
@@ -178,6 +168,25 @@ fn standalone_upload_keeps_credentials_out_of_children_and_lists_each_place() {
         "local"
     );
     assert!(!l["table"].as_str().unwrap().is_empty());
+
+    // A restore by backup id runs etcdutl and the service commands: none of them (nor the
+    // snapshots before, which run no child at all) sees the credentials.
+    let spied = |cmd: String| format!("env >> {}/env.txt; {cmd}", spy.display());
+    run(Agent::standalone(
+        &node,
+        &["restore", "--backup-id", &name(&first), "--skip-backup"],
+    )
+    .env("ETCD_ACTIONS_STOP_COMMAND", spied(node.stop_command()))
+    .env("ETCD_ACTIONS_START_COMMAND", spied(node.start_command())))
+    .success();
+    let seen = fs::read_to_string(spy.join("env.txt")).unwrap()
+        + &fs::read_to_string(spy.join("argv.txt")).unwrap();
+    assert!(seen.contains("etcdutl snapshot restore"), "{seen}");
+    assert!(!seen.contains(&s3.secret), "a child saw the secret");
+    assert!(
+        !seen.contains("AWS_ACCESS_KEY_ID"),
+        "a child got the credentials"
+    );
 }
 
 #[test]

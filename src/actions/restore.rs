@@ -164,6 +164,72 @@ fn stop_service(unit: &Unit<'_>) -> Result<(), Error> {
     .map(drop)
 }
 
+/// After the stop command: waits (at most the start timeout) until etcd is really gone: its
+/// client URL refuses connections, and nobody holds `member/snap/db` open (bbolt keeps an
+/// exclusive `flock` on it while etcd runs). A stop command that returned early, or stopped
+/// something else, must not lead to a swap under a live etcd.
+fn confirm_stopped(unit: &Unit<'_>, client: &Client, member: &Path) -> Result<(), Error> {
+    let db = member.join("snap/db");
+    let deadline = Instant::now() + unit.settings.start_timeout;
+    loop {
+        let problem = match client.listening() {
+            Ok(true) => Some(format!(
+                "its client URL `{}` still accepts connections",
+                client.endpoint()
+            )),
+            Ok(false) => db_locked(&db).err(),
+            Err(e) => Some(e.to_string()),
+        };
+        let Some(problem) = problem else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(Error::RestoreFailed {
+                detail: format!(
+                    "etcd is still running after the stop command `{}` returned: {problem} \
+                     ({}s later)",
+                    unit.settings.stop_command,
+                    unit.settings.start_timeout.as_secs()
+                ),
+                outcome: "nothing was swapped: the live data is unchanged, the start command \
+                          was run and the staged data removed; fix the stop command \
+                          (ETCD_ACTIONS_STOP_COMMAND, --stop-command) so that it returns only \
+                          once etcd has exited"
+                    .into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `Err` when a process holds `db`'s bbolt lock (an exclusive, non-blocking `flock` fails).
+fn db_locked(db: &Path) -> Result<(), String> {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = match crate::fsutil::open_regular_path(db) {
+        Ok(f) => f,
+        // No db (a member that never wrote one): nothing can hold it.
+        Err(_) if !db.exists() => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "cannot open `{}` to check its lock: {e}",
+                db.display()
+            ))
+        }
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        // Dropping the lock releases it at once.
+        Ok(lock) => {
+            drop(lock);
+            Ok(())
+        }
+        Err((_, errno)) => Err(format!(
+            "`{}` is still locked by a running process ({errno}); bbolt holds that lock while \
+             etcd has the db open",
+            db.display()
+        )),
+    }
+}
+
 fn start_service(unit: &Unit<'_>) -> Result<(), Error> {
     unit.log("starting etcd");
     run_shell(
@@ -773,6 +839,7 @@ fn restore(
     });
     stopped.map_err(|e| abort(e, true))?;
     synced.map_err(|e| abort(e, true))?;
+    confirm_stopped(unit, &client, &p.member).map_err(|e| abort(e, true))?;
     crash_point("restore-after-stop");
     if raw_backup_needed {
         let raw = write_archive(
