@@ -28,7 +28,8 @@ pub struct Arguments {
 /// Settings shared by both actions. Each has an environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct SettingArgs {
-    /// etcd's own YAML config file (as given to `etcd --config-file`).
+    /// etcd's own YAML config file (as given to `etcd --config-file`), or a kubeadm static-pod
+    /// manifest (`/etc/kubernetes/manifests/etcd.yaml`): recognized by its content.
     #[arg(long, global = true, env = "ETCD_ACTIONS_ETCD_CONFIG", default_value = DEFAULT_ETCD_CONFIG)]
     pub etcd_config: PathBuf,
 
@@ -109,6 +110,24 @@ pub struct SettingArgs {
     /// PEM file of CA certificates to trust for the S3 endpoint.
     #[arg(long, global = true, env = "ETCD_ACTIONS_S3_CA_FILE")]
     pub s3_ca_file: Option<PathBuf>,
+
+    /// etcd client URL to snapshot, as etcdctl takes it (one member; `http://` unless TLS
+    /// files are given). Overrides the config's; with no config file, a snapshot needs only
+    /// this.
+    #[arg(long, global = true, env = "ETCDCTL_ENDPOINTS")]
+    pub endpoints: Option<String>,
+
+    /// CA certificate of etcd's client port (etcdctl's --cacert).
+    #[arg(long, global = true, env = "ETCDCTL_CACERT")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate (etcdctl's --cert).
+    #[arg(long, global = true, env = "ETCDCTL_CERT")]
+    pub cert: Option<PathBuf>,
+
+    /// Client certificate's key (etcdctl's --key).
+    #[arg(long, global = true, env = "ETCDCTL_KEY")]
+    pub key: Option<PathBuf>,
 
     /// gzip level of archives, 1 (fastest) to 9 (smallest).
     #[arg(long, global = true, env = "ETCD_ACTIONS_COMPRESSION_LEVEL", default_value_t = 1,

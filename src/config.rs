@@ -26,6 +26,17 @@ pub struct Settings {
     pub bump_revision: u64,
     pub compression_level: u32,
     pub s3: crate::store::StoreSettings,
+    /// etcdctl-style connection settings, over the config's.
+    pub client: ClientSettings,
+}
+
+/// `--endpoints`, `--cacert`, `--cert`, `--key` (or `ETCDCTL_*`), as etcdctl takes them.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    pub endpoints: Option<String>,
+    pub cacert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Settings {
@@ -49,6 +60,12 @@ impl Settings {
                 uri_style: args.s3_uri_style.filter(|v| !v.is_empty()),
                 ca_file: args.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
                 credentials,
+            },
+            client: ClientSettings {
+                endpoints: args.endpoints.filter(|v| !v.trim().is_empty()),
+                cacert: args.cacert.filter(|p| !p.as_os_str().is_empty()),
+                cert: args.cert.filter(|p| !p.as_os_str().is_empty()),
+                key: args.key.filter(|p| !p.as_os_str().is_empty()),
             },
         }
     }
@@ -121,6 +138,10 @@ struct RawConfig {
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
     pub path: PathBuf,
+    /// Whether etcd's data is on this machine. `false` when only etcdctl-style connection
+    /// settings were given: a snapshot works, a restore does not; `data_dir` is then only
+    /// where this tool keeps its lock.
+    pub local: bool,
     pub name: String,
     pub data_dir: PathBuf,
     pub wal_dir: Option<PathBuf>,
@@ -157,13 +178,77 @@ impl EtcdConfig {
         Self::parse(path, &text)
     }
 
+    /// The config the settings point at, with etcdctl-style connection settings over it.
+    /// With no config file but `--endpoints` (or `ETCDCTL_ENDPOINTS`), a config of the
+    /// connection alone.
+    pub fn resolve(settings: &Settings) -> Result<EtcdConfig, Error> {
+        let over = &settings.client;
+        let mut config = match (&over.endpoints, settings.etcd_config.exists()) {
+            (Some(_), false) => EtcdConfig::remote(),
+            _ => EtcdConfig::load(&settings.etcd_config)?,
+        };
+        let tls_given = over.cacert.is_some() || over.cert.is_some() || over.key.is_some();
+        if let Some(eps) = &over.endpoints {
+            let urls = split_urls(Some(eps));
+            let [url] = urls.as_slice() else {
+                return Err(Error::Usage(format!(
+                    "--endpoints (ETCDCTL_ENDPOINTS) `{eps}`: give exactly one endpoint; a \
+                     snapshot is taken from one member"
+                )));
+            };
+            let scheme = if tls_given { "https" } else { "http" };
+            config.client_urls = vec![if url.contains("://") {
+                url.clone()
+            } else {
+                format!("{scheme}://{url}")
+            }];
+        }
+        if tls_given {
+            let t = &mut config.tls;
+            t.trusted_ca_file = over.cacert.clone().or(t.trusted_ca_file.take());
+            t.cert_file = over.cert.clone().or(t.cert_file.take());
+            t.key_file = over.key.clone().or(t.key_file.take());
+        }
+        Ok(config)
+    }
+
+    /// A config of a connection alone: no data dir on this machine.
+    fn remote() -> EtcdConfig {
+        // Only the lock lives there: root's under /run, a user's in their runtime dir.
+        let uid = nix::unistd::getuid();
+        let state = if uid.is_root() {
+            PathBuf::from("/run/etcd-actions")
+        } else {
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .map(|d| PathBuf::from(d).join("etcd-actions"))
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("etcd-actions-{uid}")))
+        };
+        EtcdConfig {
+            path: PathBuf::new(),
+            local: false,
+            name: "default".into(),
+            data_dir: state,
+            wal_dir: None,
+            client_urls: Vec::new(),
+            peer_urls: Vec::new(),
+            initial_members: Vec::new(),
+            tls: ClientTls::default(),
+        }
+    }
+
     pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, Error> {
         let invalid = |problem: String| Error::ConfigInvalid {
             path: path.to_path_buf(),
             problem,
         };
-        let raw: RawConfig = serde_yaml::from_str(text)
+        let value: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| invalid(format!("it is not valid YAML: {e}")))?;
+        let raw: RawConfig = if value.get("kind").and_then(|k| k.as_str()) == Some("Pod") {
+            raw_from_pod(&value).map_err(invalid)?
+        } else {
+            serde_yaml::from_value(value)
+                .map_err(|e| invalid(format!("it is not an etcd config: {e}")))?
+        };
         let data_dir = raw
             .data_dir
             .ok_or_else(|| invalid("it has no `data-dir`".into()))?;
@@ -193,6 +278,7 @@ impl EtcdConfig {
         }
         Ok(EtcdConfig {
             path: path.to_path_buf(),
+            local: true,
             name: raw
                 .name
                 .filter(|n| !n.is_empty())
@@ -223,6 +309,65 @@ impl EtcdConfig {
     pub fn member_dir(&self) -> PathBuf {
         self.data_dir.join("member")
     }
+}
+
+/// The etcd flags of a kubeadm static-pod manifest (a Pod whose etcd container's command
+/// carries `--data-dir=...` and the rest), as a config.
+fn raw_from_pod(pod: &serde_yaml::Value) -> Result<RawConfig, String> {
+    let containers = pod["spec"]["containers"]
+        .as_sequence()
+        .ok_or("it is a Pod without `spec.containers`")?;
+    let words = |c: &serde_yaml::Value| -> Vec<String> {
+        ["command", "args"]
+            .iter()
+            .filter_map(|k| c[*k].as_sequence())
+            .flatten()
+            .filter_map(|w| w.as_str().map(str::to_string))
+            .collect()
+    };
+    let words = containers
+        .iter()
+        .map(words)
+        .find(|w| w.iter().any(|a| a.starts_with("--data-dir")))
+        .ok_or(
+            "it is a Pod, but no container runs etcd with `--data-dir` (is it the etcd manifest?)",
+        )?;
+    let mut flags = std::collections::HashMap::new();
+    let mut it = words.iter().peekable();
+    while let Some(w) = it.next() {
+        let Some(flag) = w.strip_prefix("--") else {
+            continue;
+        };
+        match flag.split_once('=') {
+            Some((k, v)) => {
+                flags.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                let v = match it.peek() {
+                    Some(n) if !n.starts_with("--") => it.next().cloned().unwrap_or_default(),
+                    _ => "true".to_string(),
+                };
+                flags.insert(flag.to_string(), v);
+            }
+        }
+    }
+    let get = |k: &str| flags.get(k).cloned().filter(|v| !v.is_empty());
+    Ok(RawConfig {
+        name: get("name"),
+        data_dir: get("data-dir").map(PathBuf::from),
+        wal_dir: get("wal-dir").map(PathBuf::from),
+        listen_client_urls: get("listen-client-urls"),
+        advertise_client_urls: get("advertise-client-urls"),
+        listen_peer_urls: get("listen-peer-urls"),
+        initial_advertise_peer_urls: get("initial-advertise-peer-urls"),
+        initial_cluster: get("initial-cluster"),
+        client_transport_security: Some(ClientTls {
+            cert_file: get("cert-file").map(PathBuf::from),
+            key_file: get("key-file").map(PathBuf::from),
+            trusted_ca_file: get("trusted-ca-file").map(PathBuf::from),
+            client_cert_auth: get("client-cert-auth").as_deref() == Some("true"),
+        }),
+    })
 }
 
 /// Reads a file that must exist, naming it in the error.

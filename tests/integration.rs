@@ -14,3 +14,4 @@ mod restore;
 mod revision;
 mod s3;
 mod snapshot;
+mod standalone;

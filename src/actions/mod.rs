@@ -77,7 +77,7 @@ pub struct Unit<'a> {
 
 impl<'a> Unit<'a> {
     pub fn open(reporter: &'a Reporter, settings: &'a Settings) -> Result<Unit<'a>, Error> {
-        let config = EtcdConfig::load(&settings.etcd_config)?;
+        let config = EtcdConfig::resolve(settings)?;
         let state = config.data_dir.join(".etcd-actions");
         Ok(Unit {
             reporter,

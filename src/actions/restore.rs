@@ -243,6 +243,10 @@ fn start_service(unit: &Unit<'_>) -> Result<(), Error> {
 /// Finishes or rolls back a restore that a crash interrupted, removes its leftovers, and
 /// leaves the service running. Runs under the unit lock at the start of every action.
 pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
+    if !unit.config.local {
+        // Only a connection was given: no data of etcd's here, nothing to recover.
+        return Ok(());
+    }
     let p = paths(unit);
     let journal = match fs::read_to_string(&p.journal) {
         Ok(text) => {
@@ -530,6 +534,14 @@ fn verify_restored(
 /// Runs the restore and sets the workload status to how it ended. A failure that left the
 /// data alone says so only after checking that etcd is healthy.
 pub fn run(unit: &Unit<'_>, opts: &RestoreOptions, results: &mut Results) -> Result<(), Error> {
+    if !unit.config.local {
+        return Err(Error::Usage(format!(
+            "a restore replaces etcd's data on this machine, and `{}` does not exist: point \
+             --etcd-config (ETCD_ACTIONS_ETCD_CONFIG) at etcd's config file or its kubeadm \
+             manifest; --endpoints alone is enough only for a snapshot",
+            unit.settings.etcd_config.display()
+        )));
+    }
     let mut was_online = None;
     let outcome = restore(unit, opts, results, &mut was_online);
     let r = unit.reporter;
