@@ -10,6 +10,7 @@ mod hardening;
 mod hooktools;
 mod hostile;
 mod lifecycle;
+mod progress;
 mod restore;
 mod revision;
 mod s3;
