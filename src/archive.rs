@@ -963,6 +963,7 @@ fn extract_db<R: Read>(
         .open(dest)
         .ctx(|| format!("cannot create `{}`", dest.display()))?;
     let digest = DigestThread::new(size);
+    let writeback = Writeback::new(&out);
     let mut written = 0u64;
     let copied = loop {
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -980,6 +981,7 @@ fn extract_db<R: Read>(
             break Err(Error::io(format!("cannot write `{}`", dest.display()), e));
         }
         written += chunk.len() as u64;
+        writeback.wrote(written);
         if digest.send(Arc::new(chunk)).is_err() {
             break Err(Error::io(
                 "cannot hash the db",
@@ -988,6 +990,7 @@ fn extract_db<R: Read>(
         }
     };
     let hashes = digest.finish();
+    drop(writeback);
     copied?;
     if written > size.min(max) {
         return Err(refuse(
@@ -1001,9 +1004,67 @@ fn extract_db<R: Read>(
             format!("it is truncated: `db` should hold {size} bytes but has {written}"),
         ));
     }
-    // No fsync: this copy only feeds the restore tool, whose output is synced; after a crash
-    // the next run deletes it.
+    // No final fsync: this copy only feeds the restore tool, whose output is synced; after a
+    // crash the next run deletes it.
     Ok(hashes)
+}
+
+/// Writes a file's dirty pages back to disk while it is still being written, from a thread
+/// of its own: inflating and hashing keep the CPU busy and leave the disk idle, and the
+/// restore tool that reads the file next then does not compete with its writeback.
+struct Writeback {
+    tx: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    next: std::cell::Cell<u64>,
+}
+
+/// Bytes written between two writebacks.
+const WRITEBACK_EVERY: u64 = 128 << 20;
+
+impl Writeback {
+    fn new(file: &File) -> Writeback {
+        let Ok(file) = file.try_clone() else {
+            return Writeback {
+                tx: None,
+                thread: None,
+                next: std::cell::Cell::new(u64::MAX),
+            };
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Only an optimization: an error here shows again where it matters.
+                    let _ = file.sync_data();
+                }
+            })
+            .ok();
+        Writeback {
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+            next: std::cell::Cell::new(WRITEBACK_EVERY),
+        }
+    }
+
+    /// `written` bytes are in the file so far.
+    fn wrote(&self, written: u64) {
+        if written >= self.next.get() {
+            self.next.set(written + WRITEBACK_EVERY);
+            if let Some(tx) = &self.tx {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn type_name(t: tar::EntryType) -> &'static str {

@@ -48,7 +48,16 @@ fn juju_progress_goes_to_action_log_about_every_ten_percent() {
     Agent::juju(&node, &juju, "snapshot").run().juju_ok(&juju);
     let log = juju.log();
     assert_about_every_ten_percent(&percents(&log), &log);
-    assert!(log.contains("M of 4."), "sizes in the lines: {log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("snapshot: "))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" of ") && l.ends_with("/s)")),
+        "sizes and rate in the lines: {log}"
+    );
 }
 
 #[test]
