@@ -32,6 +32,8 @@ const HEADER: usize = 16;
 /// Leaves below the bound kept as a safety net (tombstones removed by a compaction can leave
 /// the largest key below the revision etcd reports).
 const SPARE_LEAVES: usize = 256;
+/// Pages read at once at most (one real page, and look-alikes inside its values).
+const MAX_ACTIVE: usize = 64;
 /// Bytes captured from one page at most (keys and a small inline bucket).
 const MAX_CAPTURE: usize = 1 << 20;
 
@@ -223,6 +225,12 @@ impl RevisionFinder {
         let span = pages as usize * self.page_size;
         let table_len = HEADER + count * 16;
         if table_len > span {
+            return;
+        }
+        // Only one real page is ever being read; the others are look-alikes inside a large
+        // value. Too many of them at once would make the walk quadratic: give up instead.
+        if self.active.len() >= MAX_ACTIVE {
+            self.fail("too many page look-alikes inside values".into());
             return;
         }
         let mut table = Vec::with_capacity(table_len);
@@ -427,7 +435,11 @@ impl RevisionFinder {
                 (!last.is_empty()).then(|| last.clone())
             }
         };
-        found.revision = last.map_or(0, |k| main_revision(&k));
+        found.revision = match last {
+            None => 0,
+            Some(k) if is_revision_key(&k) => main_revision(&k),
+            Some(_) => return Err("the `key` bucket's last key is not a revision".into()),
+        };
         Ok(found)
     }
 }
@@ -498,5 +510,90 @@ impl<R: std::io::Read> std::io::Read for Tap<R> {
         let n = self.inner.read(buf)?;
         self.finder.borrow_mut().update(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(page_size: u32, root: u64, hwm: u64) -> Vec<u8> {
+        let mut p = vec![0u8; page_size as usize];
+        p[8..10].copy_from_slice(&0x04u16.to_le_bytes());
+        let m = &mut p[HEADER..HEADER + 64];
+        m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        m[4..8].copy_from_slice(&2u32.to_le_bytes());
+        m[8..12].copy_from_slice(&page_size.to_le_bytes());
+        m[16..24].copy_from_slice(&root.to_le_bytes());
+        m[40..48].copy_from_slice(&hwm.to_le_bytes());
+        let sum = fnv64a(&m[..56]);
+        m[56..64].copy_from_slice(&sum.to_le_bytes());
+        p
+    }
+
+    #[test]
+    fn garbage_and_short_streams_give_reasons_not_panics() {
+        assert!(RevisionFinder::new(0).finish().is_err());
+        let mut f = RevisionFinder::new(0);
+        f.update(&[0xAB; 10_000]);
+        assert!(f.finish().is_err());
+        // A valid meta page whose root page never arrives.
+        let mut f = RevisionFinder::new(0);
+        f.update(&meta(4096, 3, 4));
+        f.update(&meta(4096, 3, 4));
+        assert!(f.finish().unwrap_err().contains("was not in the stream"));
+    }
+
+    #[test]
+    fn a_flood_of_page_look_alikes_is_refused_not_quadratic() {
+        let ps = 4096usize;
+        let pages = 2000u64;
+        let mut stream = meta(ps as u32, 2, pages);
+        stream.extend(meta(ps as u32, 2, pages));
+        for id in 2..pages {
+            // Every page claims to be a leaf spanning to the end of the db.
+            let mut p = vec![0u8; ps];
+            p[0..8].copy_from_slice(&id.to_le_bytes());
+            p[8..10].copy_from_slice(&LEAF.to_le_bytes());
+            p[12..16].copy_from_slice(&((pages - id) as u32).to_le_bytes());
+            stream.extend(p);
+        }
+        let mut f = RevisionFinder::new(0);
+        let started = std::time::Instant::now();
+        f.update(&stream);
+        assert!(f.finish().unwrap_err().contains("look-alikes"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn an_inline_key_bucket_with_a_short_key_is_not_a_revision() {
+        // Root bucket leaf (page 2) holding an inline `key` bucket whose only key is "x".
+        let ps = 4096usize;
+        let mut leaf = vec![0u8; ps];
+        leaf[0..8].copy_from_slice(&2u64.to_le_bytes());
+        leaf[8..10].copy_from_slice(&LEAF.to_le_bytes());
+        leaf[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let mut inline = vec![0u8; HEADER + 16 + 2];
+        inline[8..10].copy_from_slice(&LEAF.to_le_bytes());
+        inline[10..12].copy_from_slice(&1u16.to_le_bytes());
+        inline[HEADER + 4..HEADER + 8].copy_from_slice(&16u32.to_le_bytes());
+        inline[HEADER + 8..HEADER + 12].copy_from_slice(&1u32.to_le_bytes());
+        inline[HEADER + 12..HEADER + 16].copy_from_slice(&1u32.to_le_bytes());
+        inline[HEADER + 16] = b'x';
+        let mut value = vec![0u8; 16];
+        value.extend(&inline);
+        let e = HEADER;
+        leaf[e..e + 4].copy_from_slice(&BUCKET_LEAF.to_le_bytes());
+        leaf[e + 4..e + 8].copy_from_slice(&16u32.to_le_bytes());
+        leaf[e + 8..e + 12].copy_from_slice(&3u32.to_le_bytes());
+        leaf[e + 12..e + 16].copy_from_slice(&(value.len() as u32).to_le_bytes());
+        leaf[e + 16..e + 19].copy_from_slice(b"key");
+        leaf[e + 19..e + 19 + value.len()].copy_from_slice(&value);
+        let mut stream = meta(ps as u32, 2, 3);
+        stream.extend(meta(ps as u32, 2, 3));
+        stream.extend(leaf);
+        let mut f = RevisionFinder::new(0);
+        f.update(&stream);
+        assert!(f.finish().unwrap_err().contains("not a revision"));
     }
 }
