@@ -271,10 +271,13 @@ impl HashingFileWriter {
         let handle = std::thread::spawn(move || {
             let mut hasher = Sha256::new();
             let mut bytes = 0u64;
+            // The archive is fsynced at the end: written back as it goes, that sync is short.
+            let mut writeback = Writeback::new(&file.file);
             for chunk in rx {
                 hasher.update(&chunk);
                 file.write_all(&chunk)?;
                 bytes += chunk.len() as u64;
+                writeback.wrote(bytes);
             }
             Ok((file, hasher.finalize().into(), bytes))
         });
@@ -493,36 +496,6 @@ pub fn pack_stream<R: Read>(
         bytes,
         manifest,
     })
-}
-
-/// The size of the snapshot etcd is streaming, read from its first bytes: etcd's snapshot is
-/// a bbolt `tx.WriteTo` (both meta pages rewritten from the transaction's meta, then every page
-/// up to `meta.pgid`) followed by the 32-byte sha256 trailer. `None` unless the first meta page
-/// is valid (magic, version 2, FNV-64a checksum).
-pub fn snapshot_size_from_meta(head: &[u8]) -> Option<u64> {
-    const META: usize = 16;
-    if head.len() < META + 64 {
-        return None;
-    }
-    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
-    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
-    if u32_at(META) != 0xED0C_DAED || u32_at(META + 4) != 2 {
-        return None;
-    }
-    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in &head[META..META + 56] {
-        fnv ^= u64::from(b);
-        fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    if fnv != u64_at(META + 56) {
-        return None;
-    }
-    let page_size = u64::from(u32_at(META + 8));
-    let pgid = u64_at(META + 40);
-    if !(512..=65536).contains(&page_size) || pgid < 4 {
-        return None;
-    }
-    pgid.checked_mul(page_size)?.checked_add(32)
 }
 
 /// How a verified archive was laid out.
@@ -963,7 +936,7 @@ fn extract_db<R: Read>(
         .open(dest)
         .ctx(|| format!("cannot create `{}`", dest.display()))?;
     let digest = DigestThread::new(size);
-    let writeback = Writeback::new(&out);
+    let mut writeback = Writeback::new(&out);
     let mut written = 0u64;
     let copied = loop {
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -990,7 +963,6 @@ fn extract_db<R: Read>(
         }
     };
     let hashes = digest.finish();
-    drop(writeback);
     copied?;
     if written > size.min(max) {
         return Err(refuse(
@@ -1009,61 +981,46 @@ fn extract_db<R: Read>(
     Ok(hashes)
 }
 
-/// Writes a file's dirty pages back to disk while it is still being written, from a thread
-/// of its own: inflating and hashing keep the CPU busy and leave the disk idle, and the
-/// restore tool that reads the file next then does not compete with its writeback.
+/// Starts the writeback of a file's dirty pages while it is still being written, without
+/// waiting for it: `posix_fadvise(DONTNEED)` on the range just written makes Linux start
+/// writing it back (its pages stay cached while they are dirty or under writeback). The CPU
+/// work of the pass then overlaps the disk's, and the final fsync, or the next tool reading
+/// the file, does not wait for a whole file's worth of dirty pages.
 struct Writeback {
-    tx: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    next: std::cell::Cell<u64>,
+    file: Option<File>,
+    done: u64,
 }
 
-/// Bytes written between two writebacks.
-const WRITEBACK_EVERY: u64 = 128 << 20;
+/// Bytes written between two writeback starts.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 impl Writeback {
     fn new(file: &File) -> Writeback {
-        let Ok(file) = file.try_clone() else {
-            return Writeback {
-                tx: None,
-                thread: None,
-                next: std::cell::Cell::new(u64::MAX),
-            };
-        };
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("writeback".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
-                    // Only an optimization: an error here shows again where it matters.
-                    let _ = file.sync_data();
-                }
-            })
-            .ok();
         Writeback {
-            tx: thread.as_ref().map(|_| tx),
-            thread,
-            next: std::cell::Cell::new(WRITEBACK_EVERY),
+            file: file.try_clone().ok(),
+            done: 0,
         }
     }
 
     /// `written` bytes are in the file so far.
-    fn wrote(&self, written: u64) {
-        if written >= self.next.get() {
-            self.next.set(written + WRITEBACK_EVERY);
-            if let Some(tx) = &self.tx {
-                let _ = tx.send(());
-            }
+    fn wrote(&mut self, written: u64) {
+        if written < self.done + WRITEBACK_EVERY {
+            return;
         }
-    }
-}
-
-impl Drop for Writeback {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(f) = &self.file {
+            let (Ok(off), Ok(len)) = (i64::try_from(self.done), i64::try_from(written - self.done))
+            else {
+                return;
+            };
+            // Only a hint: an error changes nothing that matters.
+            let _ = nix::fcntl::posix_fadvise(
+                f,
+                off,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
         }
+        self.done = written;
     }
 }
 

@@ -13,11 +13,11 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-const MAGIC: u32 = 0xED0C_DAED;
-const BRANCH: u16 = 0x01;
-const LEAF: u16 = 0x02;
-const BUCKET_LEAF: u32 = 0x01;
-const HEADER: usize = 16;
+pub(crate) const MAGIC: u32 = 0xED0C_DAED;
+pub(crate) const BRANCH: u16 = 0x01;
+pub(crate) const LEAF: u16 = 0x02;
+pub(crate) const BUCKET_LEAF: u32 = 0x01;
+pub(crate) const HEADER: usize = 16;
 /// Pages read in one listing at most: a members bucket is a handful of pages.
 const MAX_PAGES: usize = 100_000;
 /// Largest page (with overflow) read.
@@ -35,17 +35,17 @@ pub struct Bolt {
     root: u64,
 }
 
-fn le_u16(b: &[u8], o: usize) -> Option<u16> {
+pub(crate) fn le_u16(b: &[u8], o: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
 }
-fn le_u32(b: &[u8], o: usize) -> Option<u32> {
+pub(crate) fn le_u32(b: &[u8], o: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
 }
-fn le_u64(b: &[u8], o: usize) -> Option<u64> {
+pub(crate) fn le_u64(b: &[u8], o: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
 }
 
-fn fnv64a(data: &[u8]) -> u64 {
+pub(crate) fn fnv64a(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
         h ^= u64::from(b);

@@ -24,11 +24,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
-const MAGIC: u32 = 0xED0C_DAED;
-const BRANCH: u16 = 0x01;
-const LEAF: u16 = 0x02;
-const BUCKET_LEAF: u32 = 0x01;
-const HEADER: usize = 16;
+use crate::bbolt::{fnv64a, le_u16, le_u32, le_u64, BRANCH, BUCKET_LEAF, HEADER, LEAF, MAGIC};
+
 /// Leaves below the bound kept as a safety net (tombstones removed by a compaction can leave
 /// the largest key below the revision etcd reports).
 const SPARE_LEAVES: usize = 256;
@@ -36,25 +33,6 @@ const SPARE_LEAVES: usize = 256;
 const MAX_ACTIVE: usize = 64;
 /// Bytes captured from one page at most (keys and a small inline bucket).
 const MAX_CAPTURE: usize = 1 << 20;
-
-fn le_u16(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
-}
-fn le_u32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
-fn le_u64(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
-}
-
-fn fnv64a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 /// A key of the `key` bucket: 8-byte big-endian main revision, `_`, 8-byte sub revision, and
 /// an optional `t` (tombstone).

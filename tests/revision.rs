@@ -104,7 +104,7 @@ fn load(node: &Node, prefix: &str, count: usize, size: usize, parallel: usize) {
 }
 
 fn value_bytes(i: usize, size: usize) -> Vec<u8> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (0..size)
             .map(|_| {
