@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -362,7 +362,8 @@ fn entry_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
     Ok(header)
 }
 
-/// Streams `db` and a manifest into `out` as a snapshot archive; see `pack_stream`.
+/// Streams the db file `db` and a manifest into `out` as a snapshot archive; see
+/// `pack_stream`.
 pub fn pack(
     db: &Path,
     manifest: Manifest,
@@ -370,26 +371,8 @@ pub fn pack(
     out: impl Into<TeeFile>,
     level: u32,
 ) -> Result<Packed, Error> {
+    let what = db.display().to_string();
     let src = crate::fsutil::open_regular_path(db)?;
-    pack_file(
-        src,
-        &db.display().to_string(),
-        manifest,
-        expect_trailer,
-        out,
-        level,
-    )
-}
-
-/// Streams an open db file and a manifest into `out` as a snapshot archive.
-pub fn pack_file(
-    src: File,
-    what: &str,
-    manifest: Manifest,
-    expect_trailer: bool,
-    out: impl Into<TeeFile>,
-    level: u32,
-) -> Result<Packed, Error> {
     let size = src
         .metadata()
         .ctx(|| format!("cannot stat `{what}`"))?
@@ -397,7 +380,7 @@ pub fn pack_file(
     pack_stream(
         src,
         size,
-        what,
+        &what,
         expect_trailer,
         |_| Ok(manifest),
         out,
@@ -1105,13 +1088,6 @@ pub fn peek_manifest(file: &File) -> Option<Manifest> {
         return Manifest::from_yaml(std::str::from_utf8(body).ok()?).ok();
     }
     None
-}
-
-/// Path of a sidecar `<archive>.sha256`.
-pub fn sidecar_path(archive: &Path) -> PathBuf {
-    let mut s = archive.as_os_str().to_owned();
-    s.push(".sha256");
-    PathBuf::from(s)
 }
 
 #[cfg(test)]

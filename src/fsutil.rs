@@ -93,17 +93,6 @@ impl Dir {
         Ok(())
     }
 
-    /// A path that reaches `name` inside exactly this directory, whatever happens to the
-    /// directory's own name meanwhile: through `/proc/<pid>/fd`. For child processes (etcdctl
-    /// writing a snapshot) that must write here; it is valid while this `Dir` is open.
-    pub fn proc_path(&self, name: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "/proc/{}/fd/{}/{name}",
-            std::process::id(),
-            self.fd.as_raw_fd()
-        ))
-    }
-
     /// The display path of `name` in this directory.
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)

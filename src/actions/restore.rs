@@ -786,8 +786,6 @@ fn restore(
             name: &unit.config.name,
             peer_urls: &unit.config.peer_urls,
             token: &token,
-            // No trailer to check, or one we checked ourselves as the db was unpacked.
-            skip_hash_check: true,
             bump,
         })
         .map_err(|e| match e {

@@ -188,8 +188,6 @@ fn drill(
             name: &name,
             peer_urls: std::slice::from_ref(&peer_url),
             token: &random_token(),
-            // No trailer to check, or one we checked ourselves as the db was unpacked.
-            skip_hash_check: true,
             bump: 0,
         })
         .map_err(|e| format!("{} cannot restore the db: {e}", offline.name))?;
