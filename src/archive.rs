@@ -554,12 +554,20 @@ fn is_v2_or_data_dir(parts: &[String]) -> bool {
 /// the manifest's db size and sha256, then etcd's trailer. `src` is a snapshot archive, or,
 /// recognized by its content, a plain db file as `etcdctl snapshot save` writes it. On any
 /// error `dest` is removed.
+/// A sha256 an archive must have, and what recorded it (for the message when it has not).
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub sha256: &'a str,
+    /// e.g. "the sha256 param", "its sidecar", "the store's record".
+    pub from: &'a str,
+}
+
 pub fn unpack(
     file: impl Read,
     size: Option<u64>,
     archive: &Path,
     dest: &Path,
-    expected_sha256: Option<&str>,
+    expected_sha256: Option<Expected<'_>>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
     let result = unpack_inner(file, size, archive, dest, expected_sha256, limits);
@@ -580,7 +588,7 @@ fn unpack_inner(
     size: Option<u64>,
     archive: &Path,
     dest: &Path,
-    expected_sha256: Option<&str>,
+    expected_sha256: Option<Expected<'_>>,
     limits: Limits,
 ) -> Result<Unpacked, Error> {
     let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
@@ -590,14 +598,17 @@ fn unpack_inner(
     let (sha, bytes) = buf.into_inner().finish();
     let sha = hex::encode(sha);
     if let Some(expected) = expected_sha256 {
-        if !expected.eq_ignore_ascii_case(&sha) {
+        if !expected.sha256.eq_ignore_ascii_case(&sha) {
             return Err(Error::Mismatch {
                 what: "the archive's sha256".into(),
-                expected: expected.to_ascii_lowercase(),
+                expected: expected.sha256.to_ascii_lowercase(),
                 actual: sha,
-                hint: "the archive is not the one the sha256 param names, or it was damaged in \
-                       transfer; copy it again and compare with the snapshot action's result"
-                    .into(),
+                hint: format!(
+                    "the archive is not the one {} names, or it was damaged in transfer or in \
+                     storage; use another backup, or copy it again and compare with the snapshot \
+                     action's result",
+                    expected.from
+                ),
             });
         }
     }
@@ -1022,13 +1033,21 @@ fn type_name(t: tar::EntryType) -> &'static str {
 /// gzip members by their length fields and inflates only the last ones, where the manifest
 /// is. `None` when the file is not ours or its manifest is not found there.
 pub fn peek_manifest(file: &File) -> Option<Manifest> {
+    use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileExt;
     let len = file.metadata().ok()?.len();
-    let mut members = Vec::new();
+    // Only the last members are kept while walking (at most `TAIL_MEMBERS` of them, 32 MiB
+    // in all): memory stays flat however many members a file named like an archive has.
+    const TAIL_MEMBERS: usize = 4096;
+    const TAIL_BYTES: u64 = 32 << 20;
+    let mut members = std::collections::VecDeque::new();
+    let mut kept = 0u64;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    reader.seek(SeekFrom::Start(0)).ok()?;
     let mut off = 0u64;
     let mut h = [0u8; 20];
     while off < len {
-        file.read_exact_at(&mut h, off).ok()?;
+        reader.read_exact(&mut h).ok()?;
         if !ParGzReader::<&[u8]>::recognizes(&h) {
             return None;
         }
@@ -1036,9 +1055,16 @@ pub fn peek_manifest(file: &File) -> Option<Manifest> {
         if total < 28 {
             return None;
         }
-        members.push((off, total));
+        members.push_back((off, total));
+        kept += total;
+        while members.len() > TAIL_MEMBERS || (kept > TAIL_BYTES && members.len() > 1) {
+            let (_, t) = members.pop_front()?;
+            kept -= t;
+        }
         off += total;
+        reader.seek_relative(i64::try_from(total - 20).ok()?).ok()?;
     }
+    let members = Vec::from(members);
     // Members from the end until 256 KiB of tar: the manifest (at most 64 KiB) and the end
     // blocks are in there.
     let mut start = members.len();

@@ -258,16 +258,23 @@ pub fn check_located(
 ) -> Result<Checked, Error> {
     let shown = located.shown.clone();
     let origin = located.origin;
+    let recorded_by = if origin == "store" {
+        "the sha256 the store recorded with it"
+    } else {
+        "its `.sha256` sidecar"
+    };
     let expected = match (given_sha, located.recorded_sha256.clone()) {
         (Some(given), Some(recorded)) if !given.eq_ignore_ascii_case(&recorded) => {
             return Err(Error::Mismatch {
-                what: "the sha256 param and the sha256 recorded with the archive".into(),
+                what: format!("the sha256 param and {recorded_by}"),
                 expected: given,
                 actual: recorded,
                 hint: format!("`{}` is not the archive the sha256 names", shown.display()),
             })
         }
-        (given, recorded) => given.or(recorded),
+        (Some(given), _) => Some((given, "the sha256 param")),
+        (None, Some(recorded)) => Some((recorded, recorded_by)),
+        (None, None) => None,
     };
     let reserve = data_reserve(unit)?;
     let free = free_bytes(&unit.state)?;
@@ -279,7 +286,9 @@ pub fn check_located(
         located.size,
         &shown,
         dest,
-        expected.as_deref(),
+        expected
+            .as_ref()
+            .map(|(sha256, from)| crate::archive::Expected { sha256, from }),
         limits,
     )?;
     let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
@@ -316,9 +325,16 @@ pub fn check_located(
 #[derive(Debug, Clone, Default)]
 pub struct Entry {
     pub id: String,
+    /// When it was taken: the manifest's (or the store's record of it), else the name's.
     pub time: String,
     pub revision: Option<i64>,
     pub cluster_id: Option<String>,
+    /// The raft applied index when it was taken (see `Manifest::applied_index`).
+    pub applied_index: Option<u64>,
+    /// The unit, and the Juju model and application, that took it.
+    pub unit: Option<String>,
+    pub model_uuid: Option<String>,
+    pub app: Option<String>,
     /// Written by this tool and carrying a readable manifest (or the store's record of one).
     pub ours: bool,
     pub size: u64,
@@ -334,6 +350,44 @@ impl Entry {
             (Some(_), None) => "local",
             _ => "store",
         }
+    }
+
+    /// How it is named in a list of things passed over: its path or url.
+    pub fn shown(&self) -> String {
+        self.path.as_ref().map_or_else(
+            || self.url.clone().unwrap_or_else(|| self.id.clone()),
+            |p| p.display().to_string(),
+        )
+    }
+}
+
+/// Whose archives a lifecycle rule may count: a cluster, and under Juju a model and an
+/// application. An archive is this owner's when its cluster id is this one, and every model
+/// or application it records is this one's (archives older than those fields record none).
+#[derive(Debug, Clone, Default)]
+pub struct Owner {
+    pub cluster_id: String,
+    pub unit: String,
+    pub model_uuid: Option<String>,
+    pub app: Option<String>,
+}
+
+impl Owner {
+    fn same_juju(&self, e: &Entry) -> bool {
+        let agrees = |recorded: &Option<String>, mine: &Option<String>| {
+            recorded.is_none() || recorded == mine
+        };
+        agrees(&e.model_uuid, &self.model_uuid) && agrees(&e.app, &self.app)
+    }
+
+    /// A snapshot of this cluster (and model and application).
+    pub fn owns_snapshot(&self, e: &Entry) -> bool {
+        e.ours && e.cluster_id.as_deref() == Some(self.cluster_id.as_str()) && self.same_juju(e)
+    }
+
+    /// A pre-restore backup this unit took (its cluster is the one a restore replaced).
+    pub fn owns_backup(&self, e: &Entry) -> bool {
+        e.ours && e.unit.as_deref() == Some(self.unit.as_str()) && self.same_juju(e)
     }
 }
 
@@ -390,14 +444,18 @@ pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec
     Ok(list_all(unit, target, store)?.0)
 }
 
-/// The archives, and what else is there (files and objects this tool did not write, listed
-/// as ignored: `path` or `url`).
+/// The archives, and what else is there (files and objects this tool did not write, keys the
+/// store client cannot use: listed as ignored, by path or url). A local archive and an
+/// object of the same name are one entry (`both`) only when their sha256 values agree;
+/// otherwise they are two entries of that name. The store's metadata is read (a HEAD) only
+/// for objects named like archives.
 pub fn list_all(
     unit: &Unit<'_>,
     target: &Path,
     store: Option<&Store>,
 ) -> Result<(Vec<Entry>, Vec<String>), Error> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let mut apart: Vec<Entry> = Vec::new();
     let mut ignored = Vec::new();
     if let Ok(dir) = Dir::open(target) {
         for name in dir.names() {
@@ -415,11 +473,19 @@ pub fn list_all(
             let manifest = peek_manifest(&file);
             let e = entries.entry(name.clone()).or_default();
             e.id.clone_from(&name);
-            e.time = time_from_name(&name)
-                .or_else(|| manifest.as_ref().map(|m| m.created.clone()))
+            e.time = manifest
+                .as_ref()
+                .map(|m| m.created.clone())
+                .or_else(|| time_from_name(&name))
                 .unwrap_or_default();
-            e.revision = manifest.as_ref().and_then(|m| m.revision);
-            e.cluster_id = manifest.as_ref().and_then(|m| m.cluster_id.clone());
+            if let Some(m) = &manifest {
+                e.revision = m.revision;
+                e.cluster_id.clone_from(&m.cluster_id);
+                e.applied_index = m.applied_index;
+                e.unit = Some(m.unit.clone());
+                e.model_uuid.clone_from(&m.model_uuid);
+                e.app.clone_from(&m.app);
+            }
             e.ours = manifest.is_some();
             e.size = size;
             e.sha256 = read_sidecar(&dir, &name);
@@ -428,42 +494,71 @@ pub fn list_all(
     }
     if let Some(store) = store {
         let folder = unit.store_folder(store);
-        for obj in store.list(&folder)? {
+        let listing = store.list(&folder)?;
+        for key in listing.skipped {
+            ignored.push(format!(
+                "{} (a key the S3 client cannot use)",
+                store.cfg.url(&key)
+            ));
+        }
+        for obj in listing.objects {
             let name = obj.name().to_string();
             if name.starts_with('.') {
                 continue;
             }
-            let e = entries.entry(name.clone()).or_default();
-            fill_from_object(e, &name, &obj, store);
+            if !is_archive_name(&name) {
+                // Not ours by name: the listing says enough.
+                let e = entries.entry(name.clone()).or_default();
+                e.id.clone_from(&name);
+                e.time.clone_from(&obj.modified);
+                e.size = obj.size;
+                e.url = Some(store.cfg.url(&obj.key));
+                continue;
+            }
+            let local = entries.get(&name);
+            // A local file of another size is another archive: no need to ask for the sha256.
+            let differs = local.is_some_and(|l| l.size != obj.size);
+            let Some(info) = store.head(&obj.key)? else {
+                continue;
+            };
+            let mut from_store = Entry::default();
+            fill_from_object(&mut from_store, &name, &info, store);
+            match entries.get_mut(&name) {
+                Some(l)
+                    if !differs
+                        && l.sha256.is_some()
+                        && l.sha256.as_deref().map(str::to_ascii_lowercase)
+                            == from_store.sha256.as_deref().map(str::to_ascii_lowercase) =>
+                {
+                    l.url = from_store.url;
+                }
+                Some(_) => apart.push(from_store),
+                None => {
+                    entries.insert(name, from_store);
+                }
+            }
         }
     }
-    let mut out: Vec<Entry> = entries.into_values().collect();
+    let mut out: Vec<Entry> = entries.into_values().chain(apart).collect();
     out.sort_by(newest_first);
     ignored.sort();
     Ok((out, ignored))
 }
 
 fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) {
+    let meta = |k: &str| obj.meta.get(k).cloned();
     e.id = name.to_string();
-    if e.time.is_empty() {
-        e.time = time_from_name(name)
-            .or_else(|| obj.meta.get("created").cloned())
-            .unwrap_or_else(|| obj.modified.clone());
-    }
-    if e.revision.is_none() {
-        e.revision = obj.meta.get("revision").and_then(|r| r.parse().ok());
-    }
-    if e.sha256.is_none() {
-        e.sha256 = obj.meta.get("sha256").cloned();
-    }
-    if e.cluster_id.is_none() {
-        e.cluster_id = obj.meta.get("cluster-id").cloned();
-    }
-    if e.path.is_none() {
-        e.ours = is_archive_name(name) && obj.meta.contains_key("format-version");
-    }
-    if e.path.is_none() {
-        e.size = obj.size;
-    }
+    e.time = meta("created")
+        .or_else(|| time_from_name(name))
+        .unwrap_or_else(|| obj.modified.clone());
+    e.revision = meta("revision").and_then(|r| r.parse().ok());
+    e.sha256 = meta("sha256");
+    e.cluster_id = meta("cluster-id");
+    e.applied_index = meta("applied-index").and_then(|r| r.parse().ok());
+    e.unit = meta("unit");
+    e.model_uuid = meta("model-uuid");
+    e.app = meta("app");
+    e.ours = is_archive_name(name) && obj.meta.contains_key("format-version");
+    e.size = obj.size;
     e.url = Some(store.cfg.url(&obj.key));
 }

@@ -67,6 +67,16 @@ pub struct SettingArgs {
     )]
     pub service_timeout: u64,
 
+    /// Seconds a snapshot stream may take in all; a stream that makes no progress for 60 s
+    /// fails sooner.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_SNAPSHOT_TIMEOUT",
+        default_value_t = 3600
+    )]
+    pub snapshot_timeout: u64,
+
     /// Seconds to wait for another run's lock before giving up.
     #[arg(
         long,

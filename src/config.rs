@@ -23,6 +23,7 @@ pub struct Settings {
     pub start_timeout: Duration,
     pub service_timeout: Duration,
     pub lock_timeout: Duration,
+    pub snapshot_timeout: Duration,
     pub bump_revision: u64,
     pub compression_level: u32,
     pub s3: crate::store::StoreSettings,
@@ -50,6 +51,7 @@ impl Settings {
             start_timeout: Duration::from_secs(args.start_timeout),
             service_timeout: Duration::from_secs(args.service_timeout),
             lock_timeout: Duration::from_secs(args.lock_timeout),
+            snapshot_timeout: Duration::from_secs(args.snapshot_timeout),
             bump_revision: args.bump_revision,
             compression_level: args.compression_level,
             s3: crate::store::StoreSettings {
@@ -68,6 +70,63 @@ impl Settings {
                 key: args.key.filter(|p| !p.as_os_str().is_empty()),
             },
         }
+    }
+
+    /// Every setting in force, as the environment variables that give it (credentials
+    /// aside): what a scheduled run needs to do what this run would. Paths are absolute.
+    pub fn env_pairs(&self) -> Vec<(String, String)> {
+        let abs = |p: &Path| {
+            if p.is_absolute() || p.components().count() == 1 {
+                p.display().to_string()
+            } else {
+                std::env::current_dir()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+                    .to_string()
+            }
+        };
+        let mut v: Vec<(&str, Option<String>)> = vec![
+            ("ETCD_ACTIONS_ETCD_CONFIG", Some(abs(&self.etcd_config))),
+            ("ETCD_ACTIONS_ETCDCTL", self.etcdctl.as_deref().map(abs)),
+            ("ETCD_ACTIONS_ETCDUTL", self.etcdutl.as_deref().map(abs)),
+            ("ETCD_ACTIONS_STOP_COMMAND", Some(self.stop_command.clone())),
+            (
+                "ETCD_ACTIONS_START_COMMAND",
+                Some(self.start_command.clone()),
+            ),
+        ];
+        let secs = |d: Duration| Some(d.as_secs().to_string());
+        v.extend([
+            ("ETCD_ACTIONS_START_TIMEOUT", secs(self.start_timeout)),
+            ("ETCD_ACTIONS_SERVICE_TIMEOUT", secs(self.service_timeout)),
+            ("ETCD_ACTIONS_LOCK_TIMEOUT", secs(self.lock_timeout)),
+            ("ETCD_ACTIONS_SNAPSHOT_TIMEOUT", secs(self.snapshot_timeout)),
+            (
+                "ETCD_ACTIONS_BUMP_REVISION",
+                Some(self.bump_revision.to_string()),
+            ),
+            (
+                "ETCD_ACTIONS_COMPRESSION_LEVEL",
+                Some(self.compression_level.to_string()),
+            ),
+            ("ETCD_ACTIONS_S3_ENDPOINT", self.s3.endpoint.clone()),
+            ("ETCD_ACTIONS_S3_BUCKET", self.s3.bucket.clone()),
+            ("ETCD_ACTIONS_S3_PATH", self.s3.path.clone()),
+            ("ETCD_ACTIONS_S3_REGION", self.s3.region.clone()),
+            ("ETCD_ACTIONS_S3_URI_STYLE", self.s3.uri_style.clone()),
+            (
+                "ETCD_ACTIONS_S3_CA_FILE",
+                self.s3.ca_file.as_deref().map(abs),
+            ),
+            ("ETCDCTL_ENDPOINTS", self.client.endpoints.clone()),
+            ("ETCDCTL_CACERT", self.client.cacert.as_deref().map(abs)),
+            ("ETCDCTL_CERT", self.client.cert.as_deref().map(abs)),
+            ("ETCDCTL_KEY", self.client.key.as_deref().map(abs)),
+        ]);
+        v.into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect()
     }
 
     /// The etcdctl binary: the setting, or `etcdctl` on PATH.

@@ -115,8 +115,18 @@ pub enum Error {
     #[error("object store {store}: {problem}")]
     Store { store: String, problem: String },
 
+    #[error("object store {store}: `{key}` already holds another archive, and an archive is never written over; nothing in the store was changed. Another cluster writes to the same folder: give each cluster a folder of its own (the s3 `path`)")]
+    StoreConflict { store: String, key: String },
+
     #[error("refusing to restore: {0}")]
     Refused(String),
+
+    /// A precondition refused the action before anything changed (not a restore).
+    #[error("{0}")]
+    Declined(String),
+
+    #[error("internal error (a bug in etcd-actions: please report it): {0}; nothing after the failing step ran")]
+    Internal(String),
 
     #[error("restore failed: {detail}; {outcome}")]
     RestoreFailed { detail: String, outcome: String },
@@ -182,6 +192,7 @@ impl Error {
             Error::Busy { .. } => code::BUSY,
             Error::Scaled { .. }
             | Error::Refused(_)
+            | Error::Declined(_)
             | Error::BadArchive { .. }
             | Error::NoSnapshot { .. }
             | Error::StoreNotReady(_)

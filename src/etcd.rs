@@ -1,9 +1,9 @@
-//! etcdctl and etcdutl behind typed methods.
+//! etcd behind typed methods.
 //!
-//! Online commands (`endpoint status`, `member list`, `get`, `snapshot save`) go
-//! to this unit's client URL with the TLS files from etcd's config. Offline commands
-//! (`snapshot status`, `snapshot restore`) use etcdutl where it exists (3.5+) and etcdctl
-//! otherwise (3.4); etcd 3.6's etcdctl has neither.
+//! Online calls (status, member list, a count-only range, the snapshot stream) go to this
+//! unit's client URL through etcd's v3 gRPC API in-process, with the TLS files from etcd's
+//! config. Offline commands (`snapshot status`, `snapshot restore`) run etcdutl where it
+//! exists (3.5+) and etcdctl otherwise (3.4); etcd 3.6's etcdctl has neither.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +50,8 @@ pub struct Status {
     pub member_id: u64,
     pub revision: i64,
     pub db_size: u64,
+    /// The member's raft applied index (0 where etcd does not report it).
+    pub applied_index: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -78,8 +80,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused port is retried before a call gives up.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the snapshot stream may stay silent: etcd sends 32 KiB at a time.
+/// The snapshot stream stalls when less than `STALL_BYTES` arrive in `STREAM_STALL`: etcd
+/// sends 32 KiB messages as fast as the network takes them, so a trickle is no etcd.
 const STREAM_STALL: Duration = Duration::from_secs(60);
+const STALL_BYTES: u64 = 256 << 10;
 
 impl Client {
     pub fn new(config: &EtcdConfig) -> Client {
@@ -259,6 +263,7 @@ impl Client {
                 member_id: h.map_or(0, |h| h.member_id()),
                 revision: h.map_or(0, |h| h.revision()),
                 db_size: u64::try_from(r.db_size()).unwrap_or(0),
+                applied_index: r.raft_applied_index(),
             })
         })
     }
@@ -294,7 +299,7 @@ impl Client {
     /// flowing while the caller compresses) and hands it over in etcd's 32 KiB messages
     /// through a bounded queue. Returns once the first message has arrived: it announces the
     /// size.
-    pub fn snapshot(&self) -> Result<SnapshotStream, Error> {
+    pub fn snapshot(&self, timeout: Duration) -> Result<SnapshotStream, Error> {
         self.wait_listening()?;
         let opts = self.options()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Option<Vec<u8>>, Error>>(64);
@@ -302,7 +307,7 @@ impl Client {
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("etcd-snapshot".into())
-            .spawn(move || me.receive(opts, &first_tx, &tx))
+            .spawn(move || me.receive(opts, timeout, &first_tx, &tx))
             .ctx(|| "cannot start the snapshot receiver".to_string())?;
         let (first, remaining) = first_rx.recv().unwrap_or_else(|_| {
             Err(Error::EtcdUnreachable {
@@ -329,6 +334,7 @@ impl Client {
     fn receive(
         &self,
         opts: ConnectOptions,
+        timeout: Duration,
         first: &std::sync::mpsc::Sender<Result<(Vec<u8>, u64), Error>>,
         rest: &std::sync::mpsc::SyncSender<Result<Option<Vec<u8>>, Error>>,
     ) {
@@ -369,12 +375,47 @@ impl Client {
             if first.send(Ok((m.0.blob, remaining))).is_err() {
                 return;
             }
+            let started = tokio::time::Instant::now();
+            let deadline = started + timeout;
+            let (mut window, mut window_bytes) = (started, 0u64);
             loop {
-                let next = match tokio::time::timeout(STREAM_STALL, stream.message()).await {
+                let wait = STREAM_STALL
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                let next = match tokio::time::timeout(wait, stream.message()).await {
                     Ok(Ok(Some(m))) => Ok(Some(m.0.blob)),
                     Ok(Ok(None)) => Ok(None),
                     Ok(Err(e)) => Err(self.error("snapshot", &e)),
-                    Err(_) => Err(self.timed_out("the snapshot stream", STREAM_STALL)),
+                    Err(_) => Err(self.timed_out("the snapshot stream", wait)),
+                };
+                let now = tokio::time::Instant::now();
+                if let Ok(Some(blob)) = &next {
+                    window_bytes += blob.len() as u64;
+                }
+                let next = if now >= deadline {
+                    Err(Error::EtcdUnreachable {
+                        endpoint: self.endpoint.clone(),
+                        detail: format!(
+                            "the snapshot stream did not finish within {}s; \
+                             ETCD_ACTIONS_SNAPSHOT_TIMEOUT (--snapshot-timeout) sets the limit",
+                            timeout.as_secs()
+                        ),
+                    })
+                } else if now - window >= STREAM_STALL {
+                    if window_bytes < STALL_BYTES {
+                        Err(Error::EtcdUnreachable {
+                            endpoint: self.endpoint.clone(),
+                            detail: format!(
+                                "the snapshot stream stalled: {window_bytes} bytes in the last \
+                                 {}s",
+                                STREAM_STALL.as_secs()
+                            ),
+                        })
+                    } else {
+                        (window, window_bytes) = (now, 0);
+                        next
+                    }
+                } else {
+                    next
                 };
                 let end = !matches!(next, Ok(Some(_)));
                 // The reader went away (the archive failed): stop, which cancels the stream.

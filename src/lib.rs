@@ -59,9 +59,10 @@ pub fn run(args: Vec<OsString>) -> u8 {
         }
     };
     juju::started();
+    let settings = Settings::from_args(args.settings, credentials);
     if let Command::Hook { name } = &args.command {
         let outcome = if name == "config-changed" {
-            actions::schedule::config_changed()
+            actions::schedule::config_changed(&settings)
         } else {
             juju::s3_relation_hook(name)
         };
@@ -79,9 +80,19 @@ pub fn run(args: Vec<OsString>) -> u8 {
         };
     }
     let reporter = Reporter::from_env();
-    let settings = Settings::from_args(args.settings, credentials);
     let mut results = Results::default();
-    let outcome = execute(&reporter, &settings, args.command, &mut results);
+    // A panic (a bug, or a library's) still ends in a reported failure, not a bare exit 101.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(&reporter, &settings, args.command, &mut results)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        Err(Error::Internal(error::bounded(&what, 2048)))
+    });
     let code = reporter.finish(&results, outcome);
     report_peak_rss();
     code
@@ -122,7 +133,7 @@ fn execute(
                 params.finish()?;
             }
             let unit = Unit::open(reporter, settings)?;
-            actions::snapshot::run(&unit, &opts, results)
+            actions::snapshot::run(&unit, &opts, results).map(drop)
         }
         Command::Restore(a) => {
             let mut opts = RestoreOptions {
@@ -213,6 +224,7 @@ fn execute(
                     target,
                     policy,
                     dry_run,
+                    protect: None,
                 },
                 results,
             )
@@ -222,7 +234,7 @@ fn execute(
             let policy = retention::Policy::parse(&a.retention)
                 .map_err(|e| Error::usage(format!("ETCD_ACTIONS_RETENTION: {e}")))?;
             let unit = Unit::open(reporter, settings)?;
-            actions::snapshot::run(
+            let written = actions::snapshot::run(
                 &unit,
                 &SnapshotOptions {
                     target: a.target.clone(),
@@ -243,6 +255,8 @@ fn execute(
                     target: a.target,
                     policy,
                     dry_run: false,
+                    // Whatever the clock or the names say, this run's archive stays.
+                    protect: Some(written),
                 },
                 results,
             )

@@ -34,6 +34,15 @@ pub struct Manifest {
     pub revision_note: Option<String>,
     #[serde(default)]
     pub keys: Option<u64>,
+    /// The member's raft applied index when the snapshot began: it moves with every change,
+    /// auth and leases included, where the revision moves only with keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    /// The Juju model and application that took it (absent standalone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     pub db_size: u64,
     pub db_sha256: String,
 }
@@ -55,6 +64,9 @@ impl Manifest {
             revision: None,
             revision_note: None,
             keys: None,
+            applied_index: None,
+            model_uuid: None,
+            app: None,
             db_size: 0,
             db_sha256: String::new(),
         }
@@ -149,6 +161,9 @@ mod tests {
             revision: Some(5),
             revision_note: None,
             keys: Some(3),
+            applied_index: Some(9),
+            model_uuid: None,
+            app: Some("etcd".into()),
             db_size: 20480,
             db_sha256: "0".repeat(64),
         };

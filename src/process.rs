@@ -262,3 +262,114 @@ pub fn etcd_tool(bin: &Path) -> Command {
     cmd.env("ETCDCTL_API", "3");
     cmd
 }
+
+/// A background child that must not outlive this run (a drill's throwaway etcd): started in
+/// a process group of its own, under `setpriv --pdeathsig KILL` where setpriv exists (the
+/// kernel kills it when this process dies, even by SIGKILL), and recorded in `record` with
+/// a `marker` argument of its command line, so that the next run can end it should all of
+/// that fail. SIGTERM, SIGINT and SIGHUP (a Juju cancel or timeout) kill its group before
+/// this process exits. Dropping it kills the group and reaps the child.
+pub struct Guarded {
+    child: std::process::Child,
+    record: std::path::PathBuf,
+}
+
+impl Guarded {
+    /// Starts `program` with `args`, only `env` in its environment, and its output in
+    /// `log`.
+    pub fn spawn(
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &File,
+        record: &Path,
+        marker: &str,
+        on_signal: impl Fn() + Send + 'static,
+    ) -> Result<Guarded, Error> {
+        let mut cmd = match which::which("setpriv") {
+            Ok(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+                c
+            }
+            Err(_) => Command::new(program),
+        };
+        cmd.args(args).env_clear().envs(env.iter().copied());
+        let out = log
+            .try_clone()
+            .map_err(|e| Error::io("cannot share a log file", e))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| Error::io("cannot share a log file", e))?;
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn().map_err(|e| Error::CommandInvoke {
+            command: display(&cmd),
+            source: e,
+        })?;
+        let pid = child.id() as i32;
+        let _ = std::fs::write(record, format!("{pid}\n{marker}\n"));
+        let record_path = record.to_path_buf();
+        if let Ok(mut signals) = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
+        ]) {
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = std::fs::remove_file(&record_path);
+                    on_signal();
+                    std::process::exit(128 + sig);
+                }
+            });
+        }
+        Ok(Guarded {
+            child,
+            record: record.to_path_buf(),
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+/// Ends a child recorded by `Guarded` in `record` that is still running (a run that was
+/// killed outright left it): only when its command line still carries the recorded marker,
+/// so a reused pid is never touched. Removes the record.
+pub fn end_recorded(record: &Path) {
+    let Ok(text) = std::fs::read_to_string(record) else {
+        return;
+    };
+    let mut lines = text.lines();
+    let pid = lines.next().and_then(|p| p.trim().parse::<i32>().ok());
+    let marker = lines.next().unwrap_or_default().to_string();
+    let carries = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| c.split(|&b| b == 0).any(|a| a == marker.as_bytes()))
+            .unwrap_or(false)
+    };
+    if let Some(pid) = pid.filter(|&p| p > 1 && !marker.is_empty()) {
+        if carries(pid) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while carries(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(record);
+}

@@ -18,12 +18,18 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures::StreamExt;
+use object_store::aws::S3CopyIfNotExists;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, BackoffConfig, Certificate, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
+    Attribute, BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, RetryConfig, WriteMultipart,
 };
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{bounded, Error};
 
@@ -134,6 +140,70 @@ fn with_scheme(endpoint: &str) -> String {
     }
 }
 
+/// Checks an endpoint URL: `http` or `https` with a host, and no user name or password in
+/// it (they would be echoed in every message that names the store). `from` says where it
+/// came from.
+fn check_endpoint(endpoint: &str, from: &str) -> Result<(), String> {
+    let (scheme, rest) = endpoint
+        .split_once("://")
+        .ok_or_else(|| format!("the endpoint is not a URL; {from}"))?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "the endpoint's scheme is `{}`; only http:// and https:// endpoints are used: {from}",
+            bounded(scheme, 40)
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(format!(
+            "the endpoint has a user name or password in it; credentials go in the access and              secret keys, never in the URL: {from}"
+        ));
+    }
+    if authority.is_empty()
+        || endpoint
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(format!(
+            "the endpoint has no host, or has spaces or control characters in it: {from}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a bucket name: S3's characters (letters, digits, `.`, `-`, `_`), no `..`, nothing
+/// a client would read as a path.
+fn check_bucket(bucket: &str, from: &str) -> Result<(), String> {
+    let ok = !bucket.is_empty()
+        && bucket.len() <= 63
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        && !bucket.contains("..")
+        && !bucket.starts_with('.')
+        && !bucket.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the bucket `{}` is not a bucket name (letters, digits, `.`, `-` and `_`, at most              63, no `/` or `..`): {from}",
+            bounded(bucket, 100)
+        ))
+    }
+}
+
+/// Checks a key prefix: no `.` or `..` segments and no control characters.
+fn check_prefix(prefix: &str, from: &str) -> Result<(), String> {
+    let bad_segment = prefix.split('/').any(|s| s == "." || s == "..");
+    if bad_segment || prefix.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "the path `{}` has a `.` or `..` segment or control characters: {from}",
+            bounded(prefix, 100)
+        ));
+    }
+    Ok(())
+}
+
 /// A JSON list of strings, or failing that the raw text as one item.
 fn json_list(text: &str) -> Vec<String> {
     match serde_json::from_str::<Vec<String>>(text) {
@@ -153,7 +223,7 @@ impl StoreConfig {
         };
         if let Some(v) = get("s3-api-version") {
             if v.trim_start_matches('v').starts_with('2') {
-                return Err(Error::Refused(format!(
+                return Err(Error::Declined(format!(
                     "the s3 provider asks for S3 API version {v} (signature v2), which this agent \
                      does not speak; configure the provider for version 4 (the default)"
                 )));
@@ -185,13 +255,26 @@ impl StoreConfig {
                 })
             }
         };
+        let from = "fix the s3 provider's config (s3-integrator)";
+        let invalid = |problem: String| Error::ConfigInvalid {
+            path: "s3 relation".into(),
+            problem,
+        };
+        let endpoint = get("endpoint").map(|e| with_scheme(&e));
+        if let Some(e) = &endpoint {
+            check_endpoint(e, from).map_err(invalid)?;
+        }
+        let bucket = get("bucket")
+            .expect("checked")
+            .trim_matches('/')
+            .to_string();
+        check_bucket(&bucket, from).map_err(invalid)?;
+        let path = get("path").unwrap_or_default();
+        check_prefix(&path, from).map_err(invalid)?;
         Ok(StoreConfig {
-            endpoint: get("endpoint").map(|e| with_scheme(&e)),
-            bucket: get("bucket")
-                .expect("checked")
-                .trim_matches('/')
-                .to_string(),
-            prefix: normalize_prefix(&get("path").unwrap_or_default()),
+            endpoint,
+            bucket,
+            prefix: normalize_prefix(&path),
             region: get("region").unwrap_or_else(|| "us-east-1".into()),
             host_style,
             ca_pems: get("tls-ca-chain")
@@ -234,10 +317,18 @@ impl StoreConfig {
                 .map_err(|e| bad(format!("cannot read the S3 CA file `{}`: {e}", p.display())))?],
             None => Vec::new(),
         };
+        let endpoint = s.endpoint.as_deref().map(with_scheme);
+        if let Some(e) = &endpoint {
+            check_endpoint(e, "fix --s3-endpoint (ETCD_ACTIONS_S3_ENDPOINT)").map_err(bad)?;
+        }
+        let bucket = bucket.trim().trim_matches('/').to_string();
+        check_bucket(&bucket, "fix --s3-bucket (ETCD_ACTIONS_S3_BUCKET)").map_err(bad)?;
+        let path = s.path.as_deref().unwrap_or("");
+        check_prefix(path, "fix --s3-path (ETCD_ACTIONS_S3_PATH)").map_err(bad)?;
         Ok(Some(StoreConfig {
-            endpoint: s.endpoint.as_deref().map(with_scheme),
-            bucket: bucket.trim().trim_matches('/').to_string(),
-            prefix: normalize_prefix(s.path.as_deref().unwrap_or("")),
+            endpoint,
+            bucket,
+            prefix: normalize_prefix(path),
             region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
             host_style,
             ca_pems,
@@ -276,22 +367,51 @@ impl StoreConfig {
         format!("s3://{}/{key}", self.bucket)
     }
 
-    fn client(&self, headers: Vec<(String, String)>) -> Result<AmazonS3, Error> {
-        let mut options = ClientOptions::new()
-            .with_connect_timeout(Duration::from_secs(10))
-            .with_timeout(Duration::from_secs(120));
+    /// The HTTP client under object_store: ours, so that it never follows a redirect to
+    /// another host and a listing page cannot be endless or huge.
+    fn http(&self, headers: Vec<(String, String)>) -> Result<reqwest::Client, Error> {
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("etcd-actions/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .no_gzip()
+            .no_brotli()
+            .no_deflate()
+            .no_zstd()
+            .redirect(reqwest::redirect::Policy::custom(|a| {
+                let origin = |u: &reqwest::Url| {
+                    (
+                        u.scheme().to_string(),
+                        u.host_str().map(str::to_string),
+                        u.port_or_known_default(),
+                    )
+                };
+                let first = a.previous().first().map(origin);
+                if first == Some(origin(a.url())) && a.previous().len() < 5 {
+                    a.follow()
+                } else {
+                    a.stop()
+                }
+            }))
+            .https_only(
+                !self
+                    .endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            );
+        let mut certs = Vec::new();
         for pem in &self.ca_pems {
-            for cert in
-                Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| Error::ConfigInvalid {
-                    path: "s3 CA".into(),
-                    problem: format!("a CA certificate is not valid PEM: {e}"),
-                })?
-            {
-                options = options.with_root_certificate(cert);
-            }
+            certs.extend(
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+                    Error::ConfigInvalid {
+                        path: "s3 CA".into(),
+                        problem: format!("a CA certificate is not valid PEM: {e}"),
+                    }
+                })?,
+            );
         }
-        if let Some(e) = &self.endpoint {
-            options = options.with_allow_http(e.starts_with("http://"));
+        if !certs.is_empty() {
+            b = b.tls_certs_merge(certs);
         }
         if !headers.is_empty() {
             let mut map = http::HeaderMap::new();
@@ -302,8 +422,28 @@ impl StoreConfig {
                     .map_err(|e| Error::usage(format!("invalid S3 header value: {e}")))?;
                 map.insert(name, value);
             }
-            options = options.with_default_headers(map);
+            b = b.default_headers(map);
         }
+        b.build().map_err(|e| Error::Store {
+            store: self.describe(),
+            problem: format!("cannot set up the HTTP client: {e}"),
+        })
+    }
+
+    fn client(&self, headers: Vec<(String, String)>) -> Result<AmazonS3, Error> {
+        self.client_watched(headers, &Watch::default())
+    }
+
+    fn client_watched(
+        &self,
+        headers: Vec<(String, String)>,
+        watch: &Watch,
+    ) -> Result<AmazonS3, Error> {
+        let connector = Connector {
+            client: self.http(headers)?,
+            pages: watch.pages.clone(),
+            skipped: watch.skipped.clone(),
+        };
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
             max_retries: 5,
@@ -315,8 +455,18 @@ impl StoreConfig {
             .with_access_key_id(&self.access_key)
             .with_secret_access_key(&self.secret_key)
             .with_virtual_hosted_style_request(self.host_style)
-            .with_client_options(options)
+            .with_client_options(
+                ClientOptions::new().with_allow_http(
+                    self.endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
+                ),
+            )
+            .with_http_connector(connector)
             .with_retry(retry)
+            // Final keys are written once: the copy to one is a multipart upload completed
+            // with `If-None-Match: *`, which the server refuses when the key exists.
+            .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
             // The body is not hashed a second time for the signature: its sha256 is computed in
             // the archive pass, recorded in the (signed) metadata, and checked at restore.
             .with_unsigned_payload(true);
@@ -331,6 +481,162 @@ impl StoreConfig {
             problem: e.to_string(),
         })
     }
+}
+
+/// Bounds on a listing: pages (S3 gives up to 1000 keys a page), one page's XML, keys kept,
+/// and the time it may take. A store past any of them gets a clear error, not our memory.
+const LIST_PAGES_MAX: u32 = 1000;
+const LIST_PAGE_BYTES_MAX: usize = 16 << 20;
+const LIST_KEYS_MAX: usize = 100_000;
+const LIST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// What the HTTP layer saw of listings: pages requested, keys taken out.
+#[derive(Debug, Default, Clone)]
+struct Watch {
+    pages: Arc<AtomicU32>,
+    skipped: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Debug)]
+struct Connector {
+    client: reqwest::Client,
+    pages: Arc<AtomicU32>,
+    skipped: Arc<Mutex<Vec<String>>>,
+}
+
+impl HttpConnector for Connector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Guarded {
+            client: self.client.clone(),
+            pages: self.pages.clone(),
+            skipped: self.skipped.clone(),
+        }))
+    }
+}
+
+/// Counts listing pages and reads each one with a size cap before object_store parses it.
+#[derive(Debug)]
+struct Guarded {
+    client: reqwest::Client,
+    pages: Arc<AtomicU32>,
+    skipped: Arc<Mutex<Vec<String>>>,
+}
+
+fn refused(what: String) -> HttpError {
+    // `Decode` is never retried.
+    HttpError::new(HttpErrorKind::Decode, io::Error::other(what))
+}
+
+#[async_trait::async_trait]
+impl HttpService for Guarded {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let listing = req.method() == http::Method::GET
+            && req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
+        if listing && self.pages.fetch_add(1, Ordering::SeqCst) >= LIST_PAGES_MAX {
+            return Err(refused(format!(
+                "the listing did not end after {LIST_PAGES_MAX} pages; the store keeps saying \
+                 there is more"
+            )));
+        }
+        let response = self.client.call(req).await?;
+        if !listing {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let mut stream = body.bytes_stream();
+        let mut page = Vec::new();
+        while let Some(piece) = stream.next().await {
+            let piece = piece?;
+            if page.len() + piece.len() > LIST_PAGE_BYTES_MAX {
+                return Err(refused(format!(
+                    "a listing page is larger than {} MiB; no S3 server sends that",
+                    LIST_PAGE_BYTES_MAX >> 20
+                )));
+            }
+            page.extend_from_slice(&piece);
+        }
+        let page = match String::from_utf8(page) {
+            Ok(text) => {
+                let (kept, skipped) = drop_unusable_keys(&text);
+                if let Ok(mut s) = self.skipped.lock() {
+                    s.extend(skipped);
+                }
+                kept.into_bytes()
+            }
+            Err(e) => e.into_bytes(),
+        };
+        Ok(HttpResponse::from_parts(parts, page.into()))
+    }
+}
+
+/// Takes out of a ListObjectsV2 page the `<Contents>` entries whose key the client could not
+/// take as a path (`a//b`, `..`): one such key would fail the whole listing. Returns the page
+/// and the keys taken out, for the operator to see.
+fn drop_unusable_keys(page: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(page.len());
+    let mut skipped = Vec::new();
+    let mut rest = page;
+    while let Some(start) = rest.find("<Contents>") {
+        let Some(len) = rest[start..].find("</Contents>") else {
+            break;
+        };
+        let end = start + len + "</Contents>".len();
+        let entry = &rest[start..end];
+        out.push_str(&rest[..start]);
+        let key = entry
+            .split_once("<Key>")
+            .and_then(|(_, k)| k.split_once("</Key>"))
+            .map(|(k, _)| xml_unescape(k));
+        match key {
+            Some(k) if ObjectPath::parse(&k).is_err() => skipped.push(bounded(&k, 300)),
+            _ => out.push_str(entry),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    (out, skipped)
+}
+
+fn xml_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(semi) = tail.find(';').filter(|&n| n <= 10) else {
+            out.push('&');
+            rest = &tail[1..];
+            continue;
+        };
+        let entity = &tail[1..semi];
+        let c = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => entity
+                .strip_prefix("#x")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match c {
+            Some(c) => {
+                out.push(c);
+                rest = &tail[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One object of the store.
@@ -362,6 +668,15 @@ pub struct Store {
     pub cfg: StoreConfig,
     s3: AmazonS3,
     rt: tokio::runtime::Runtime,
+    watch: Watch,
+}
+
+/// What a listing found directly in a folder: the objects (key, size and time from the
+/// listing; no metadata), and the keys it had to pass over.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub objects: Vec<ObjectInfo>,
+    pub skipped: Vec<String>,
 }
 
 /// Prefix of user metadata keys written by this tool.
@@ -369,11 +684,13 @@ pub const META: &str = "x-amz-meta-";
 
 impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, Error> {
-        let s3 = cfg.client(Vec::new())?;
+        let watch = Watch::default();
+        let s3 = cfg.client_watched(Vec::new(), &watch)?;
         Ok(Store {
             rt: runtime()?,
             s3,
             cfg,
+            watch,
         })
     }
 
@@ -414,30 +731,59 @@ impl Store {
         }
     }
 
-    /// Every object directly in `folder`, with its metadata.
-    pub fn list(&self, folder: &str) -> Result<Vec<ObjectInfo>, Error> {
+    /// Every object directly in `folder`, as the listing gives it (no metadata: `head` reads
+    /// that where it is needed). Bounded: at most `LIST_KEYS_MAX` objects kept, pages and
+    /// page sizes capped by the HTTP layer, and the whole listing within `LIST_DEADLINE`.
+    /// Keys the client cannot use are passed over and named in `skipped`.
+    pub fn list(&self, folder: &str) -> Result<Listing, Error> {
+        self.watch.pages.store(0, Ordering::SeqCst);
+        if let Ok(mut s) = self.watch.skipped.lock() {
+            s.clear();
+        }
         let prefix = ObjectPath::from(folder);
         let listed = self.rt.block_on(async {
-            let mut out = Vec::new();
-            let mut stream = self.s3.list(Some(&prefix));
-            while let Some(item) = stream.next().await {
-                out.push(item?);
+            let walk = async {
+                let mut out = Vec::new();
+                let mut stream = self.s3.list(Some(&prefix));
+                while let Some(item) = stream.next().await {
+                    let m = item.map_err(|e| e.to_string())?;
+                    let key = m.location.to_string();
+                    if key.rsplit_once('/').map(|(d, _)| d) != Some(folder) {
+                        continue;
+                    }
+                    if out.len() >= LIST_KEYS_MAX {
+                        return Err(format!(
+                            "the folder holds more than {LIST_KEYS_MAX} objects; prune it, or \
+                             give this cluster a folder of its own (the s3 `path`)"
+                        ));
+                    }
+                    out.push(ObjectInfo {
+                        key,
+                        size: m.size,
+                        modified: m.last_modified.to_rfc3339(),
+                        etag: m.e_tag,
+                        meta: BTreeMap::new(),
+                    });
+                }
+                Ok(out)
+            };
+            match tokio::time::timeout(LIST_DEADLINE, walk).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "the listing did not finish within {}s",
+                    LIST_DEADLINE.as_secs()
+                )),
             }
-            Ok::<_, object_store::Error>(out)
         });
-        let listed = listed.map_err(|e| self.fail(&format!("cannot list `{folder}/`"), e))?;
-        let mut out = Vec::new();
-        for m in listed {
-            let key = m.location.to_string();
-            if key.rsplit_once('/').map(|(d, _)| d) != Some(folder) {
-                continue;
-            }
-            if let Some(info) = self.head(&key)? {
-                out.push(info);
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        let mut objects = listed.map_err(|e| self.fail(&format!("cannot list `{folder}/`"), e))?;
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        let skipped = self
+            .watch
+            .skipped
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        Ok(Listing { objects, skipped })
     }
 
     pub fn delete(&self, key: &str) -> Result<(), Error> {
@@ -537,17 +883,51 @@ impl Upload {
             };
             rt.block_on(w.finish())
                 .map_err(|e| store_err("completing the upload failed".into(), e))?;
-            // The final key gets the object with its metadata in one server-side copy.
-            let mut headers = vec![("x-amz-metadata-directive".to_string(), "REPLACE".into())];
-            headers.extend(meta.into_iter().map(|(k, v)| (format!("{META}{k}"), v)));
+            // The final key gets the object with its metadata in one server-side copy, which
+            // never replaces an object already there (another cluster's, or one of ours).
+            let ours = meta
+                .iter()
+                .find(|(k, _)| k == "sha256")
+                .map(|(_, v)| v.clone());
+            let mut headers: Vec<(String, String)> = meta
+                .into_iter()
+                .map(|(k, v)| (format!("{META}{k}"), v))
+                .collect();
             if let Some(class) = &cfg.storage_class {
                 headers.push(("x-amz-storage-class".into(), class.clone()));
             }
             let copier = cfg.client(headers)?;
             let dest = ObjectPath::from(final_key.as_str());
-            let copied = rt.block_on(copier.copy(&tmp, &dest));
+            let copied = rt.block_on(copier.copy_if_not_exists(&tmp, &dest));
             let _ = rt.block_on(s3.delete(&tmp));
-            copied.map_err(|e| store_err(format!("cannot publish `{final_key}`"), e))?;
+            match copied {
+                Ok(()) => {}
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    // The same archive uploaded before (a retried upload) is no conflict.
+                    let there = rt
+                        .block_on(s3.get_opts(
+                            &dest,
+                            GetOptions {
+                                head: true,
+                                ..Default::default()
+                            },
+                        ))
+                        .ok()
+                        .and_then(|r| {
+                            r.attributes.iter().find_map(|(k, v)| match k {
+                                Attribute::Metadata(n) if n == "sha256" => Some(v.to_string()),
+                                _ => None,
+                            })
+                        });
+                    if there.is_none() || there != ours {
+                        return Err(Error::StoreConflict {
+                            store: cfg.describe(),
+                            key: final_key,
+                        });
+                    }
+                }
+                Err(e) => return Err(store_err(format!("cannot publish `{final_key}`"), e)),
+            }
             let head = rt
                 .block_on(s3.head(&dest))
                 .map_err(|e| store_err(format!("cannot read back `{final_key}`"), e))?;
@@ -702,14 +1082,53 @@ impl Read for ObjectReader {
 }
 
 /// A file writer that also feeds an upload: the archive file and the object get the same
-/// bytes from one pass.
+/// bytes from one pass. As the file grows, the free space of its filesystem is checked every
+/// `SPACE_EVERY` bytes: writing stops while `SPACE_RESERVE` is still free, whatever size the
+/// source announced, so a runaway source cannot fill the disk.
 pub struct TeeFile {
     pub file: std::fs::File,
     pub upload: Option<UploadTee>,
+    pub unchecked: u64,
+}
+
+const SPACE_EVERY: u64 = 16 << 20;
+pub const SPACE_RESERVE: u64 = 64 << 20;
+
+impl TeeFile {
+    pub fn new(file: std::fs::File, upload: Option<UploadTee>) -> TeeFile {
+        TeeFile {
+            file,
+            upload,
+            unchecked: SPACE_EVERY,
+        }
+    }
+
+    fn check_space(&mut self, adding: usize) -> io::Result<()> {
+        self.unchecked += adding as u64;
+        if self.unchecked < SPACE_EVERY {
+            return Ok(());
+        }
+        self.unchecked = 0;
+        let st = nix::sys::statvfs::fstatvfs(&self.file).map_err(io::Error::from)?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if free < SPACE_RESERVE + SPACE_EVERY {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the archive's filesystem is down to {} free; writing stopped to leave {} \
+                     for everything else on it",
+                    crate::error::human_size(free),
+                    crate::error::human_size(SPACE_RESERVE)
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Write for TeeFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.check_space(data.len())?;
         let n = self.file.write(data)?;
         if let Some(u) = &mut self.upload {
             u.send(&data[..n]);
@@ -724,7 +1143,7 @@ impl Write for TeeFile {
 
 impl From<std::fs::File> for TeeFile {
     fn from(file: std::fs::File) -> TeeFile {
-        TeeFile { file, upload: None }
+        TeeFile::new(file, None)
     }
 }
 

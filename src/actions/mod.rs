@@ -141,23 +141,54 @@ impl<'a> Unit<'a> {
 
     /// The folder of this application's archives in the store.
     pub fn store_folder(&self, store: &Store) -> String {
-        store.cfg.folder(self.reporter.app())
+        store.cfg.folder(&self.app())
+    }
+
+    /// The application: Juju's (in an action, or in the timer's `juju-exec`), else `etcd`.
+    pub fn app(&self) -> String {
+        juju_identity()
+            .1
+            .unwrap_or_else(|| self.reporter.app().to_string())
+    }
+
+    /// Whose archives this unit's lifecycle rules count, for the cluster with `cluster_id`.
+    pub fn owner(&self, cluster_id: u64) -> crate::catalog::Owner {
+        let (model_uuid, app) = juju_identity();
+        crate::catalog::Owner {
+            cluster_id: hex_id(cluster_id),
+            unit: self.reporter.unit().to_string(),
+            model_uuid,
+            app,
+        }
     }
 }
 
-/// Uploads a published archive by reading it again: only when the streamed upload could not
-/// see the whole archive (the snapshot fell back to archiving the finished file).
+/// The Juju model uuid and application this process runs for, when it runs under Juju (an
+/// action, a hook, or `juju-exec`): from `JUJU_MODEL_UUID` and `JUJU_UNIT_NAME`.
+pub fn juju_identity() -> (Option<String>, Option<String>) {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let app = var("JUJU_UNIT_NAME")
+        .and_then(|u| u.split('/').next().map(str::to_string))
+        .filter(|a| !a.is_empty());
+    (var("JUJU_MODEL_UUID"), app)
+}
+
+/// Uploads a published archive by reading it again (the streamed upload could not see the
+/// whole archive, or an earlier upload failed). Returns the upload, not yet completed, and
+/// the sha256 and size of the bytes it was given: the caller completes it only when they are
+/// the archive's.
 pub fn upload_file(
     store: &Store,
     folder: &str,
     path: &Path,
-) -> Result<crate::store::Upload, Error> {
+) -> Result<(crate::store::Upload, String, u64), Error> {
     let upload = store.start_upload(folder);
     let mut tee = upload.tee();
-    let mut f = crate::fsutil::open_regular_path(path)?;
+    let f = crate::fsutil::open_regular_path(path)?;
+    let mut h = crate::archive::HashingReader::new(f);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
+        let n = h
             .read(&mut buf)
             .ctx(|| format!("cannot read `{}`", path.display()))?;
         if n == 0 {
@@ -165,7 +196,8 @@ pub fn upload_file(
         }
         tee.send(&buf[..n]);
     }
-    Ok(upload)
+    let (sha, bytes) = h.finish();
+    Ok((upload, hex::encode(sha), bytes))
 }
 
 /// Where the db of a new archive comes from.
@@ -213,6 +245,9 @@ impl Archive {
         meta.extend(opt("cluster-id", m.cluster_id.clone()));
         meta.extend(opt("etcd-version", m.etcd_version.clone()));
         meta.extend(opt("unit", Some(m.unit.clone())));
+        meta.extend(opt("applied-index", m.applied_index.map(|i| i.to_string())));
+        meta.extend(opt("model-uuid", m.model_uuid.clone()));
+        meta.extend(opt("app", m.app.clone()));
         meta
     }
 }
@@ -324,10 +359,15 @@ pub fn write_archive(
         .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
 
     let mut manifest = Manifest::new(unit.reporter.unit(), SOURCE_SNAPSHOT);
+    (manifest.model_uuid, manifest.app) = juju_identity();
+    // The cluster's id is in the name: clusters sharing a store folder never name two
+    // archives alike.
+    let mut tag = None;
     let packed = match source {
         DbSource::Live { client } => {
             unit.log(&format!("checking etcd at {}", client.endpoint()));
             let status = client.status()?;
+            tag = Some(hex_id(status.cluster_id));
             let name = client
                 .members()?
                 .into_iter()
@@ -353,12 +393,12 @@ pub fn write_archive(
             manifest.source = SOURCE_RAW_COPY.to_string();
             manifest.member_name = Some(unit.config.name.clone());
             unit.log("writing archive of the raw db");
-            let out = TeeFile { file: out, upload };
+            let out = TeeFile::new(out, upload);
             pack(&db, manifest, false, out, unit.settings.compression_level)?
         }
     };
     pause_point("archive-written");
-    let archive = publish(target, &tmp.dir, kind, &held, packed)?;
+    let archive = publish(target, &tmp.dir, kind, tag.as_deref(), &held, packed)?;
     unit.log(&format!(
         "wrote {} ({})",
         archive.path.display(),
@@ -388,9 +428,28 @@ fn stream_and_pack(
     upload: Option<UploadTee>,
     manifest: Manifest,
 ) -> Result<Packed, Error> {
-    let mut stream = m.client.snapshot()?;
+    let mut stream = m.client.snapshot(unit.settings.snapshot_timeout)?;
     pause_point("snapshot-streaming");
     let size = stream.size;
+    // etcd announces the size in the stream's first message; it must be about what its status
+    // said a moment before (the db may grow meanwhile: twice the size plus 64 MiB is allowed).
+    let allowed = m.status.db_size.saturating_mul(2) + (64 << 20) + 32;
+    if size > allowed {
+        return Err(Error::Mismatch {
+            what: "the snapshot size etcd announced".into(),
+            expected: format!(
+                "at most {} (its status reports a {} db)",
+                human_size(allowed),
+                human_size(m.status.db_size)
+            ),
+            actual: human_size(size),
+            hint: format!(
+                "nothing was written; the endpoint `{}` is not behaving as etcd does: check \
+                 that it is this unit's etcd",
+                m.client.endpoint()
+            ),
+        });
+    }
     let finder = Rc::new(RefCell::new(RevisionFinder::new(m.status.revision)));
     let source = crate::revision::Tap {
         inner: Counted {
@@ -422,6 +481,7 @@ fn stream_and_pack(
             manifest.etcd_version = Some(m.status.version.clone());
             manifest.cluster_id = Some(hex_id(m.status.cluster_id));
             manifest.member_id = Some(hex_id(m.status.member_id));
+            manifest.applied_index = Some(m.status.applied_index).filter(|&i| i > 0);
             manifest.member_name.clone_from(&m.name);
             match finder.finish() {
                 Ok(revision) => {
@@ -443,7 +503,7 @@ fn stream_and_pack(
             }
             Ok(manifest)
         },
-        TeeFile { file: out, upload },
+        TeeFile::new(out, upload),
         unit.settings.compression_level,
     );
     // The stream's own failure says more than "cannot write archive".
@@ -458,12 +518,16 @@ fn publish(
     target: &Dir,
     tmp: &Dir,
     kind: &str,
+    tag: Option<&str>,
     held: &File,
     packed: Packed,
 ) -> Result<Archive, Error> {
     let (uid, gid) = target.owner()?;
     crash_point("snapshot-before-publish");
-    let stamp = name_stamp(now_secs());
+    let stamp = match tag {
+        Some(t) => format!("{}-{t}", name_stamp(now_secs())),
+        None => name_stamp(now_secs()),
+    };
     let line_for = |name: &str| format!("{}  {name}\n", packed.sha256);
     // Where the archive is now: in the temp dir until the first rename.
     let mut at: Option<String> = None;

@@ -1,8 +1,13 @@
 //! The `prune` action: retention in restic's `forget` terms over the archives in `target` and
-//! in the store. Only archives this tool wrote, with a readable manifest, are touched (with
-//! their sidecars); everything else is listed as ignored. Snapshots and pre-restore backups are
-//! counted separately. The newest archive of each kind that verifies is always kept. Deletion
-//! removes the archive first and its sidecar last; a later run tidies orphaned sidecars.
+//! in the store. Only this cluster's archives that this tool wrote, with a readable manifest,
+//! are counted and touched (with their sidecars): snapshots of this cluster id (and under Juju
+//! of this model and application), and this unit's pre-restore backups. Everything else
+//! (other clusters sharing the folder, foreign files) is listed as ignored and never deleted.
+//! Archives are ordered by the time their manifest records; one dated in the future (taken
+//! while the clock was ahead) is kept, reported, and not counted, so it cannot push out real
+//! ones. The newest archive of each kind that verifies is always kept, and so is the archive
+//! the calling run just wrote. Deletion removes the archive first and its sidecar last; a
+//! later run tidies orphaned sidecars.
 
 use super::Unit;
 use crate::catalog::{self, Entry};
@@ -17,6 +22,17 @@ pub struct PruneOptions {
     pub target: std::path::PathBuf,
     pub policy: Policy,
     pub dry_run: bool,
+    /// The archive the calling run wrote (or reported): never removed.
+    pub protect: Option<String>,
+}
+
+/// How far ahead of this machine's clock an archive's time may be before it counts as dated
+/// in the future (clock skew between units).
+const FUTURE_SLACK: i64 = 300;
+
+/// Whether an archive is dated more than `FUTURE_SLACK` after `now` (unix seconds).
+pub fn in_future(e: &Entry, now: i64) -> bool {
+    parse_time(&e.time).is_some_and(|t| t > now + FUTURE_SLACK)
 }
 
 /// Whether an archive verifies cheaply: a local file whose sha256 matches its sidecar, or a
@@ -52,9 +68,21 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
         });
     }
     let store = unit.store()?;
+    // Whose archives these are: this cluster's, as etcd says now.
+    let status = crate::etcd::Client::new(&unit.config)
+        .status()
+        .map_err(|e| {
+            Error::Declined(format!(
+                "prune counts only this cluster's archives and cannot tell which those are: \
+                 {e}; nothing was deleted. Start etcd and run it again"
+            ))
+        })?;
+    let owner = unit.owner(status.cluster_id);
     let _lock = unit.lock("prune")?;
     let dir = Dir::open(&opts.target).ok();
     let (entries, mut ignored) = catalog::list_all(unit, &opts.target, store.as_ref())?;
+    let now = crate::manifest::now_secs() as i64;
+    let mut future = Vec::new();
     let mut decided: Vec<(Entry, Vec<&'static str>)> = Vec::new();
     for kind in ["etcd-snapshot-", "etcd-backup-"] {
         let mut group: Vec<Entry> = Vec::new();
@@ -62,12 +90,17 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
             if !e.id.starts_with(kind) {
                 continue;
             }
-            match (e.ours, parse_time(&e.time)) {
-                (true, Some(_)) => group.push(e.clone()),
-                _ => ignored.push(e.path.as_ref().map_or_else(
-                    || e.url.clone().unwrap_or_else(|| e.id.clone()),
-                    |p| p.display().to_string(),
-                )),
+            let owned = if kind == "etcd-snapshot-" {
+                owner.owns_snapshot(e)
+            } else {
+                owner.owns_backup(e)
+            };
+            if !owned || parse_time(&e.time).is_none() {
+                ignored.push(e.shown());
+            } else if in_future(e, now) {
+                future.push(e.clone());
+            } else {
+                group.push(e.clone());
             }
         }
         group.sort_by(catalog::newest_first);
@@ -82,7 +115,22 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
                 why[i].push("newest that verifies");
             }
         }
+        for (e, why) in group.iter().zip(why.iter_mut()) {
+            if why.is_empty() && opts.protect.as_deref() == Some(e.id.as_str()) {
+                why.push("written by this run");
+            }
+        }
         decided.extend(group.into_iter().zip(why));
+    }
+    for (i, e) in future.iter().enumerate() {
+        let msg = format!(
+            "{} is dated {}, in the future by this machine's clock: kept and not counted; check \
+             the clocks, and remove it by hand once it is not needed",
+            e.shown(),
+            e.time
+        );
+        unit.log(&msg);
+        results.set(&format!("future.{i}"), msg);
     }
     let mut removed = 0;
     for (i, (e, why)) in decided.iter().enumerate() {

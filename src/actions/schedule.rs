@@ -34,6 +34,7 @@ fn env_file() -> PathBuf {
 }
 
 /// Quotes a value for a systemd unit line: `%` is a specifier, `\\` and `"` are escapes.
+/// Values never hold control characters (`units` refuses them): a newline would end the line.
 fn quote(v: &str) -> String {
     format!(
         "\"{}\"",
@@ -46,6 +47,33 @@ fn quote(v: &str) -> String {
 /// Quotes an `ExecStart=` argument, where `$` also expands.
 fn quote_exec(v: &str) -> String {
     quote(&v.replace('$', "$$"))
+}
+
+/// Quotes a value for the `EnvironmentFile=`, which systemd reads as a shell-like file: no
+/// specifiers there (a `%` stays a `%`), and in double quotes `\\`, `"`, `$` and `` ` `` are
+/// escaped with a backslash.
+fn quote_env(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Refuses a value that would break the line it is written on.
+fn one_line(what: &str, v: &str) -> Result<(), Error> {
+    if v.chars().any(|c| c.is_control()) {
+        return Err(Error::usage(format!(
+            "{what} has a newline or another control character, which would split the \
+             systemd unit it is written into; remove it"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an OnCalendar expression: with `systemd-analyze calendar` when it is there, and
@@ -61,9 +89,12 @@ pub fn check_calendar(spec: &str) -> Result<(), Error> {
     if spec.trim().is_empty() || spec.chars().any(|c| c.is_control()) {
         return Err(bad("it is empty or has control characters".into()));
     }
+    if spec.trim_start().starts_with('-') {
+        return Err(bad("it starts with `-`, as an option does".into()));
+    }
     if let Ok(tool) = which::which("systemd-analyze") {
         if let Err(Error::CommandFailed { stderr, .. }) =
-            run_checked(Command::new(tool).args(["calendar", spec]))
+            run_checked(Command::new(tool).args(["calendar", "--", spec]))
         {
             return Err(bad(stderr.trim().to_string()));
         }
@@ -71,8 +102,19 @@ pub fn check_calendar(spec: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The service and timer texts.
-pub fn units(exec: &[String], env: &[(String, String)], on_calendar: &str) -> (String, String) {
+/// The service and timer texts. Refuses any value with a control character.
+pub fn units(
+    exec: &[String],
+    env: &[(String, String)],
+    on_calendar: &str,
+) -> Result<(String, String), Error> {
+    for a in exec {
+        one_line("a command-line argument of the timer's service", a)?;
+    }
+    for (k, v) in env {
+        one_line(&format!("the setting {k}"), v)?;
+    }
+    one_line("the OnCalendar spec", on_calendar)?;
     let mut service = String::from(
         "[Unit]\n\
          Description=Back up this machine's etcd (etcd-actions backup)\n\
@@ -113,24 +155,28 @@ pub fn units(exec: &[String], env: &[(String, String)], on_calendar: &str) -> (S
          [Install]\n\
          WantedBy=timers.target\n"
     );
-    (service, timer)
+    Ok((service, timer))
 }
 
-/// The `ETCD_ACTIONS_*` settings of this process, secrets aside, for the service.
-fn current_settings() -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| {
-            k.starts_with("ETCD_ACTIONS_")
-                && !matches!(
-                    k.as_str(),
-                    "ETCD_ACTIONS_RETENTION"
-                        | "ETCD_ACTIONS_SYSTEMD_DIR"
-                        | "ETCD_ACTIONS_ENV_FILE"
-                        | "ETCD_ACTIONS_PAUSE"
-                        | "ETCD_ACTIONS_PEAK_RSS_FILE"
-                )
-        })
-        .collect();
+/// The settings in force (flags or environment), secrets aside, for the service: every one
+/// the command was given, so the timed run does what this command would. Other
+/// `ETCD_ACTIONS_*` variables of this process are carried too.
+fn current_settings(settings: &crate::config::Settings) -> Vec<(String, String)> {
+    let mut v = settings.env_pairs();
+    for (k, val) in std::env::vars() {
+        let carried = k.starts_with("ETCD_ACTIONS_")
+            && !matches!(
+                k.as_str(),
+                "ETCD_ACTIONS_RETENTION"
+                    | "ETCD_ACTIONS_SYSTEMD_DIR"
+                    | "ETCD_ACTIONS_ENV_FILE"
+                    | "ETCD_ACTIONS_PAUSE"
+                    | "ETCD_ACTIONS_PEAK_RSS_FILE"
+            );
+        if carried && !v.iter().any(|(have, _)| *have == k) {
+            v.push((k, val));
+        }
+    }
     v.sort();
     v
 }
@@ -215,14 +261,17 @@ pub fn run(
         "--target".to_string(),
         target.display().to_string(),
     ];
-    let (service, timer) = units(&exec, &current_settings(), on_calendar);
+    let (service, timer) = units(&exec, &current_settings(settings), on_calendar)?;
     results.set("schedule.service", &service);
     results.set("schedule.timer", &timer);
     if install_units {
         let retention = std::env::var("ETCD_ACTIONS_RETENTION").unwrap_or_default();
-        let mut text = env_text(&retention);
+        crate::retention::Policy::parse(&retention)
+            .map_err(|e| Error::usage(format!("ETCD_ACTIONS_RETENTION: {e}")))?;
+        let mut text = env_text(&retention)?;
         for (k, v) in settings.s3.credentials.env_pairs() {
-            text.push_str(&format!("{k}={}\n", quote(&v)));
+            one_line(k, &v)?;
+            text.push_str(&format!("{k}={}\n", quote_env(&v)));
         }
         for note in install(&service, &timer, &text)? {
             results.set(&format!("schedule.{}", note_key(&note)), note);
@@ -240,16 +289,18 @@ fn note_key(note: &str) -> &'static str {
     }
 }
 
-fn env_text(retention: &str) -> String {
-    format!(
+fn env_text(retention: &str) -> Result<String, Error> {
+    one_line("the retention policy", retention)?;
+    Ok(format!(
         "# Written by etcd-actions; read by {UNIT}.service.\nETCD_ACTIONS_RETENTION={}\n",
-        quote(retention)
-    )
+        quote_env(retention)
+    ))
 }
 
 /// The charm's `config-changed` hook: installs, updates or removes the timer from the
-/// `backup-schedule` and `backup-retention` options.
-pub fn config_changed() -> Result<String, Error> {
+/// `backup-schedule`, `backup-retention` and `backup-target` options. An option that cannot be
+/// used sets a `blocked` status naming it and leaves the installed timer as it was.
+pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Error> {
     let tool = which::which("config-get").map_err(|_| Error::ToolMissing {
         tool: "config-get".into(),
         hint: "config-changed runs as a Juju hook".into(),
@@ -265,11 +316,17 @@ pub fn config_changed() -> Result<String, Error> {
             .trim()
             .to_string()
     };
+    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    let reporter = crate::juju::Reporter::Juju {
+        unit: unit.clone(),
+        app: unit.split('/').next().unwrap_or_default().to_string(),
+    };
     let schedule = get("backup-schedule");
     let retention = get("backup-retention");
     if schedule.is_empty() {
         let had = unit_dir().join(format!("{UNIT}.timer")).exists();
         let notes = uninstall()?;
+        reporter.status("active", "");
         return Ok(if had {
             format!(
                 "backup-schedule is empty: removed the timer ({})",
@@ -279,10 +336,20 @@ pub fn config_changed() -> Result<String, Error> {
             "backup-schedule is empty: no timer".to_string()
         });
     }
-    check_calendar(&schedule)?;
-    crate::retention::Policy::parse(&retention)
-        .map_err(|e| Error::usage(format!("backup-retention: {e}")))?;
-    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    let target = config
+        .get("backup-target")
+        .and_then(|v| v.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(crate::cli::DEFAULT_TARGET)
+        .to_string();
+    let checked = check_options(&schedule, &retention, &target);
+    if let Err((option, e)) = checked {
+        let msg = format!("{option}: {}", crate::error::bounded(&e.to_string(), 400));
+        reporter.status("blocked", &msg);
+        return Ok(format!(
+            "the timer was left as it was: {msg}; fix it with `juju config`"
+        ));
+    }
     let juju_exec = ["juju-exec", "juju-run"]
         .iter()
         .find_map(|t| which::which(t).ok())
@@ -290,23 +357,41 @@ pub fn config_changed() -> Result<String, Error> {
             tool: "juju-exec".into(),
             hint: "the timer runs the backup through juju-exec (juju-run on Juju 2.9)".into(),
         })?;
-    let target = config
-        .get("backup-target")
-        .and_then(|v| v.as_str())
-        .filter(|t| !t.is_empty())
-        .unwrap_or(crate::cli::DEFAULT_TARGET)
-        .to_string();
     let command = format!(
         "{} backup --target {}",
         crate::juju::shell_quote(&self_exe()?),
         crate::juju::shell_quote(&target)
     );
     let exec = vec![juju_exec.display().to_string(), unit, command];
-    let (service, timer) = units(&exec, &current_settings(), &schedule);
-    let notes = install(&service, &timer, &env_text(&retention))?;
+    let (service, timer) = units(&exec, &current_settings(settings), &schedule)?;
+    let notes = install(&service, &timer, &env_text(&retention)?)?;
+    reporter.status("active", "");
     Ok(format!(
         "backup timer `{schedule}` installed in {} ({})",
         unit_dir().display(),
         notes.join("; ")
     ))
+}
+
+/// Checks the options that reach the unit files; on a problem, names the option.
+fn check_options(
+    schedule: &str,
+    retention: &str,
+    target: &str,
+) -> Result<(), (&'static str, Error)> {
+    check_calendar(schedule).map_err(|e| ("backup-schedule", e))?;
+    crate::retention::Policy::parse(retention)
+        .map_err(|e| ("backup-retention", Error::usage(e)))?;
+    one_line("backup-retention", retention).map_err(|e| ("backup-retention", e))?;
+    one_line("backup-target", target).map_err(|e| ("backup-target", e))?;
+    if !Path::new(target).is_absolute() {
+        return Err((
+            "backup-target",
+            Error::usage(format!(
+                "`{}` is not an absolute directory",
+                crate::error::bounded(target, 200)
+            )),
+        ));
+    }
+    Ok(())
 }

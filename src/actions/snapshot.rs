@@ -1,22 +1,36 @@
 //! The `snapshot` action: a consistent snapshot through etcd's snapshot API, verified against
-//! etcd's sha256 trailer, published as a durable 0600 archive with a manifest and sidecar.
+//! etcd's sha256 trailer, published as a durable 0600 archive with a manifest and sidecar, and
+//! uploaded when a store is configured.
+//!
+//! With `if-changed`, nothing new is written when this cluster's newest archive already holds
+//! what etcd holds now: the same revision (keys) and the same raft applied index (which also
+//! moves with users, roles and leases). "Unchanged" also means "in the store" when one is
+//! configured: a newest archive that only exists locally (its upload failed) is uploaded now.
 
 use std::path::PathBuf;
 
-use super::{write_archive, DbSource, Unit};
-use crate::catalog;
+use super::{upload_file, write_archive, Archive, DbSource, Unit};
+use crate::archive::peek_manifest;
+use crate::catalog::{self, Entry};
 use crate::error::Error;
-use crate::etcd::{hex_id, Client};
+use crate::etcd::{hex_id, Client, Status};
+use crate::fsutil::Dir;
 use crate::juju::Results;
+use crate::store::Store;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
     pub target: PathBuf,
-    /// Write nothing when the newest snapshot archive already holds this cluster at this revision.
+    /// Write nothing when the newest snapshot archive already holds this cluster as it is.
     pub if_changed: bool,
 }
 
-pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Result<(), Error> {
+/// Runs the action; returns the id of the archive the results describe (new or unchanged).
+pub fn run(
+    unit: &Unit<'_>,
+    opts: &SnapshotOptions,
+    results: &mut Results,
+) -> Result<String, Error> {
     // Resolve every tool before any side effect.
     let client = Client::new(&unit.config);
     let store = unit.store()?;
@@ -26,34 +40,8 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     super::restore::recover(unit)?;
     if opts.if_changed {
         let status = client.status()?;
-        let entries = catalog::list(unit, &opts.target, store.as_ref())?;
-        // The newest snapshot archive this tool wrote (backups and foreign files aside).
-        if let Some(newest) = entries
-            .iter()
-            .find(|e| e.ours && e.id.starts_with("etcd-snapshot-"))
-        {
-            let same_cluster =
-                newest.cluster_id.as_deref() == Some(hex_id(status.cluster_id).as_str());
-            // A recorded revision is exact (read from the db by `snapshot status`); an
-            // archive without one never counts as unchanged.
-            if same_cluster && newest.revision == Some(status.revision) {
-                unit.log(&format!(
-                    "revision {} of cluster {} is already in {}; nothing to do",
-                    status.revision,
-                    hex_id(status.cluster_id),
-                    newest.id
-                ));
-                results.set("snapshot.skipped", format!("unchanged since {}", newest.id));
-                results.set("snapshot.revision", status.revision);
-                if let Some(p) = &newest.path {
-                    results.set("snapshot.path", p.display());
-                    results.set("copy.cmd", unit.reporter.copy_command(p));
-                }
-                if let Some(u) = &newest.url {
-                    results.set("upload.url", u);
-                }
-                return Ok(());
-            }
+        if let Some(id) = unchanged(unit, opts, store.as_ref(), &target, &status, results)? {
+            return Ok(id);
         }
     }
     let folder = store.as_ref().map(|s| unit.store_folder(s));
@@ -79,26 +67,141 @@ pub fn run(unit: &Unit<'_>, opts: &SnapshotOptions, results: &mut Results) -> Re
     if let (Some(store), Some(folder), Some(mut upload)) = (&store, &folder, upload) {
         if !archive.uploaded {
             drop(upload);
-            upload = super::upload_file(store, folder, &archive.path)?;
+            let (again, sha, _) = upload_file(store, folder, &archive.path)?;
+            if sha != archive.sha256 {
+                return Err(changed_under_us(&archive.path, &archive.sha256, sha));
+            }
+            upload = again;
         }
-        let key = format!("{folder}/{}", archive.name());
-        let done = upload
-            .commit(&key, archive.object_metadata())
-            .map_err(|e| match e {
-                Error::Store { store, problem } => Error::Store {
-                    store,
-                    problem: format!(
+        commit(unit, folder, upload, &archive, results)?;
+    }
+    Ok(archive.name())
+}
+
+/// Completes an upload of `archive` under its own name, and reports it.
+fn commit(
+    unit: &Unit<'_>,
+    folder: &str,
+    upload: crate::store::Upload,
+    archive: &Archive,
+    results: &mut Results,
+) -> Result<(), Error> {
+    let key = format!("{folder}/{}", archive.name());
+    let done = upload
+        .commit(&key, archive.object_metadata())
+        .map_err(|e| match e {
+            Error::Store { store, problem } => Error::Store {
+                store,
+                problem: format!(
                     "the upload of `{key}` failed ({problem}); the local archive `{}` is complete \
-                     and verified, and nothing was left under that key",
+                     and verified, nothing was left under that key, and the next `snapshot \
+                     --if-changed` (or `backup`) uploads it",
                     archive.path.display()
                 ),
-                },
-                other => other,
-            })?;
-        results.set("upload.url", &done.url);
-        results.set("upload.etag", &done.etag);
-        results.set("upload.size", done.size);
-        unit.log(&format!("uploaded {}", done.url));
-    }
+            },
+            other => other,
+        })?;
+    results.set("upload.url", &done.url);
+    results.set("upload.etag", &done.etag);
+    results.set("upload.size", done.size);
+    unit.log(&format!("uploaded {}", done.url));
     Ok(())
+}
+
+/// With `if-changed`: when this cluster's newest snapshot holds what etcd holds now, reports
+/// it (uploading it first if a store is configured and it is not there) and returns its id.
+fn unchanged(
+    unit: &Unit<'_>,
+    opts: &SnapshotOptions,
+    store: Option<&Store>,
+    target: &Dir,
+    status: &Status,
+    results: &mut Results,
+) -> Result<Option<String>, Error> {
+    let owner = unit.owner(status.cluster_id);
+    let entries = catalog::list(unit, &opts.target, store)?;
+    let now = crate::manifest::now_secs() as i64;
+    // This cluster's newest snapshot archive (backups, foreign files, other clusters' archives
+    // and archives dated in the future aside).
+    let Some(newest) = entries.iter().find(|e| {
+        e.id.starts_with("etcd-snapshot-")
+            && owner.owns_snapshot(e)
+            && !crate::actions::prune::in_future(e, now)
+    }) else {
+        return Ok(None);
+    };
+    // A recorded revision is exact (read from the db); an archive without a recorded applied
+    // index (older versions) never counts as unchanged: its auth and leases are unknown.
+    let same = newest.revision == Some(status.revision)
+        && status.applied_index > 0
+        && newest.applied_index == Some(status.applied_index);
+    if !same {
+        return Ok(None);
+    }
+    if let (Some(store), None, Some(path)) = (store, &newest.url, &newest.path) {
+        unit.log(&format!(
+            "{} is unchanged but not in the store: uploading it",
+            newest.id
+        ));
+        upload_existing(unit, store, target, newest, path, results)?;
+    }
+    unit.log(&format!(
+        "revision {} (applied index {}) of cluster {} is already in {}; nothing to do",
+        status.revision,
+        status.applied_index,
+        hex_id(status.cluster_id),
+        newest.id
+    ));
+    results.set("snapshot.skipped", format!("unchanged since {}", newest.id));
+    results.set("snapshot.revision", status.revision);
+    if let Some(p) = &newest.path {
+        results.set("snapshot.path", p.display());
+        results.set("copy.cmd", unit.reporter.copy_command(p));
+    }
+    if let Some(u) = &newest.url {
+        results.set("upload.url", u);
+    }
+    Ok(Some(newest.id.clone()))
+}
+
+fn changed_under_us(path: &std::path::Path, recorded: &str, actual: String) -> Error {
+    Error::Mismatch {
+        what: format!("the sha256 of `{}`", path.display()),
+        expected: recorded.to_string(),
+        actual,
+        hint: "the archive changed since it was written, so it is not uploaded (nothing in the \
+               store changed); take a new snapshot without --if-changed"
+            .into(),
+    }
+}
+
+/// Uploads an archive already published in `target`: its bytes are read once, hashed as they
+/// go, and the upload is completed only when they match its sidecar.
+fn upload_existing(
+    unit: &Unit<'_>,
+    store: &Store,
+    target: &Dir,
+    e: &Entry,
+    path: &std::path::Path,
+    results: &mut Results,
+) -> Result<(), Error> {
+    let file = target.open_file(&e.id)?;
+    let manifest = peek_manifest(&file).ok_or_else(|| Error::BadArchive {
+        path: path.to_path_buf(),
+        problem: "its manifest cannot be read, so it is not uploaded; take a new snapshot".into(),
+    })?;
+    let folder = unit.store_folder(store);
+    let (upload, sha, bytes) = upload_file(store, &folder, path)?;
+    let recorded = e.sha256.clone().unwrap_or_default();
+    if recorded != sha {
+        return Err(changed_under_us(path, &recorded, sha));
+    }
+    let archive = Archive {
+        path: path.to_path_buf(),
+        sha256: sha,
+        bytes,
+        manifest,
+        uploaded: true,
+    };
+    commit(unit, &folder, upload, &archive, results)
 }

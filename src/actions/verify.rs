@@ -4,7 +4,6 @@
 //! manifest. The live etcd, its data dir and its service are never touched.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::restore::{random_token, WAL_SEGMENT};
@@ -15,6 +14,12 @@ use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{Client, OfflineTool, RestoreRequest};
 use crate::fsutil::{free_bytes, TempPath};
 use crate::juju::Results;
+use crate::process::{end_recorded, Guarded};
+
+/// Where a drill's throwaway etcd is recorded while it runs.
+pub fn drill_record(unit: &Unit<'_>) -> PathBuf {
+    unit.state.join("drill.pid")
+}
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -58,6 +63,8 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
         (_, id) => id.as_deref(),
     };
     let _lock = unit.lock("verify")?;
+    // A drill of a run that was killed outright may still run: end it first.
+    end_recorded(&drill_record(unit));
     let dest = TempPath::new(unit.state.join(format!("verify-{}.db", std::process::id())));
     let checked = catalog::check(
         unit,
@@ -136,16 +143,6 @@ fn free_port() -> Result<u16, Error> {
         .ctx(|| "cannot find a free loopback port".to_string())
 }
 
-/// A throwaway etcd, killed (by its pid) and reaped when dropped.
-struct Throwaway(Child);
-
-impl Drop for Throwaway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The restore drill; returns the key count the throwaway etcd serves.
 fn drill(
     unit: &Unit<'_>,
@@ -192,27 +189,35 @@ fn drill(
         })
         .map_err(|e| format!("{} cannot restore the db: {e}", offline.name))?;
     let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(|e| e.to_string())?;
-    let err = log.try_clone().map_err(|e| e.to_string())?;
-    let child = Command::new(etcd)
-        .arg(format!("--name={name}"))
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={client_url}"))
-        .arg(format!("--advertise-client-urls={client_url}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster={name}={peer_url}"))
-        .arg("--log-level=error")
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("cannot start `{}`: {e}", etcd.display()))?;
-    let child = Throwaway(child);
+    let data_arg = format!("--data-dir={}", data.display());
+    let args = vec![
+        format!("--name={name}"),
+        data_arg.clone(),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster={name}={peer_url}"),
+        "--log-level=error".to_string(),
+    ];
+    // Dies with this run, however it ends; a SIGTERM (Juju's cancel) also removes the drill's
+    // files, which hold deleted space open on the live etcd's filesystem.
+    let drill_dir = dir.path().to_path_buf();
+    let child = Guarded::spawn(
+        etcd,
+        &args,
+        &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        &log,
+        &drill_record(unit),
+        &data_arg,
+        move || {
+            let _ = std::fs::remove_dir_all(&drill_dir);
+        },
+    )
+    .map_err(|e| e.to_string())?;
     unit.log(&format!(
         "drill: throwaway etcd (pid {}) on {client_url}",
-        child.0.id()
+        child.id()
     ));
     let ctl = Client::with_tls(&client_url, ClientTls::default());
     let deadline = Instant::now() + unit.settings.start_timeout;
