@@ -117,6 +117,14 @@ pub fn utc_parts(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
 }
 
 pub fn now_secs() -> u64 {
+    // The crash-test build lets a test set the clock, to take real archives "at" chosen times.
+    #[cfg(feature = "failpoints")]
+    if let Some(t) = std::env::var("ETCD_ACTIONS_TEST_NOW")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
+        return t;
+    }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -7,6 +7,7 @@ mod util;
 mod crash;
 mod errors;
 mod hardening;
+mod hardening3;
 mod hooktools;
 mod hostile;
 mod lifecycle;

@@ -219,6 +219,7 @@ fn drill(
         "drill: throwaway etcd (pid {}) on {client_url}",
         child.id()
     ));
+    super::pause_point("drill-started");
     let ctl = Client::with_tls(&client_url, ClientTls::default());
     let deadline = Instant::now() + unit.settings.start_timeout;
     let status = loop {
