@@ -82,7 +82,10 @@ fn two_clusters_sharing_a_store_folder_keep_each_others_backups() {
         "B's only archive survived A's prune: {objects:?}"
     );
     assert!(objects.iter().any(|o| o.ends_with(&newest_a)));
-    assert!(!objects.iter().any(|o| o.ends_with(&na)), "A's older one went");
+    assert!(
+        !objects.iter().any(|o| o.ends_with(&na)),
+        "A's older one went"
+    );
     let ignored: Vec<String> = pruned["ignored"]
         .as_mapping()
         .unwrap()
@@ -144,20 +147,32 @@ fn a_future_dated_archive_never_pushes_out_the_new_one() {
             .success();
         let written = PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
         assert!(written.exists(), "the reported archive exists: {r:?}");
-        assert!(r["future"]["0"].as_str().unwrap().contains(&future), "{r:?}");
+        assert!(
+            r["future"]["0"].as_str().unwrap().contains(&future),
+            "{r:?}"
+        );
     }
     let archives: Vec<String> = files_in(&snaps)
         .into_iter()
         .filter(|n| n.ends_with(".tar.gz"))
         .collect();
-    assert_eq!(archives.len(), 2, "the future one and the newest: {archives:?}");
+    assert_eq!(
+        archives.len(),
+        2,
+        "the future one and the newest: {archives:?}"
+    );
     assert!(archives.contains(&future));
 }
 
 fn if_changed(node: &Node, snaps: &Path) -> serde_yaml::Value {
     Agent::standalone(
         node,
-        &["snapshot", "--target", snaps.to_str().unwrap(), "--if-changed"],
+        &[
+            "snapshot",
+            "--target",
+            snaps.to_str().unwrap(),
+            "--if-changed",
+        ],
     )
     .run()
     .success()
@@ -169,7 +184,9 @@ fn if_changed_sees_auth_and_leases(flavor: &Flavor) {
     let node = Node::single(tmp.path(), "unit", flavor);
     node.put("k", "v");
     let snaps = tmp.path().join("snaps");
-    Agent::snapshot(&node, snaps.to_str().unwrap()).run().success();
+    Agent::snapshot(&node, snaps.to_str().unwrap())
+        .run()
+        .success();
     // Nothing changed: skipped (the applied index of an idle member stays put).
     assert!(if_changed(&node, &snaps)["snapshot"]["skipped"]
         .as_str()
@@ -298,10 +315,7 @@ fn schedule_carries_every_setting_and_secrets_verbatim() {
     .env("AWS_ACCESS_KEY_ID", "AKSCHED")
     .env("AWS_SECRET_ACCESS_KEY", secret);
     agent.command().env_remove("ETCD_ACTIONS_ETCD_CONFIG");
-    agent
-        .command()
-        .arg("--etcd-config")
-        .arg(node.config_path());
+    agent.command().arg("--etcd-config").arg(node.config_path());
     agent.run().success();
     let service = fs::read_to_string(units.join("etcd-actions-backup.service")).unwrap();
     for want in [
@@ -500,9 +514,8 @@ fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
 }
 
 fn list_page(keys: &[&str], truncated: bool) -> Vec<u8> {
-    let mut xml = String::from(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>bk</Name>",
-    );
+    let mut xml =
+        String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>bk</Name>");
     for k in keys {
         xml.push_str(&format!(
             "<Contents><Key>{k}</Key><LastModified>2026-11-01T00:00:00.000Z</LastModified>\
@@ -589,7 +602,11 @@ fn a_hostile_store_gets_bounded_answers() {
     }));
     let target = format!("http://127.0.0.2:{}/x", elsewhere.port);
     let redirecting = FakeStore::start(std::sync::Arc::new(move |_: &str| {
-        http("307 Temporary Redirect", &[("Location", target.clone())], b"")
+        http(
+            "307 Temporary Redirect",
+            &[("Location", target.clone())],
+            b"",
+        )
     }));
     let msg = list_backups_against(&node, &redirecting.endpoint(), "bk").failure();
     assert!(!msg.contains("ELSEWHERE"), "{msg}");
@@ -620,7 +637,11 @@ fn store_settings_that_crash_leak_or_escape_are_refused() {
     let node = Node::single(tmp.path(), "unit", &v35());
     for (endpoint, bucket, want) in [
         ("file:///etc", "bk", "scheme"),
-        ("http://user:hunter2@127.0.0.1:9", "bk", "user name or password"),
+        (
+            "http://user:hunter2@127.0.0.1:9",
+            "bk",
+            "user name or password",
+        ),
         ("http://127.0.0.1:9", "bk/../other", "not a bucket name"),
     ] {
         let run = list_backups_against(&node, endpoint, bucket);
@@ -651,7 +672,9 @@ fn a_cancelled_drill_leaves_no_etcd_running() {
     let node = Node::single(tmp.path(), "unit", &v35());
     node.fill("d/", 10);
     let snaps = tmp.path().join("snaps");
-    let r = Agent::snapshot(&node, snaps.to_str().unwrap()).run().success();
+    let r = Agent::snapshot(&node, snaps.to_str().unwrap())
+        .run()
+        .success();
     let archive = r["snapshot"]["path"].as_str().unwrap().to_string();
     let running = |base: &Path| {
         fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -673,7 +696,10 @@ fn a_cancelled_drill_leaves_no_etcd_running() {
         }
         true
     };
-    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGKILL] {
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
         let ctl = tempdir();
         let mut child = Agent::standalone(&node, &["verify", "--snapshot", &archive, "--deep"])
             .env(
@@ -685,7 +711,10 @@ fn a_cancelled_drill_leaves_no_etcd_running() {
         assert!(running(tmp.path()), "the drill's etcd runs");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
         let _ = child.wait();
-        assert!(gone_soon(tmp.path()), "{signal}: the throwaway etcd died with the agent");
+        assert!(
+            gone_soon(tmp.path()),
+            "{signal}: the throwaway etcd died with the agent"
+        );
     }
     // The next run cleans what a killed one left in the state dir.
     let v = Agent::standalone(&node, &["verify", "--snapshot", &archive])
@@ -730,4 +759,123 @@ fn a_flood_of_tiny_members_costs_no_memory() {
     let kib: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(kib < 64 * 1024, "peak RSS {kib} KiB");
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// Protobuf, by hand: a varint, and fields of the few etcd messages a snapshot asks for.
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn field_varint(no: u64, v: u64, out: &mut Vec<u8>) {
+    varint(no << 3, out);
+    varint(v, out);
+}
+
+fn field_bytes(no: u64, v: &[u8], out: &mut Vec<u8>) {
+    varint((no << 3) | 2, out);
+    varint(v.len() as u64, out);
+    out.extend_from_slice(v);
+}
+
+/// A gRPC frame around a message.
+fn grpc(msg: &[u8]) -> bytes::Bytes {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    out.into()
+}
+
+/// An endpoint that answers Status and MemberList as a small etcd would (a 1 MiB db), then
+/// announces a snapshot of 2^62 bytes and streams zeros.
+fn lying_etcd() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(sock).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        tokio::spawn(async move {
+                            let mut header = Vec::new();
+                            field_varint(1, 0xc1c1, &mut header);
+                            field_varint(2, 0x3e3e, &mut header);
+                            field_varint(3, 7, &mut header);
+                            let path = req.uri().path().to_string();
+                            let response = http::Response::builder()
+                                .status(200)
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .unwrap();
+                            let Ok(mut send) = respond.send_response(response, false) else {
+                                return;
+                            };
+                            let mut msg = Vec::new();
+                            field_bytes(1, &header, &mut msg);
+                            if path.ends_with("/Status") {
+                                field_bytes(2, b"3.5.99", &mut msg);
+                                field_varint(3, 1 << 20, &mut msg);
+                                field_varint(7, 42, &mut msg);
+                                let _ = send.send_data(grpc(&msg), false);
+                            } else if path.ends_with("/MemberList") {
+                                let mut member = Vec::new();
+                                field_varint(1, 0x3e3e, &mut member);
+                                field_bytes(2, b"liar", &mut member);
+                                field_bytes(2, &member, &mut msg);
+                                let _ = send.send_data(grpc(&msg), false);
+                            } else if path.ends_with("/Snapshot") {
+                                for _ in 0..20_000 {
+                                    let mut m = msg.clone();
+                                    field_varint(2, 1 << 62, &mut m);
+                                    field_bytes(3, &[0u8; 32 << 10], &mut m);
+                                    send.reserve_capacity(m.len() + 5);
+                                    if send.send_data(grpc(&m), false).is_err() {
+                                        return;
+                                    }
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let _ = send.send_trailers(trailers);
+                        });
+                    }
+                });
+            }
+        });
+    });
+    port
+}
+
+/// An endpoint that announces a snapshot far larger than its status says its db is: refused
+/// before anything is written, and no temp dir is left.
+#[test]
+fn an_endpoint_that_lies_about_the_snapshot_size_writes_nothing() {
+    let tmp = tempdir();
+    let port = lying_etcd();
+    let snaps = tmp.path().join("snaps");
+    let mut agent = Agent::standalone(
+        &Node::prepare(tmp.path(), "unused", &v35()),
+        &["snapshot", "--target", snaps.to_str().unwrap()],
+    )
+    .env("ETCDCTL_ENDPOINTS", format!("http://127.0.0.1:{port}"));
+    agent.command().env_remove("ETCD_ACTIONS_ETCD_CONFIG");
+    let started = Instant::now();
+    let run = agent.run();
+    let msg = run.failure();
+    assert!(msg.contains("announced"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(files_in(&snaps), Vec::<String>::new(), "nothing written");
 }
