@@ -182,6 +182,7 @@ fn if_changed(node: &Node, snaps: &Path) -> serde_yaml::Value {
 fn if_changed_sees_auth_and_leases(flavor: &Flavor) {
     let tmp = tempdir();
     let node = Node::single(tmp.path(), "unit", flavor);
+    wait_cluster_version(&node);
     node.put("k", "v");
     let snaps = tmp.path().join("snaps");
     Agent::snapshot(&node, snaps.to_str().unwrap())
@@ -205,9 +206,12 @@ fn if_changed_sees_auth_and_leases(flavor: &Flavor) {
             r["snapshot"]["skipped"].is_null(),
             "after {step:?} a new snapshot is taken: {r:?}"
         );
-        assert!(if_changed(&node, &snaps)["snapshot"]["skipped"]
-            .as_str()
-            .is_some());
+        let again = if_changed(&node, &snaps);
+        assert!(
+            again["snapshot"]["skipped"].as_str().is_some(),
+            "right after {step:?}'s snapshot nothing changed: {again:?}, {}",
+            node.ctl_ok(&["endpoint", "status", "-w", "json"])
+        );
     }
     // The newest archive has alice: restore it into a new cluster and look.
     let newest = files_in(&snaps)
@@ -255,8 +259,16 @@ fn a_failed_upload_is_done_by_the_next_run() {
         )
         .run()
     };
+    // The store is down while the snapshot is taken (without if-changed, nothing is listed
+    // first): the upload fails, the local archive stays.
     s3.kill();
-    let failed = run(&s3);
+    let failed = s3
+        .env(
+            Agent::standalone(&node, &["snapshot", "--target", t]),
+            "etcd-backups",
+            "",
+        )
+        .run();
     let msg = failed.failure();
     assert!(msg.contains("uploads it"), "{msg}");
     assert_eq!(files_in(&snaps).len(), 2, "the local archive is kept");

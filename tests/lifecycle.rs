@@ -335,6 +335,9 @@ fn if_changed_skips_unchanged_data_and_reads_the_store() {
     let tmp = tempdir();
     let s3 = S3::start(tmp.path(), &["etcd-backups"]);
     let node = Node::single(tmp.path(), "unit", &v35());
+    // A new member's last raft entry of its own (the cluster version) is in before the first
+    // snapshot, or "unchanged" would rightly be "changed".
+    wait_cluster_version(&node);
     node.fill("k/", 10);
     let snaps = tmp.path().join("snaps");
     let t = snaps.to_str().unwrap();
@@ -392,6 +395,7 @@ fn backup_snapshots_when_changed_uploads_and_prunes() {
     let tmp = tempdir();
     let s3 = S3::start(tmp.path(), &["etcd-backups"]);
     let node = Node::single(tmp.path(), "unit", &v35());
+    wait_cluster_version(&node);
     let snaps = tmp.path().join("snaps");
     let backup = || {
         s3.env(

@@ -1034,3 +1034,25 @@ impl Juju {
         fs::read_to_string(self.state.join("calls.txt")).unwrap_or_default()
     }
 }
+
+/// Waits until a new member has published its cluster version: its last raft entry of its
+/// own after a start, which moves the applied index a few seconds in.
+pub fn wait_cluster_version(node: &Node) {
+    let addr = node.endpoint().trim_start_matches("http://").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut body = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+            let _ = std::io::Write::write_fmt(
+                &mut c,
+                format_args!("GET /version HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+            );
+            let _ = std::io::Read::read_to_string(&mut c, &mut body);
+        }
+        if body.contains("etcdcluster") && !body.contains("not_decided") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no cluster version: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
