@@ -387,34 +387,11 @@ fn schedule_carries_every_setting_and_secrets_verbatim() {
 fn config_values_that_would_split_a_unit_file_are_refused() {
     let tmp = tempdir();
     let juju = Juju::new(tmp.path(), "etcd/0");
-    let exec = juju.bin.join("juju-exec");
-    fs::write(&exec, "#!/bin/sh\nexit 0\n").unwrap();
-    set_mode(&exec, 0o755);
-    let hook = tmp.path().join("charm/hooks/config-changed");
-    fs::create_dir_all(hook.parent().unwrap()).unwrap();
-    std::os::unix::fs::symlink(AGENT, &hook).unwrap();
     let units = tmp.path().join("units");
+    let hook = juju.config_hook(tmp.path(), &units);
     let run_hook = |config: serde_json::Value| {
-        juju.reset();
-        fs::write(juju.state.join("config.json"), config.to_string()).unwrap();
-        let out = std::process::Command::new(&hook)
-            .env(
-                "PATH",
-                format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
-            )
-            .env("JUJU_UNIT_NAME", "etcd/0")
-            .env("FAKE_JUJU_STATE", &juju.state)
-            .env("ETCD_ACTIONS_SYSTEMD_DIR", &units)
-            .env("ETCD_ACTIONS_ENV_FILE", tmp.path().join("charm.env"))
-            .env_remove("JUJU_ACTION_NAME")
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (code, err) = hook(config);
+        assert_eq!(code, Some(0), "{err}");
     };
     run_hook(serde_json::json!({"backup-schedule": "daily", "backup-target": "/srv/etcd"}));
     let service = fs::read_to_string(units.join("etcd-actions-backup.service")).unwrap();

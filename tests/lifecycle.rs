@@ -504,32 +504,8 @@ fn schedule_units_verify_and_the_charm_hook_follows_its_config() {
 
     // The charm: config-changed installs, updates and removes the timer.
     let juju = Juju::new(tmp.path(), "etcd/0");
-    let exec = juju.bin.join("juju-exec");
-    fs::write(&exec, "#!/bin/sh\nexit 0\n").unwrap();
-    set_mode(&exec, 0o755);
-    let hook = tmp.path().join("charm/hooks/config-changed");
-    fs::create_dir_all(hook.parent().unwrap()).unwrap();
-    std::os::unix::fs::symlink(AGENT, &hook).unwrap();
     let units = tmp.path().join("charm-units");
-    let run_hook = |config: serde_json::Value| {
-        fs::write(juju.state.join("config.json"), config.to_string()).unwrap();
-        let out = std::process::Command::new(&hook)
-            .env(
-                "PATH",
-                format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
-            )
-            .env("JUJU_UNIT_NAME", "etcd/0")
-            .env("FAKE_JUJU_STATE", &juju.state)
-            .env("ETCD_ACTIONS_SYSTEMD_DIR", &units)
-            .env("ETCD_ACTIONS_ENV_FILE", tmp.path().join("charm.env"))
-            .env_remove("JUJU_ACTION_NAME")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run_hook = juju.config_hook(tmp.path(), &units);
     let (code, err) =
         run_hook(serde_json::json!({"backup-schedule": "daily", "backup-retention": "last=3"}));
     assert_eq!(code, Some(0), "{err}");

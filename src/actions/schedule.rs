@@ -326,7 +326,7 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
     if schedule.is_empty() {
         let had = unit_dir().join(format!("{UNIT}.timer")).exists();
         let notes = uninstall()?;
-        reporter.status("active", "");
+        reporter.status("active", "no backup schedule");
         return Ok(if had {
             format!(
                 "backup-schedule is empty: removed the timer ({})",
@@ -365,7 +365,7 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
     let exec = vec![juju_exec.display().to_string(), unit, command];
     let (service, timer) = units(&exec, &current_settings(settings), &schedule)?;
     let notes = install(&service, &timer, &env_text(&retention)?)?;
-    reporter.status("active", "");
+    reporter.status("active", &format!("backups scheduled: {schedule}"));
     Ok(format!(
         "backup timer `{schedule}` installed in {} ({})",
         unit_dir().display(),

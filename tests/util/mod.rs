@@ -1056,3 +1056,44 @@ pub fn wait_cluster_version(node: &Node) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+impl Juju {
+    /// The charm's `config-changed` hook (a link to the binary under `base/charm/hooks`),
+    /// with a `juju-exec` that does nothing: returns a runner that sets the charm config and
+    /// runs the hook with the systemd units written to `units`, giving its exit code and
+    /// stderr.
+    pub fn config_hook<'a>(
+        &'a self,
+        base: &'a Path,
+        units: &'a Path,
+    ) -> impl Fn(serde_json::Value) -> (Option<i32>, String) + 'a {
+        let exec = self.bin.join("juju-exec");
+        fs::write(&exec, "#!/bin/sh\nexit 0\n").unwrap();
+        set_mode(&exec, 0o755);
+        let hook = base.join("charm/hooks/config-changed");
+        fs::create_dir_all(hook.parent().unwrap()).unwrap();
+        if !hook.exists() {
+            std::os::unix::fs::symlink(AGENT, &hook).unwrap();
+        }
+        move |config: serde_json::Value| {
+            self.reset();
+            fs::write(self.state.join("config.json"), config.to_string()).unwrap();
+            let out = Command::new(&hook)
+                .env(
+                    "PATH",
+                    format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap()),
+                )
+                .env("JUJU_UNIT_NAME", &self.unit)
+                .env("FAKE_JUJU_STATE", &self.state)
+                .env("ETCD_ACTIONS_SYSTEMD_DIR", units)
+                .env("ETCD_ACTIONS_ENV_FILE", base.join("charm.env"))
+                .env_remove("JUJU_ACTION_NAME")
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    }
+}
