@@ -151,12 +151,20 @@ impl<'a> Unit<'a> {
             .unwrap_or_else(|| self.reporter.app().to_string())
     }
 
+    /// This unit's name: Juju's (also under the timer's `juju-exec`), else the host's.
+    pub fn name(&self) -> String {
+        std::env::var("JUJU_UNIT_NAME")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| self.reporter.unit().to_string())
+    }
+
     /// Whose archives this unit's lifecycle rules count, for the cluster with `cluster_id`.
     pub fn owner(&self, cluster_id: u64) -> crate::catalog::Owner {
         let (model_uuid, app) = juju_identity();
         crate::catalog::Owner {
             cluster_id: hex_id(cluster_id),
-            unit: self.reporter.unit().to_string(),
+            unit: self.name(),
             model_uuid,
             app,
         }
@@ -358,7 +366,7 @@ pub fn write_archive(
         .try_clone()
         .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
 
-    let mut manifest = Manifest::new(unit.reporter.unit(), SOURCE_SNAPSHOT);
+    let mut manifest = Manifest::new(&unit.name(), SOURCE_SNAPSHOT);
     (manifest.model_uuid, manifest.app) = juju_identity();
     // The cluster's id is in the name: clusters sharing a store folder never name two
     // archives alike.
