@@ -394,17 +394,29 @@ impl Owner {
 /// Orders archives newest first: by time, then by the `-N` suffix two archives of one second
 /// get (a higher N is newer), then by id.
 pub fn newest_first(a: &Entry, b: &Entry) -> std::cmp::Ordering {
-    let suffix = |id: &str| -> u32 {
-        id.strip_suffix(".tar.gz")
-            .and_then(|s| s.rsplit_once('-'))
-            .filter(|(stem, _)| stem.ends_with(|c: char| c.is_ascii_digit()) && stem.contains('.'))
-            .and_then(|(_, n)| n.parse().ok())
-            .unwrap_or(0)
-    };
     b.time
         .cmp(&a.time)
-        .then(suffix(&b.id).cmp(&suffix(&a.id)))
+        .then(same_second_suffix(&b.id).cmp(&same_second_suffix(&a.id)))
         .then(b.id.cmp(&a.id))
+}
+
+/// The `N` of `<kind>-<stamp>[-<cluster-id>]-N.tar.gz` (0 without one): `publish` adds 1 to
+/// 999 when the name is taken in that second.
+fn same_second_suffix(id: &str) -> u32 {
+    let rest = id
+        .strip_suffix(".tar.gz")
+        .and_then(|s| {
+            s.strip_prefix("etcd-snapshot-")
+                .or_else(|| s.strip_prefix("etcd-backup-"))
+        })
+        .and_then(|s| s.get(19..))
+        .unwrap_or("");
+    match rest.rsplit_once('-') {
+        Some((_, n)) if (1..=3).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()) => {
+            n.parse().unwrap_or(0)
+        }
+        _ => 0,
+    }
 }
 
 /// Whether a name is one of the archives this tool writes.
@@ -561,4 +573,40 @@ fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) 
     e.ours = is_archive_name(name) && obj.meta.contains_key("format-version");
     e.size = obj.size;
     e.url = Some(store.cfg.url(&obj.key));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(id: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            time: "2026-11-30T06:53:34Z".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn archives_of_one_second_order_by_their_suffix() {
+        let mut v = [
+            at("etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e.tar.gz"),
+            at("etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e-10.tar.gz"),
+            at("etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e-2.tar.gz"),
+            at("etcd-snapshot-2026-11-30-06.53.34-1.tar.gz"),
+            at("etcd-snapshot-2026-11-30-06.53.34.tar.gz"),
+        ];
+        v.sort_by(newest_first);
+        let ids: Vec<&str> = v.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            vec![
+                "etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e-10.tar.gz",
+                "etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e-2.tar.gz",
+                "etcd-snapshot-2026-11-30-06.53.34-1.tar.gz",
+                "etcd-snapshot-2026-11-30-06.53.34.tar.gz",
+                "etcd-snapshot-2026-11-30-06.53.34-8a00b85f8413511e.tar.gz",
+            ]
+        );
+    }
 }
