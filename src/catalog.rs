@@ -528,7 +528,7 @@ pub fn list_all(
                 continue;
             }
             let local = entries.get(&name);
-            // A local file of another size is another archive: no need to ask for the sha256.
+            // A local file of another size is another archive whatever the sha256 says.
             let differs = local.is_some_and(|l| l.size != obj.size);
             let Some(info) = store.head(&obj.key)? else {
                 continue;
