@@ -779,8 +779,8 @@ fn grpc(msg: &[u8]) -> bytes::Bytes {
 }
 
 /// An endpoint that answers Status and MemberList as a small etcd would (a 1 MiB db), then
-/// announces a snapshot of 2^62 bytes and streams zeros.
-fn lying_etcd() -> u16 {
+/// announces a snapshot of `announced` bytes and streams 32 KiB of zeros every `pace`.
+fn lying_etcd(announced: u64, pace: Duration) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -827,13 +827,16 @@ fn lying_etcd() -> u16 {
                             } else if path.ends_with("/Snapshot") {
                                 for _ in 0..20_000 {
                                     let mut m = msg.clone();
-                                    field_varint(2, 1 << 62, &mut m);
+                                    field_varint(2, announced, &mut m);
                                     field_bytes(3, &[0u8; 32 << 10], &mut m);
                                     send.reserve_capacity(m.len() + 5);
                                     if send.send_data(grpc(&m), false).is_err() {
                                         return;
                                     }
                                     tokio::task::yield_now().await;
+                                    if !pace.is_zero() {
+                                        tokio::time::sleep(pace).await;
+                                    }
                                 }
                             }
                             let mut trailers = http::HeaderMap::new();
@@ -853,7 +856,7 @@ fn lying_etcd() -> u16 {
 #[test]
 fn an_endpoint_that_lies_about_the_snapshot_size_writes_nothing() {
     let tmp = tempdir();
-    let port = lying_etcd();
+    let port = lying_etcd(1 << 62, Duration::ZERO);
     let snaps = tmp.path().join("snaps");
     let mut agent = Agent::standalone(
         &Node::prepare(tmp.path(), "unused", &v35()),
@@ -867,4 +870,31 @@ fn an_endpoint_that_lies_about_the_snapshot_size_writes_nothing() {
     assert!(msg.contains("announced"), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(files_in(&snaps), Vec::<String>::new(), "nothing written");
+}
+
+/// A stream that keeps coming but never ends is cut at `--snapshot-timeout`, and the temp dir
+/// it was written into goes with it.
+#[test]
+fn a_snapshot_stream_is_bounded_in_time() {
+    let tmp = tempdir();
+    // Announces the 1 MiB its status reports, then sends 32 KiB every 300 ms: not a stall.
+    let port = lying_etcd(1 << 20, Duration::from_millis(300));
+    let snaps = tmp.path().join("snaps");
+    let mut agent = Agent::standalone(
+        &Node::prepare(tmp.path(), "unused", &v35()),
+        &[
+            "snapshot",
+            "--target",
+            snaps.to_str().unwrap(),
+            "--snapshot-timeout",
+            "2",
+        ],
+    )
+    .env("ETCDCTL_ENDPOINTS", format!("http://127.0.0.1:{port}"));
+    agent.command().env_remove("ETCD_ACTIONS_ETCD_CONFIG");
+    let started = Instant::now();
+    let msg = agent.run().failure();
+    assert!(msg.contains("did not finish within 2s"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(files_in(&snaps), Vec::<String>::new(), "no temp dir left");
 }
