@@ -8,12 +8,40 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, GetOptions, Identity, TlsOptions};
 use serde::Deserialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{ClientTls, EtcdConfig, Settings};
 use crate::error::{Error, IoContext};
 use crate::process::{display, etcd_tool, run_checked};
+
+/// etcd's v3 API, generated at build time from `proto/etcd.proto` (see build.rs). Public for
+/// the tests, which load data through it.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("etcdserverpb");
+}
+use pb::cluster_client::ClusterClient;
+use pb::kv_client::KvClient;
+use pb::maintenance_client::MaintenanceClient;
+
+/// What a call can fail with: connecting, or the call itself.
+enum CallError {
+    Connect(tonic::transport::Error),
+    Status(tonic::Status),
+}
+
+impl From<tonic::transport::Error> for CallError {
+    fn from(e: tonic::transport::Error) -> CallError {
+        CallError::Connect(e)
+    }
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(e: tonic::Status) -> CallError {
+        CallError::Status(e)
+    }
+}
 
 /// A `major.minor.patch` etcd version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +80,8 @@ pub struct Status {
     pub db_size: u64,
     /// The member's raft applied index (0 where etcd does not report it).
     pub applied_index: u64,
+    /// The db's storage version (etcd 3.6 and later).
+    pub storage_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +97,7 @@ pub fn hex_id(id: u64) -> String {
     format!("{id:x}")
 }
 
-/// Online client for this unit's member: etcd's v3 API in-process (the `etcd-client` crate),
+/// Online client for this unit's member: etcd's v3 gRPC API in-process (tonic, generated from `proto/etcd.proto`),
 /// each call on a small tokio runtime of its own, so the rest of the program stays synchronous.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -152,12 +182,19 @@ impl Client {
         Ok(())
     }
 
-    fn options(&self) -> Result<ConnectOptions, Error> {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(20));
+    /// The gRPC endpoint: timeouts, keepalives and, for `https://`, the TLS files.
+    fn grpc_endpoint(&self) -> Result<Endpoint, Error> {
+        let invalid = |problem: String| Error::ConfigInvalid {
+            path: self.endpoint.clone().into(),
+            problem,
+        };
+        let mut ep = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| invalid(format!("the client URL is not usable: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
         if !self.endpoint.starts_with("https://") {
-            return Ok(opts);
+            return Ok(ep);
         }
         let read = |what: &str, p: &Path| {
             std::fs::read(p).map_err(|e| Error::ConfigInvalid {
@@ -168,7 +205,7 @@ impl Client {
                 ),
             })
         };
-        let mut tls = TlsOptions::new();
+        let mut tls = ClientTlsConfig::new();
         match &self.tls.trusted_ca_file {
             Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read("CA", ca)?)),
             None => tls = tls.with_native_roots(),
@@ -189,8 +226,10 @@ impl Client {
                 ))
             }
         }
-        opts = opts.with_tls(tls);
-        Ok(opts)
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| invalid(format!("the TLS settings are not usable: {e}")))?;
+        Ok(ep)
     }
 
     fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -201,15 +240,27 @@ impl Client {
     }
 
     /// Turns a client error into ours, naming the endpoint and the call.
-    fn error(&self, call: &str, e: &etcd_client::Error) -> Error {
-        let detail = error_chain(e);
-        let unreachable = match e {
-            etcd_client::Error::GRpcStatus(s) => matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
-            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-            _ => false,
+    fn error(&self, call: &str, e: &CallError) -> Error {
+        let (detail, unreachable) = match e {
+            CallError::Connect(e) => (error_chain(e), true),
+            CallError::Status(s) => {
+                let mut detail = s.message().to_string();
+                if let Some(source) = std::error::Error::source(s) {
+                    detail = format!("{detail}: {}", error_chain(source));
+                }
+                if detail.is_empty() {
+                    detail = format!("{:?}", s.code());
+                }
+                (
+                    detail,
+                    matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ),
+                )
+            }
         };
         if unreachable {
             Error::EtcdUnreachable {
@@ -232,19 +283,19 @@ impl Client {
         }
     }
 
-    /// Runs one call on a runtime of its own.
+    /// Runs one call on a runtime of its own, over a connection of its own.
     fn call<T, F, Fut>(&self, call: &str, f: F) -> Result<T, Error>
     where
-        F: FnOnce(etcd_client::Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
     {
         self.wait_listening()?;
-        let opts = self.options()?;
+        let ep = self.grpc_endpoint()?;
         let rt = Client::runtime()?;
         rt.block_on(async {
             let work = async {
-                let c = etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await?;
-                f(c).await
+                let channel = ep.connect().await?;
+                f(channel).await
             };
             match tokio::time::timeout(CALL_TIMEOUT, work).await {
                 Ok(r) => r.map_err(|e| self.error(call, &e)),
@@ -254,30 +305,37 @@ impl Client {
     }
 
     pub fn status(&self) -> Result<Status, Error> {
-        self.call("status", |mut c| async move {
-            let r = c.status().await?;
-            let h = r.header();
+        self.call("status", |c| async move {
+            let r = MaintenanceClient::new(c)
+                .status(pb::StatusRequest {})
+                .await?
+                .into_inner();
+            let h = r.header.unwrap_or_default();
             Ok(Status {
-                version: r.version().to_string(),
-                cluster_id: h.map_or(0, |h| h.cluster_id()),
-                member_id: h.map_or(0, |h| h.member_id()),
-                revision: h.map_or(0, |h| h.revision()),
-                db_size: u64::try_from(r.db_size()).unwrap_or(0),
-                applied_index: r.raft_applied_index(),
+                version: r.version,
+                cluster_id: h.cluster_id,
+                member_id: h.member_id,
+                revision: h.revision,
+                db_size: u64::try_from(r.db_size).unwrap_or(0),
+                applied_index: r.raft_applied_index,
+                storage_version: Some(r.storage_version).filter(|v| !v.is_empty()),
             })
         })
     }
 
     pub fn members(&self) -> Result<Vec<Member>, Error> {
-        self.call("member list", |mut c| async move {
-            let r = c.member_list().await?;
-            Ok(r.members()
-                .iter()
+        self.call("member list", |c| async move {
+            let r = ClusterClient::new(c)
+                .member_list(pb::MemberListRequest::default())
+                .await?
+                .into_inner();
+            Ok(r.members
+                .into_iter()
                 .map(|m| Member {
-                    id: m.id(),
-                    name: m.name().to_string(),
-                    peer_urls: m.peer_urls().to_vec(),
-                    is_learner: m.is_learner(),
+                    id: m.id,
+                    name: m.name,
+                    peer_urls: m.peer_ur_ls,
+                    is_learner: m.is_learner,
                 })
                 .collect())
         })
@@ -285,13 +343,18 @@ impl Client {
 
     /// Number of live keys at `revision`: one count-only Range over all keys.
     pub fn key_count(&self, revision: i64) -> Result<u64, Error> {
-        self.call("range count", |mut c| async move {
-            let opts = GetOptions::new()
-                .with_all_keys()
-                .with_count_only()
-                .with_revision(revision);
-            let r = c.get("", Some(opts)).await?;
-            Ok(u64::try_from(r.count()).unwrap_or(0))
+        self.call("range count", |c| async move {
+            let r = KvClient::new(c)
+                .range(pb::RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    revision,
+                    count_only: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Ok(u64::try_from(r.count).unwrap_or(0))
         })
     }
 
@@ -301,13 +364,13 @@ impl Client {
     /// size.
     pub fn snapshot(&self, timeout: Duration) -> Result<SnapshotStream, Error> {
         self.wait_listening()?;
-        let opts = self.options()?;
+        let ep = self.grpc_endpoint()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Option<Vec<u8>>, Error>>(64);
         let (first_tx, first_rx) = std::sync::mpsc::channel::<Result<(Vec<u8>, u64), Error>>();
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name("etcd-snapshot".into())
-            .spawn(move || me.receive(opts, timeout, &first_tx, &tx))
+            .spawn(move || me.receive(ep, timeout, &first_tx, &tx))
             .ctx(|| "cannot start the snapshot receiver".to_string())?;
         let (first, remaining) = first_rx.recv().unwrap_or_else(|_| {
             Err(Error::EtcdUnreachable {
@@ -333,7 +396,7 @@ impl Client {
     /// then every further message on `rest`, then `None` at the stream's end.
     fn receive(
         &self,
-        opts: ConnectOptions,
+        ep: Endpoint,
         timeout: Duration,
         first: &std::sync::mpsc::Sender<Result<(Vec<u8>, u64), Error>>,
         rest: &std::sync::mpsc::SyncSender<Result<Option<Vec<u8>>, Error>>,
@@ -347,13 +410,15 @@ impl Client {
         };
         rt.block_on(async {
             let open = async {
-                let mut c =
-                    etcd_client::Client::connect([self.endpoint.as_str()], Some(opts)).await?;
-                let mut stream = c.snapshot().await?;
+                let channel = ep.connect().await?;
+                let mut stream = MaintenanceClient::new(channel)
+                    .snapshot(pb::SnapshotRequest {})
+                    .await?
+                    .into_inner();
                 let m = stream.message().await?;
-                Ok::<_, etcd_client::Error>((c, stream, m))
+                Ok::<_, CallError>((stream, m))
             };
-            let (_client, mut stream, m) = match tokio::time::timeout(CALL_TIMEOUT, open).await {
+            let (mut stream, m) = match tokio::time::timeout(CALL_TIMEOUT, open).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     let _ = first.send(Err(self.error("snapshot", &e)));
@@ -371,8 +436,8 @@ impl Client {
                 }));
                 return;
             };
-            let remaining = m.remaining_bytes();
-            if first.send(Ok((m.0.blob, remaining))).is_err() {
+            let remaining = m.remaining_bytes;
+            if first.send(Ok((m.blob, remaining))).is_err() {
                 return;
             }
             let started = tokio::time::Instant::now();
@@ -382,9 +447,9 @@ impl Client {
                 let wait = STREAM_STALL
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
                 let next = match tokio::time::timeout(wait, stream.message()).await {
-                    Ok(Ok(Some(m))) => Ok(Some(m.0.blob)),
+                    Ok(Ok(Some(m))) => Ok(Some(m.blob)),
                     Ok(Ok(None)) => Ok(None),
-                    Ok(Err(e)) => Err(self.error("snapshot", &e)),
+                    Ok(Err(e)) => Err(self.error("snapshot", &CallError::Status(e))),
                     Err(_) => Err(self.timed_out("the snapshot stream", wait)),
                 };
                 let now = tokio::time::Instant::now();

@@ -76,6 +76,26 @@ fn check(node: &Node, dir: &Path, name: &str) -> Found {
     found.unwrap()
 }
 
+type Kv = etcd_actions::etcd::pb::kv_client::KvClient<tonic::transport::Channel>;
+
+/// A client of etcd's KV service at `endpoint` (plain http).
+async fn kv_client(endpoint: String) -> Kv {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Kv::new(channel)
+}
+
+fn put(key: String, value: Vec<u8>) -> etcd_actions::etcd::pb::PutRequest {
+    etcd_actions::etcd::pb::PutRequest {
+        key: key.into_bytes(),
+        value,
+        ..Default::default()
+    }
+}
+
 /// Puts `count` values of `size` bytes under `prefix`, `parallel` at a time, over the v3
 /// API: half random bytes, half repetitive text, as Kubernetes objects are.
 fn load(node: &Node, prefix: &str, count: usize, size: usize, parallel: usize) {
@@ -84,15 +104,13 @@ fn load(node: &Node, prefix: &str, count: usize, size: usize, parallel: usize) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = etcd_client::Client::connect([node.endpoint()], None)
-            .await
-            .unwrap();
+        let client = kv_client(node.endpoint()).await;
         futures::stream::iter(0..count)
             .map(|i| {
-                let mut kv = client.kv_client();
+                let mut kv = client.clone();
                 let value = value_bytes(i, size);
                 async move {
-                    kv.put(format!("{prefix}{i:08}"), value, None)
+                    kv.put(put(format!("{prefix}{i:08}"), value))
                         .await
                         .map(drop)
                 }
@@ -196,12 +214,10 @@ fn revision_is_exact_while_a_writer_puts_as_fast_as_it_can() {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let mut c = etcd_client::Client::connect([endpoint], None)
-                    .await
-                    .unwrap();
+                let mut c = kv_client(endpoint).await;
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    c.put(format!("hot/{:06}", n % 5000), vec![b'x'; 300], None)
+                    c.put(put(format!("hot/{:06}", n % 5000), vec![b'x'; 300]))
                         .await
                         .unwrap();
                     n += 1;
