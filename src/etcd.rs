@@ -670,6 +670,23 @@ impl OfflineTool {
         })
     }
 
+    /// The etcd server that goes with this tool: ETCD_ACTIONS_ETCD, else the `etcd` beside
+    /// it (as a unit's bin dir holds them), else `etcd` on PATH.
+    pub fn server_binary(&self) -> Result<PathBuf, Error> {
+        if let Some(p) = std::env::var_os("ETCD_ACTIONS_ETCD").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        if let Some(beside) = self.bin.parent().map(|d| d.join("etcd")) {
+            if beside.is_file() {
+                return Ok(beside);
+            }
+        }
+        which::which("etcd").map_err(|_| Error::ToolMissing {
+            tool: "etcd".into(),
+            hint: "set ETCD_ACTIONS_ETCD to the etcd server binary".into(),
+        })
+    }
+
     pub fn db_status(&self, db: &Path) -> Result<DbStatus, Error> {
         #[derive(Deserialize)]
         struct Raw {

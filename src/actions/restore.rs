@@ -333,6 +333,77 @@ pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
     Ok(())
 }
 
+/// The unit's etcd version while it is stopped: from its etcd binary (`etcd --version`:
+/// ETCD_ACTIONS_ETCD, the etcd beside the restore tool, or `etcd` on PATH), else from the
+/// `storageVersion` its db records (3.6 and later), else the restore tool's own, which says
+/// least. Returns the version and how it was learned.
+fn offline_unit_version(unit: &Unit<'_>, offline: &OfflineTool, db: &Path) -> (Version, String) {
+    if let Ok(bin) = offline.server_binary() {
+        if let Ok(out) =
+            crate::process::run_checked(std::process::Command::new(&bin).arg("--version"))
+        {
+            let found = out.stdout.lines().find_map(|l| {
+                l.split_once("etcd Version:")
+                    .and_then(|(_, v)| Version::parse(v))
+            });
+            if let Some(v) = found {
+                return (v, format!("`{} --version`", bin.display()));
+            }
+        }
+    }
+    let stored = fs::File::open(db)
+        .ok()
+        .and_then(|f| crate::bbolt::Bolt::open(f).ok())
+        .and_then(|b| b.bucket_entries(b"meta").ok().flatten())
+        .and_then(|entries| {
+            entries
+                .into_iter()
+                .find(|(k, _)| k == b"storageVersion")
+                .and_then(|(_, v)| Version::parse(&String::from_utf8_lossy(&v)))
+        });
+    if let Some(v) = stored {
+        return (v, format!("the storage version in `{}`", db.display()));
+    }
+    unit.log(&format!(
+        "etcd is stopped and its version cannot be read; taking the restore tool's ({})",
+        offline.version
+    ));
+    (
+        offline.version,
+        format!("the restore tool ({})", offline.name),
+    )
+}
+
+/// Refuses what the unit's etcd could not run on: a snapshot from a newer minor version (its
+/// db may use what this etcd does not know), or a restore tool of a newer minor version
+/// (etcdutl 3.6 and later writes its own storage version into the data dir it builds, and
+/// etcd refuses to start on data written by a newer version).
+fn check_versions(
+    snapshot: Option<Version>,
+    tool: &OfflineTool,
+    unit: Version,
+    known_by: &str,
+) -> Result<(), Error> {
+    if let Some(snap) = snapshot {
+        if snap.minor() > unit.minor() {
+            return Err(Error::Refused(format!(
+                "the snapshot comes from etcd {snap}, newer than this unit's etcd {unit} (as \
+                 {known_by} says); restore it on etcd {}.{} or later, or upgrade this unit first",
+                snap.0, snap.1
+            )));
+        }
+    }
+    if tool.version.minor() > unit.minor() {
+        return Err(Error::Refused(format!(
+            "the restore tool is {} {}, newer than this unit's etcd {unit} (as {known_by} \
+             says): the data dir it writes would not start on etcd {unit}; use the {} of etcd \
+             {}.{} (ETCD_ACTIONS_ETCDUTL)",
+            tool.name, tool.version, tool.name, unit.0, unit.1
+        )));
+    }
+    Ok(())
+}
+
 pub fn random_token() -> String {
     let mut bytes = [0u8; 8];
     if let Ok(mut f) = fs::File::open("/dev/urandom") {
@@ -688,25 +759,16 @@ fn restore(
     unit.log(&format!("archive verified: {integrity}"));
     let reserve = data_reserve(unit)?;
 
-    let unit_version = status
-        .as_ref()
-        .and_then(|s| Version::parse(&s.version))
-        .unwrap_or(offline.version);
-    if let Some(v) = unpacked
+    let (unit_version, known_by) = match status.as_ref().and_then(|s| Version::parse(&s.version)) {
+        Some(v) => (v, "its status".to_string()),
+        None => offline_unit_version(unit, &offline, &p.member.join("snap/db")),
+    };
+    let snapshot_version = unpacked
         .manifest
         .as_ref()
         .and_then(|m| m.etcd_version.as_deref())
-    {
-        if let Some(snap) = Version::parse(v) {
-            if snap.minor() > unit_version.minor() {
-                return Err(Error::Refused(format!(
-                    "the snapshot comes from etcd {snap}, newer than this unit's etcd {unit_version}; \
-                     restore it on etcd {}.{} or later",
-                    snap.0, snap.1
-                )));
-            }
-        }
-    }
+        .and_then(Version::parse);
+    check_versions(snapshot_version, &offline, unit_version, &known_by)?;
 
     // Back up what the unit holds now.
     let mut backup: Option<Archive> = None;
@@ -1049,5 +1111,51 @@ pub fn integrity(u: &Unpacked, sha_checked: bool) -> String {
             "legacy archive with a raw db: integrity checked with the archive sha256 only".into()
         }
         (Layout::Legacy, None) => "legacy archive with a raw db: unchecked (no etcd trailer; pass sha256 to check the archive)".into(),
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    fn tool(v: Version) -> OfflineTool {
+        OfflineTool {
+            bin: PathBuf::from("/usr/bin/etcdutl"),
+            name: "etcdutl",
+            version: v,
+            supports_bump: true,
+        }
+    }
+
+    #[test]
+    fn what_a_unit_can_take() {
+        let (v34, v35, v36, v37) = (
+            Version(3, 4, 23),
+            Version(3, 5, 30),
+            Version(3, 6, 15),
+            Version(3, 7, 2),
+        );
+        // Same or older snapshots, with a tool of the unit's minor or older: fine (3.6 and
+        // 3.7 servers with 3.5 tools is how the tests pair them).
+        assert!(check_versions(Some(v34), &tool(v35), v35, "x").is_ok());
+        assert!(check_versions(Some(v36), &tool(v35), v36, "x").is_ok());
+        assert!(check_versions(Some(v35), &tool(v35), v37, "x").is_ok());
+        assert!(check_versions(None, &tool(v35), v35, "x").is_ok());
+        // A newer snapshot: refused, naming both versions.
+        let e = check_versions(Some(v37), &tool(v35), v36, "its status").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("3.7.2") && msg.contains("3.6.15"), "{msg}");
+        // A newer restore tool: refused, naming both.
+        let msg = check_versions(Some(v35), &tool(v36), v35, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("etcdutl 3.6.15") && msg.contains("etcd 3.5.30"),
+            "{msg}"
+        );
+        // Patch levels never matter.
+        assert!(
+            check_versions(Some(Version(3, 5, 31)), &tool(Version(3, 5, 40)), v35, "x").is_ok()
+        );
     }
 }

@@ -33,7 +33,18 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
     let started = Instant::now();
     let offline = OfflineTool::detect(unit.settings)?;
     let etcd_bin = if opts.deep {
-        Some(etcd_binary(&offline)?)
+        Some(offline.server_binary().map_err(|e| {
+            match e {
+                Error::ToolMissing { tool, .. } => Error::ToolMissing {
+                    tool,
+                    hint:
+                        "a deep verify starts a throwaway etcd; set ETCD_ACTIONS_ETCD to the etcd \
+                       binary"
+                            .into(),
+                },
+                other => other,
+            }
+        })?)
     } else {
         None
     };
@@ -115,24 +126,6 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
         format!("{:.1}", started.elapsed().as_secs_f64()),
     );
     Ok(())
-}
-
-/// The etcd server binary for a drill: ETCD_ACTIONS_ETCD, else the `etcd` beside the offline
-/// tool, else `etcd` on PATH.
-fn etcd_binary(offline: &OfflineTool) -> Result<PathBuf, Error> {
-    if let Some(p) = std::env::var_os("ETCD_ACTIONS_ETCD").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    if let Some(beside) = offline.bin.parent().map(|d| d.join("etcd")) {
-        if beside.is_file() {
-            return Ok(beside);
-        }
-    }
-    which::which("etcd").map_err(|_| Error::ToolMissing {
-        tool: "etcd".into(),
-        hint: "a deep verify starts a throwaway etcd; set ETCD_ACTIONS_ETCD to the etcd binary"
-            .into(),
-    })
 }
 
 /// A free loopback port (the kernel's choice).
