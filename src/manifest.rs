@@ -38,6 +38,9 @@ pub struct Manifest {
     /// auth and leases included, where the revision moves only with keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_index: Option<u64>,
+    /// The db's storage version, as etcd 3.6 and later report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_version: Option<String>,
     /// The Juju model and application that took it (absent standalone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_uuid: Option<String>,
@@ -65,6 +68,7 @@ impl Manifest {
             revision_note: None,
             keys: None,
             applied_index: None,
+            storage_version: None,
             model_uuid: None,
             app: None,
             db_size: 0,
@@ -170,6 +174,7 @@ mod tests {
             revision_note: None,
             keys: Some(3),
             applied_index: Some(9),
+            storage_version: None,
             model_uuid: None,
             app: Some("etcd".into()),
             db_size: 20480,

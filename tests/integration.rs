@@ -11,6 +11,7 @@ mod hardening3;
 mod hooktools;
 mod hostile;
 mod lifecycle;
+mod matrix;
 mod progress;
 mod restore;
 mod revision;

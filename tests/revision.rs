@@ -15,7 +15,7 @@ use futures::StreamExt;
 use crate::util::*;
 
 /// What the upstream tool reports for a db file.
-fn upstream_revision(flavor: &Flavor, db: &Path) -> i64 {
+pub fn upstream_revision(flavor: &Flavor, db: &Path) -> i64 {
     let tool = flavor.etcdutl.as_ref().unwrap_or(&flavor.etcdctl);
     let out = Command::new(tool)
         .env("ETCDCTL_API", "3")

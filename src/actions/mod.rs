@@ -280,6 +280,9 @@ impl Archive {
         if let Some(id) = &m.cluster_id {
             results.set(&format!("{prefix}.cluster-id"), id);
         }
+        if let Some(v) = &m.storage_version {
+            results.set(&format!("{prefix}.storage-version"), v);
+        }
         results.set(&format!("{prefix}.source"), &m.source);
     }
 }
@@ -490,6 +493,9 @@ fn stream_and_pack(
             manifest.cluster_id = Some(hex_id(m.status.cluster_id));
             manifest.member_id = Some(hex_id(m.status.member_id));
             manifest.applied_index = Some(m.status.applied_index).filter(|&i| i > 0);
+            manifest
+                .storage_version
+                .clone_from(&m.status.storage_version);
             manifest.member_name.clone_from(&m.name);
             match finder.finish() {
                 Ok(revision) => {

@@ -68,6 +68,43 @@ pub fn v35() -> Flavor {
     }
 }
 
+/// Where scripts/install-deps caches the etcd releases.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("ETCD_ACTIONS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/etcd-actions")
+        })
+}
+
+/// A release cached by scripts/install-deps as `etcd-<version>/bin/{etcd,etcdctl,etcdutl}`.
+fn cached(version: &'static str) -> Flavor {
+    let bin = cache_dir().join(format!("etcd-{version}/bin"));
+    Flavor {
+        etcd: must_exist(bin.join("etcd")),
+        etcdctl: must_exist(bin.join("etcdctl")),
+        etcdutl: Some(must_exist(bin.join("etcdutl"))),
+        version,
+    }
+}
+
+/// etcd, etcdctl and etcdutl 3.5.30 from Debian sid's packages.
+pub fn v3530() -> Flavor {
+    cached("3.5.30")
+}
+
+/// The etcd 3.6.15 server (crates.io's etcd-bin-vendored-linux-amd64) with the 3.5.30
+/// etcdctl and etcdutl: no 3.6 tools can be had here.
+pub fn v3615() -> Flavor {
+    cached("3.6.15")
+}
+
+/// The etcd 3.7.2 server with the 3.5.30 tools, likewise.
+pub fn v372() -> Flavor {
+    cached("3.7.2")
+}
+
 /// A free loopback port, distinct from every other one handed out by this process, and below
 /// the kernel's ephemeral range (32768 and up here), so that no client connection (etcdctl's,
 /// the peers') can take it between this check and etcd's bind.
