@@ -461,20 +461,21 @@ fn members_on_disk(unit: &Unit<'_>) -> (Vec<String>, String) {
     let read = File::open(&db)
         .map_err(|e| e.to_string())
         .and_then(crate::bbolt::Bolt::open)
-        .and_then(|b| b.bucket_entries(b"members"));
+        .and_then(|b| {
+            let removed = b.bucket_entries(b"members_removed")?.unwrap_or_default();
+            Ok(b.bucket_entries(b"members")?.map(|entries| {
+                entries
+                    .into_iter()
+                    .filter(|(k, _)| !removed.iter().any(|(r, _)| r == k))
+                    .collect::<Vec<_>>()
+            }))
+        });
     match read {
         Ok(Some(entries)) if !entries.is_empty() => {
-            let names = entries
-                .iter()
-                .map(|(key, value)| {
-                    serde_json::from_slice::<serde_json::Value>(value)
-                        .ok()
-                        .and_then(|v| v["name"].as_str().map(str::to_string))
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| String::from_utf8_lossy(key).into_owned())
-                })
-                .collect();
-            return (names, format!("the members bucket of `{}`", db.display()));
+            return (
+                distinct_members(unit, &entries),
+                format!("the members bucket of `{}`", db.display()),
+            );
         }
         Ok(_) => unit.log(&format!("`{}` lists no members", db.display())),
         Err(e) if db.exists() => {
@@ -486,6 +487,40 @@ fn members_on_disk(unit: &Unit<'_>) -> (Vec<String>, String) {
         unit.config.initial_members.clone(),
         format!("`initial-cluster` in `{}`", unit.config.path.display()),
     )
+}
+
+/// The names of the members a db lists, this unit counted once: etcd 3.4's restore keeps the
+/// snapshot's own member beside the new one, both with this unit's name and peer URLs (a
+/// real other member has another name or other peer URLs).
+fn distinct_members(unit: &Unit<'_>, entries: &[crate::bbolt::Entry]) -> Vec<String> {
+    let mut own_urls = unit.config.peer_urls.clone();
+    own_urls.sort();
+    let mut names = Vec::new();
+    let mut this_unit = false;
+    for (key, value) in entries {
+        let v = serde_json::from_slice::<serde_json::Value>(value).ok();
+        let name = v
+            .as_ref()
+            .and_then(|v| v["name"].as_str().map(str::to_string))
+            .filter(|n| !n.is_empty());
+        let mut urls: Vec<String> = v
+            .as_ref()
+            .and_then(|v| v["peerURLs"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|u| u.as_str().map(str::to_string))
+            .collect();
+        urls.sort();
+        if name.as_deref() == Some(unit.config.name.as_str()) && urls == own_urls {
+            this_unit = true;
+            continue;
+        }
+        names.push(name.unwrap_or_else(|| String::from_utf8_lossy(key).into_owned()));
+    }
+    if this_unit {
+        names.push(unit.config.name.clone());
+    }
+    names
 }
 
 /// Refuses when this unit is not alone: Juju peers, or other etcd members (asked of etcd when
