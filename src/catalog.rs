@@ -12,14 +12,14 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::actions::restore::{data_reserve, integrity, WAL_SEGMENT};
-use crate::actions::Unit;
-use crate::archive::{peek_manifest, unpack, Limits, Unpacked};
+use crate::archive::{peek_manifest, unpack, Layout, Limits, Unpacked};
+use crate::datadir::{data_reserve, WAL_SEGMENT};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::OfflineTool;
 use crate::fsutil::free_bytes;
 use crate::fsutil::Dir;
 use crate::store::{ObjectInfo, Store};
+use crate::unit::Unit;
 
 /// An archive found and opened, not yet checked.
 pub struct Located {
@@ -131,7 +131,7 @@ pub fn locate(unit: &Unit<'_>, want: &Wanted<'_>) -> Result<Located, Error> {
         }
     };
     let (file, len) = open_path(unit, &path)?;
-    crate::actions::pause_point("snapshot-opened");
+    crate::points::pause_point("snapshot-opened");
     // The sidecar beside it, when there is one, records its sha256.
     let recorded = path
         .parent()
@@ -319,6 +319,26 @@ pub fn check_located(
         integrity,
         revision: status.revision,
     })
+}
+
+/// How far an archive's integrity was checked, in words for the results.
+pub fn integrity(u: &Unpacked, sha_checked: bool) -> String {
+    let archive = if sha_checked {
+        "archive sha256 checked"
+    } else {
+        "archive sha256 not given"
+    };
+    match (&u.layout, u.db.trailer) {
+        (Layout::PlainDb, Some(_)) => format!("plain snapshot db: etcd trailer verified; {archive}"),
+        (Layout::PlainDb, None) => format!("plain db without etcd trailer (a raw copy): unchecked; {archive}"),
+        (Layout::Ours, Some(_)) => format!("etcd trailer and manifest sha256 verified; {archive}"),
+        (Layout::Ours, None) => format!("raw db copy: manifest sha256 verified, no etcd trailer; {archive}"),
+        (Layout::Legacy, Some(_)) => format!("legacy archive: etcd trailer verified; {archive}"),
+        (Layout::Legacy, None) if sha_checked => {
+            "legacy archive with a raw db: integrity checked with the archive sha256 only".into()
+        }
+        (Layout::Legacy, None) => "legacy archive with a raw db: unchecked (no etcd trailer; pass sha256 to check the archive)".into(),
+    }
 }
 
 /// One backup as list-backups shows it.

@@ -731,6 +731,17 @@ impl OfflineTool {
     }
 }
 
+/// A fresh `--initial-cluster-token`: a restored cluster never shares one with another.
+pub fn random_token() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    let salt = u64::from(std::process::id()) ^ crate::manifest::now_secs();
+    format!("etcd-actions-{}-{salt:x}", hex::encode(bytes))
+}
+
 pub struct RestoreRequest<'a> {
     pub db: &'a Path,
     pub data_dir: &'a Path,

@@ -9,23 +9,22 @@
 //! the next successful restore, so every write etcd acknowledged before it stopped survives.
 
 use std::fs::{self, File};
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::{crash_point, open_target, write_archive, Archive, DbSource, Unit};
-use crate::archive::{Layout, Unpacked};
+use crate::datadir::{data_reserve, WAL_SEGMENT};
 use crate::error::{human_size, Error, IoContext};
-use crate::etcd::{hex_id, Client, OfflineTool, RestoreRequest, Status, Version};
+use crate::etcd::{hex_id, random_token, Client, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
-    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, write_atomic, Dir,
-    TempPath,
+    exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, Dir, TempPath,
 };
 use crate::juju::Results;
-use crate::process::run_shell;
+use crate::recovery::{
+    inode, keep_previous, paths, recover, start_service, stop_service, write_journal, Journal,
+    Paths, Phase,
+};
 
 /// Every crash point on the restore path, in order (the tests crash at each one).
 pub const CRASH_POINTS: &[&str] = &[
@@ -45,123 +44,6 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     pub skip_backup: bool,
     pub sha256: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Phase {
-    /// Staged; live data untouched.
-    Prepared,
-    /// The service is (being) stopped.
-    Stopped,
-    /// New data swapped in, not yet verified.
-    Swapped,
-    /// New data verified: finish forward.
-    Committed,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct Journal {
-    pid: u32,
-    started: String,
-    phase: Phase,
-    /// Inode of the restored member dir.
-    new_inode: u64,
-    /// Inode of the member dir it replaces, if there was one.
-    old_inode: Option<u64>,
-}
-
-fn inode(path: &Path) -> Option<u64> {
-    fs::symlink_metadata(path).ok().map(|m| m.ino())
-}
-
-struct Paths {
-    member: PathBuf,
-    staging: PathBuf,
-    staged_member: PathBuf,
-    incoming_db: PathBuf,
-    journal: PathBuf,
-    /// The member dir the last successful restore replaced.
-    previous: PathBuf,
-    previous_info: PathBuf,
-}
-
-fn paths(unit: &Unit<'_>) -> Paths {
-    let staging = unit.state.join("staging");
-    Paths {
-        member: unit.config.member_dir(),
-        staged_member: staging.join("member"),
-        staging,
-        incoming_db: unit.state.join("incoming.db"),
-        journal: unit.state.join("restore-journal.yaml"),
-        previous: unit.state.join(PREVIOUS),
-        previous_info: unit.state.join(format!("{PREVIOUS}.yaml")),
-    }
-}
-
-/// Name of the kept member dir in the state dir.
-pub const PREVIOUS: &str = "previous-member";
-
-/// Free space that staging leaves on the data filesystem for the live etcd, which keeps
-/// writing its WAL and db while the restore is prepared: 5% of the filesystem, at least 64 MiB
-/// (one more WAL segment beyond the one etcd keeps preallocated) and at most 1 GiB.
-pub fn staging_reserve(fs_bytes: u64) -> u64 {
-    (fs_bytes / 20).clamp(64 << 20, 1 << 30)
-}
-
-/// The reserve of the unit's data filesystem (`staging_reserve` of its size).
-pub fn data_reserve(unit: &Unit<'_>) -> Result<u64, Error> {
-    let fs = nix::sys::statvfs::statvfs(&unit.state)
-        .ctx(|| format!("cannot statvfs `{}`", unit.state.display()))?;
-    Ok(staging_reserve(
-        fs.blocks() as u64 * fs.fragment_size() as u64,
-    ))
-}
-
-/// What the restore tool writes besides the db: the first preallocated WAL segment.
-pub const WAL_SEGMENT: u64 = 64 << 20;
-
-/// Moves the member dir a restore replaced (in staging) to `previous-member`, replacing the
-/// one an earlier restore kept, and records when and why.
-fn keep_previous(unit: &Unit<'_>, p: &Paths, started: &str) -> Result<(), Error> {
-    remove_any(&p.previous_info)?;
-    remove_any(&p.previous)?;
-    fs::rename(&p.staged_member, &p.previous).ctx(|| {
-        format!(
-            "cannot keep the previous data as `{}`",
-            p.previous.display()
-        )
-    })?;
-    let info = format!(
-        "# The member dir that etcd served until the restore started at {started}.\n\
-         # It holds every write etcd acknowledged before it was stopped for that restore.\n\
-         # Kept until the next successful restore. To go back to it: stop etcd, move\n\
-         # {member} aside, move this directory to {member}, start etcd.\n\
-         replaced-by-restore-at: {started}\n",
-        member = p.member.display()
-    );
-    write_atomic(&p.previous_info, info.as_bytes())?;
-    sync_dir(&unit.state)
-}
-
-fn write_journal(p: &Paths, j: &Journal) -> Result<(), Error> {
-    write_atomic(
-        &p.journal,
-        serde_yaml::to_string(j)
-            .expect("journal serializes")
-            .as_bytes(),
-    )
-}
-
-fn stop_service(unit: &Unit<'_>) -> Result<(), Error> {
-    unit.log("stopping etcd");
-    run_shell(
-        &unit.settings.stop_command,
-        &unit.state,
-        unit.settings.service_timeout,
-    )
-    .map(drop)
 }
 
 /// After the stop command: waits (at most the start timeout) until etcd is really gone: its
@@ -228,109 +110,6 @@ fn db_locked(db: &Path) -> Result<(), String> {
             db.display()
         )),
     }
-}
-
-fn start_service(unit: &Unit<'_>) -> Result<(), Error> {
-    unit.log("starting etcd");
-    run_shell(
-        &unit.settings.start_command,
-        &unit.state,
-        unit.settings.service_timeout,
-    )
-    .map(drop)
-}
-
-/// Finishes or rolls back a restore that a crash interrupted, removes its leftovers, and
-/// leaves the service running. Runs under the unit lock at the start of every action.
-pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
-    if !unit.config.local {
-        // Only a connection was given: no data of etcd's here, nothing to recover.
-        return Ok(());
-    }
-    let p = paths(unit);
-    let journal = match fs::read_to_string(&p.journal) {
-        Ok(text) => {
-            Some(
-                serde_yaml::from_str::<Journal>(&text).map_err(|e| Error::RestoreFailed {
-                    detail: format!(
-                        "the restore journal `{}` is unreadable ({e})",
-                        p.journal.display()
-                    ),
-                    outcome: format!(
-                        "nothing was changed; check which data `{}` holds, then remove the journal",
-                        p.member.display()
-                    ),
-                })?,
-            )
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(Error::io(
-                format!("cannot read `{}`", p.journal.display()),
-                e,
-            ))
-        }
-    };
-    if let Some(j) = &journal {
-        unit.log(&format!(
-            "found an interrupted restore (phase {:?}, pid {}); recovering",
-            j.phase, j.pid
-        ));
-        let live = inode(&p.member);
-        if live == Some(j.new_inode) && j.phase != Phase::Committed {
-            // The unverified new data is live: put the old data back.
-            stop_service(unit)?;
-            if j.old_inode.is_some() && inode(&p.staged_member) == j.old_inode {
-                exchange(&p.staged_member, &p.member)?;
-            } else {
-                let aside = p.staging.join("rolled-back");
-                fs::rename(&p.member, &aside)
-                    .ctx(|| format!("cannot move `{}` aside", p.member.display()))?;
-            }
-            sync_dir(&unit.config.data_dir)?;
-            sync_dir(&p.staging)?;
-            unit.log("rolled back to the data that was there before the interrupted restore");
-        } else if live == Some(j.new_inode) {
-            unit.log("the interrupted restore had been verified; finishing it");
-            if j.old_inode.is_some() && inode(&p.staged_member) == j.old_inode {
-                keep_previous(unit, &p, &j.started)?;
-                unit.log(&format!(
-                    "kept the data it replaced in `{}`",
-                    p.previous.display()
-                ));
-            }
-        }
-    }
-    remove_any(&p.staging)?;
-    remove_any(&p.incoming_db)?;
-    // A drill's throwaway etcd left by a killed verify: ended before its files go.
-    crate::process::end_recorded(&unit.state.join("drill.pid"));
-    // Output files of service commands a killed run was running.
-    for entry in fs::read_dir(&unit.state).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        // Under the lock no other run writes here: every temp file is a killed run's.
-        let killed_output = (name.starts_with("service-") || name.starts_with("etcdctl-save-"))
-            && (name.ends_with(".out") || name.ends_with(".err") || name.ends_with(".log"));
-        let atomic_temp = name.starts_with('.') && name.contains(".tmp-");
-        let verify_leftover =
-            (name.starts_with("verify-") && name.ends_with(".db")) || name.starts_with("drill-");
-        if verify_leftover {
-            let _ = remove_any(&entry.path());
-            continue;
-        }
-        if killed_output || atomic_temp {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-    if let Some(j) = journal {
-        if j.phase >= Phase::Stopped {
-            start_service(unit)?;
-        }
-        remove_any(&p.journal)?;
-        sync_dir(&unit.state)?;
-    }
-    Ok(())
 }
 
 /// The unit's etcd version while it is stopped: from its etcd binary (`etcd --version`:
@@ -402,15 +181,6 @@ fn check_versions(
         )));
     }
     Ok(())
-}
-
-pub fn random_token() -> String {
-    let mut bytes = [0u8; 8];
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut bytes);
-    }
-    let salt = u64::from(std::process::id()) ^ crate::manifest::now_secs();
-    format!("etcd-actions-{}-{salt:x}", hex::encode(bytes))
 }
 
 /// Refuses a member dir that the atomic swap cannot handle: a symlink (the swap would replace
@@ -1127,25 +897,6 @@ fn roll_back(unit: &Unit<'_>, client: &Client, p: &Paths, had_old: bool) -> (Str
             format!("the previous data was put back, but etcd is not healthy: {e}"),
             false,
         ),
-    }
-}
-
-pub fn integrity(u: &Unpacked, sha_checked: bool) -> String {
-    let archive = if sha_checked {
-        "archive sha256 checked"
-    } else {
-        "archive sha256 not given"
-    };
-    match (&u.layout, u.db.trailer) {
-        (Layout::PlainDb, Some(_)) => format!("plain snapshot db: etcd trailer verified; {archive}"),
-        (Layout::PlainDb, None) => format!("plain db without etcd trailer (a raw copy): unchecked; {archive}"),
-        (Layout::Ours, Some(_)) => format!("etcd trailer and manifest sha256 verified; {archive}"),
-        (Layout::Ours, None) => format!("raw db copy: manifest sha256 verified, no etcd trailer; {archive}"),
-        (Layout::Legacy, Some(_)) => format!("legacy archive: etcd trailer verified; {archive}"),
-        (Layout::Legacy, None) if sha_checked => {
-            "legacy archive with a raw db: integrity checked with the archive sha256 only".into()
-        }
-        (Layout::Legacy, None) => "legacy archive with a raw db: unchecked (no etcd trailer; pass sha256 to check the archive)".into(),
     }
 }
 

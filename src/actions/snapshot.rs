@@ -37,7 +37,7 @@ pub fn run(
     let target = super::open_target(unit, &opts.target)?;
     let _lock = unit.lock("snapshot")?;
     // A restore that crashed must be finished or rolled back before etcd is read.
-    super::restore::recover(unit)?;
+    crate::recovery::recover(unit)?;
     if opts.if_changed {
         let status = client.status()?;
         if let Some(id) = unchanged(unit, opts, store.as_ref(), &target, &status, results)? {

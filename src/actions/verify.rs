@@ -6,19 +6,20 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::restore::{random_token, WAL_SEGMENT};
 use super::Unit;
 use crate::catalog::{self, Checked, Wanted};
 use crate::config::ClientTls;
+use crate::datadir::WAL_SEGMENT;
 use crate::error::{human_size, Error, IoContext};
+use crate::etcd::random_token;
 use crate::etcd::{Client, OfflineTool, RestoreRequest};
 use crate::fsutil::{free_bytes, TempPath};
 use crate::juju::Results;
 use crate::process::{end_recorded, Guarded};
 
 /// Where a drill's throwaway etcd is recorded while it runs.
-pub fn drill_record(unit: &Unit<'_>) -> PathBuf {
-    unit.state.join("drill.pid")
+fn drill_record(unit: &Unit<'_>) -> PathBuf {
+    unit.state.join(crate::recovery::DRILL_RECORD)
 }
 
 #[derive(Debug, Clone)]
@@ -145,7 +146,7 @@ fn drill(
     checked: &Checked,
 ) -> Result<u64, String> {
     let size = checked.unpacked.db.size;
-    let reserve = super::restore::data_reserve(unit).map_err(|e| e.to_string())?;
+    let reserve = crate::datadir::data_reserve(unit).map_err(|e| e.to_string())?;
     let free = free_bytes(&unit.state).map_err(|e| e.to_string())?;
     let need = size + 2 * WAL_SEGMENT + reserve;
     if free < need {

@@ -1,0 +1,437 @@
+//! The archive writer: a db from etcd's snapshot stream (or a stopped member's file) through
+//! one pass of nested readers and writers (revision walk, progress, hashes, tar, parallel gzip,
+//! the file and an upload), published under a name of its own with its sidecar.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::archive::{pack, pack_stream, Packed};
+use crate::error::{human_size, Error, IoContext};
+use crate::etcd::{hex_id, Client, Status};
+use crate::fsutil::{pid_alive, Dir};
+use crate::juju::Results;
+use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
+use crate::points::{crash_point, pause_point};
+use crate::progress::{Counted, Progress};
+use crate::revision::RevisionFinder;
+use crate::store::{Store, TeeFile, UploadTee};
+use crate::unit::{juju_identity, Unit};
+
+/// Prefix of temp entries this tool makes in a target directory.
+const TEMP_PREFIX: &str = ".etcd-actions-tmp-";
+
+/// Uploads a published archive by reading it again (the streamed upload could not see the
+/// whole archive, or an earlier upload failed). Returns the upload, not yet completed, and
+/// the sha256 and size of the bytes it was given: the caller completes it only when they are
+/// the archive's.
+pub fn upload_file(
+    store: &Store,
+    folder: &str,
+    path: &Path,
+) -> Result<(crate::store::Upload, String, u64), Error> {
+    let upload = store.start_upload(folder);
+    let mut tee = upload.tee();
+    let f = crate::fsutil::open_regular_path(path)?;
+    let mut h = crate::archive::HashingReader::new(f);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = h
+            .read(&mut buf)
+            .ctx(|| format!("cannot read `{}`", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        tee.send(&buf[..n]);
+    }
+    let (sha, bytes) = h.finish();
+    Ok((upload, hex::encode(sha), bytes))
+}
+
+/// Where the db of a new archive comes from.
+pub enum DbSource<'a> {
+    /// etcd's snapshot API on this unit's member.
+    Live { client: &'a Client },
+    /// A copy of `member/snap/db` of a stopped etcd.
+    RawCopy { db: PathBuf },
+}
+
+/// A published archive.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub manifest: Manifest,
+    /// Whether the upload given to `write_archive` received the whole archive.
+    pub uploaded: bool,
+}
+
+impl Archive {
+    /// The archive's name: its backup id.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The user metadata an uploaded copy carries.
+    pub fn object_metadata(&self) -> Vec<(String, String)> {
+        let m = &self.manifest;
+        let mut meta = vec![
+            ("format-version".to_string(), m.format_version.to_string()),
+            ("sha256".to_string(), self.sha256.clone()),
+            ("db-sha256".to_string(), m.db_sha256.clone()),
+            ("db-size".to_string(), m.db_size.to_string()),
+            ("source".to_string(), m.source.clone()),
+            ("created".to_string(), m.created.clone()),
+        ];
+        let opt = |k: &str, v: Option<String>| v.map(|v| (k.to_string(), v));
+        meta.extend(opt("revision", m.revision.map(|r| r.to_string())));
+        meta.extend(opt("keys", m.keys.map(|k| k.to_string())));
+        meta.extend(opt("cluster-id", m.cluster_id.clone()));
+        meta.extend(opt("etcd-version", m.etcd_version.clone()));
+        meta.extend(opt("unit", Some(m.unit.clone())));
+        meta.extend(opt("applied-index", m.applied_index.map(|i| i.to_string())));
+        meta.extend(opt("model-uuid", m.model_uuid.clone()));
+        meta.extend(opt("app", m.app.clone()));
+        meta
+    }
+}
+
+impl Archive {
+    /// Sets `<prefix>.path`, `.sha256`, `.size`, `.bytes` and what the manifest knows.
+    pub fn report(&self, results: &mut Results, prefix: &str) {
+        results.set(&format!("{prefix}.path"), self.path.display());
+        results.set(&format!("{prefix}.sha256"), &self.sha256);
+        results.set(&format!("{prefix}.size"), human_size(self.bytes));
+        results.set(&format!("{prefix}.bytes"), self.bytes);
+        let m = &self.manifest;
+        if let Some(rev) = m.revision {
+            results.set(&format!("{prefix}.revision"), rev);
+        }
+        if let Some(keys) = m.keys {
+            results.set(&format!("{prefix}.keys"), keys);
+        }
+        if let Some(v) = &m.etcd_version {
+            results.set(&format!("{prefix}.etcd-version"), v);
+        }
+        if let Some(id) = &m.cluster_id {
+            results.set(&format!("{prefix}.cluster-id"), id);
+        }
+        if let Some(v) = &m.storage_version {
+            results.set(&format!("{prefix}.storage-version"), v);
+        }
+        results.set(&format!("{prefix}.source"), &m.source);
+    }
+}
+
+/// Removes temp entries left in `target` by runs that died (their pid is gone). Only
+/// directories are removed, and never through a symlink.
+fn clean_stale_temps(target: &Dir) {
+    for name in target.names() {
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let pid = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or(0);
+        if !pid_alive(pid) {
+            let _ = target.remove_tree(&name);
+        }
+    }
+}
+
+/// This run's temp directory in a target: created 0700 by this process and only ever used
+/// through its descriptor. Dropping it removes what it holds, then the directory.
+struct TempDir<'a> {
+    parent: &'a Dir,
+    name: String,
+    dir: Dir,
+}
+
+impl Drop for TempDir<'_> {
+    fn drop(&mut self) {
+        self.parent.remove_own_dir(&self.name, &self.dir);
+    }
+}
+
+/// Takes a db from `source` and publishes `<target>/<kind>-<stamp>[-N].tar.gz` with its
+/// `.sha256` sidecar: written under a temp name, fsynced, renamed without clobbering
+/// anything, directory fsynced. The archive is 0600 and owned by the target's owner. Every
+/// step is done through descriptors of the target and of a temp dir of our own.
+pub fn write_archive(
+    unit: &Unit<'_>,
+    target: &Dir,
+    source: DbSource<'_>,
+    kind: &str,
+    upload: Option<UploadTee>,
+) -> Result<Archive, Error> {
+    clean_stale_temps(target);
+    let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), now_secs());
+    let tmp = TempDir {
+        dir: target.mkdir(&name, 0o700)?,
+        parent: target,
+        name,
+    };
+    let (uid, gid) = target.owner()?;
+    let out = tmp.dir.create_file(ARCHIVE_TMP)?;
+    // Owner and mode are set on the descriptor: no name is resolved again.
+    let _ = nix::unistd::fchown(&out, Some(uid), Some(gid));
+    let held = out
+        .try_clone()
+        .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
+
+    let mut manifest = Manifest::new(&unit.name(), SOURCE_SNAPSHOT);
+    (manifest.model_uuid, manifest.app) = juju_identity();
+    // The cluster's id is in the name: clusters sharing a store folder never name two
+    // archives alike.
+    let mut tag = None;
+    let packed = match source {
+        DbSource::Live { client } => {
+            unit.log(&format!("checking etcd at {}", client.endpoint()));
+            let status = client.status()?;
+            tag = Some(hex_id(status.cluster_id));
+            let name = client
+                .members()?
+                .into_iter()
+                .find(|m| m.id == status.member_id)
+                .map(|m| m.name);
+            // Only the compressed archive is written: at most about the db's size.
+            target.require_space(status.db_size + (64 << 20), "the snapshot")?;
+            unit.log(&format!(
+                "streaming a snapshot of member {} ({} db)",
+                hex_id(status.member_id),
+                human_size(status.db_size)
+            ));
+            let member = Member {
+                status,
+                name,
+                client,
+            };
+            stream_and_pack(unit, &member, out, upload, manifest)?
+        }
+        DbSource::RawCopy { db } => {
+            let size = crate::config::metadata(&db)?.len();
+            target.require_space(size + (64 << 20), "the raw backup")?;
+            manifest.source = SOURCE_RAW_COPY.to_string();
+            manifest.member_name = Some(unit.config.name.clone());
+            unit.log("writing archive of the raw db");
+            let out = TeeFile::new(out, upload);
+            pack(&db, manifest, false, out, unit.settings.compression_level)?
+        }
+    };
+    pause_point("archive-written");
+    let archive = publish(target, &tmp.dir, kind, tag.as_deref(), &held, packed)?;
+    unit.log(&format!(
+        "wrote {} ({})",
+        archive.path.display(),
+        human_size(archive.bytes)
+    ));
+    Ok(archive)
+}
+
+/// Name of the archive inside this run's temp dir.
+const ARCHIVE_TMP: &str = "archive.tar.gz";
+
+/// What the archive of a live member needs to know about it.
+struct Member<'a> {
+    status: Status,
+    name: Option<String>,
+    client: &'a Client,
+}
+
+/// Takes the snapshot from etcd's stream and archives it in the same pass: the db is hashed,
+/// checked against etcd's trailing sha256, walked for its revision and compressed as it
+/// arrives; only the compressed archive is written. The stream must end exactly where its
+/// first message said it would.
+fn stream_and_pack(
+    unit: &Unit<'_>,
+    m: &Member<'_>,
+    out: File,
+    upload: Option<UploadTee>,
+    manifest: Manifest,
+) -> Result<Packed, Error> {
+    let mut stream = m.client.snapshot(unit.settings.snapshot_timeout)?;
+    pause_point("snapshot-streaming");
+    let size = stream.size;
+    // etcd announces the size in the stream's first message; it must be about what its status
+    // said a moment before (the db may grow meanwhile: twice the size plus 64 MiB is allowed).
+    let allowed = m.status.db_size.saturating_mul(2) + (64 << 20) + 32;
+    if size > allowed {
+        return Err(Error::Mismatch {
+            what: "the snapshot size etcd announced".into(),
+            expected: format!(
+                "at most {} (its status reports a {} db)",
+                human_size(allowed),
+                human_size(m.status.db_size)
+            ),
+            actual: human_size(size),
+            hint: format!(
+                "nothing was written; the endpoint `{}` is not behaving as etcd does: check \
+                 that it is this unit's etcd",
+                m.client.endpoint()
+            ),
+        });
+    }
+    let finder = Rc::new(RefCell::new(RevisionFinder::new(m.status.revision)));
+    let source = crate::revision::Tap {
+        inner: Counted {
+            inner: &mut stream,
+            progress: Progress::new(unit.reporter, "snapshot", size),
+        },
+        finder: finder.clone(),
+    };
+    let packed = pack_stream(
+        source,
+        size,
+        "etcd's snapshot stream",
+        true,
+        |_| {
+            let finder = finder.replace(RevisionFinder::new(0));
+            if let Some(pages) = finder.db_size() {
+                if pages + 32 != size {
+                    return Err(Error::Mismatch {
+                        what: "the snapshot's size".into(),
+                        expected: format!("{} bytes (from its bbolt meta page)", pages + 32),
+                        actual: format!("{size} bytes"),
+                        hint: "etcd sent another size than its first page announced; take the \
+                               snapshot again"
+                            .into(),
+                    });
+                }
+            }
+            let mut manifest = manifest;
+            manifest.etcd_version = Some(m.status.version.clone());
+            manifest.cluster_id = Some(hex_id(m.status.cluster_id));
+            manifest.member_id = Some(hex_id(m.status.member_id));
+            manifest.applied_index = Some(m.status.applied_index).filter(|&i| i > 0);
+            manifest
+                .storage_version
+                .clone_from(&m.status.storage_version);
+            manifest.member_name.clone_from(&m.name);
+            match finder.finish() {
+                Ok(revision) => {
+                    manifest.revision = Some(revision);
+                    manifest.keys = match m.client.key_count(revision) {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            unit.log(&format!("could not count keys at revision {revision}: {e}"));
+                            None
+                        }
+                    };
+                }
+                Err(why) => {
+                    unit.log(&format!("the snapshot's revision is unknown: {why}"));
+                    manifest.revision_note = Some(format!(
+                        "unknown: {why}; `etcdutl snapshot status` on the db tells it"
+                    ));
+                }
+            }
+            Ok(manifest)
+        },
+        TeeFile::new(out, upload),
+        unit.settings.compression_level,
+    );
+    // The stream's own failure says more than "cannot write archive".
+    packed.map_err(|e| stream.take_failure().unwrap_or(e))
+}
+
+/// Names and publishes the archive `ARCHIVE_TMP` of `tmp` in `target`, with its sidecar,
+/// both owned by the target's owner, both renamed in without replacing anything. Afterwards
+/// the name is checked to hold exactly the file written (`held`), so the results describe the
+/// bytes at `path`.
+fn publish(
+    target: &Dir,
+    tmp: &Dir,
+    kind: &str,
+    tag: Option<&str>,
+    held: &File,
+    packed: Packed,
+) -> Result<Archive, Error> {
+    let (uid, gid) = target.owner()?;
+    crash_point("snapshot-before-publish");
+    let stamp = match tag {
+        Some(t) => format!("{}-{t}", name_stamp(now_secs())),
+        None => name_stamp(now_secs()),
+    };
+    let line_for = |name: &str| format!("{}  {name}\n", packed.sha256);
+    // Where the archive is now: in the temp dir until the first rename.
+    let mut at: Option<String> = None;
+    let mut published = None;
+    for n in 0..1000 {
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let name = format!("{kind}-{stamp}{suffix}.tar.gz");
+        let side = format!("{name}.sha256");
+        if target.entry_stat(&side)?.is_some() || target.entry_stat(&name)?.is_some() {
+            continue;
+        }
+        let moved = match &at {
+            None => tmp.rename_noreplace(ARCHIVE_TMP, target, &name)?,
+            Some(from) => target.rename_noreplace(from, target, &name)?,
+        };
+        if !moved {
+            continue;
+        }
+        at = Some(name.clone());
+        pause_point("archive-published");
+        // The sidecar: a new file of ours, written and owned by descriptor, renamed in.
+        let side_tmp = format!("{TEMP_PREFIX}{}-{name}.sha256", std::process::id());
+        target.unlink(&side_tmp)?;
+        let mut f = target.create_file(&side_tmp)?;
+        let _ = nix::unistd::fchown(&f, Some(uid), Some(gid));
+        let written = f
+            .write_all(line_for(&name).as_bytes())
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("cannot write `{}`", target.join(&side_tmp).display()));
+        if let Err(e) = written {
+            let _ = target.unlink(&side_tmp);
+            return Err(e);
+        }
+        if target.rename_noreplace(&side_tmp, target, &side)? {
+            published = Some(name);
+            break;
+        }
+        // Someone made the sidecar's name meanwhile: move on to the next name.
+        target.unlink(&side_tmp)?;
+    }
+    let Some(name) = published else {
+        return Err(Error::Target {
+            path: target.path().to_path_buf(),
+            problem: format!("already holds 1000 archives named {kind}-{stamp}*; clean it up"),
+        });
+    };
+    target.sync()?;
+    let ours = held
+        .metadata()
+        .ctx(|| "cannot stat the archive".to_string())?;
+    match target.entry_stat(&name)? {
+        Some(st) if st.st_ino == ours.ino() && st.st_dev == ours.dev() => {}
+        _ => {
+            return Err(Error::Target {
+                path: target.path().to_path_buf(),
+                problem: format!(
+                    "changed while publishing: `{name}` is no longer the archive written; \
+                     something else writes to this directory: choose a directory only you control"
+                ),
+            })
+        }
+    }
+    Ok(Archive {
+        uploaded: packed.uploaded,
+        path: target.join(&name),
+        sha256: packed.sha256,
+        bytes: packed.bytes,
+        manifest: packed.manifest,
+    })
+}
