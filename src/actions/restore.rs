@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{crash_point, open_target, write_archive, Archive, DbSource, Unit};
+use crate::archive::Unpacked;
 use crate::datadir::{data_reserve, WAL_SEGMENT};
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, random_token, Client, OfflineTool, RestoreRequest, Status, Version};
 use crate::fsutil::{
     exchange, free_bytes, remove_any, rename_noreplace, sync_dir, sync_tree, Dir, TempPath,
+    UnitLock,
 };
 use crate::juju::Results;
 use crate::recovery::{
@@ -485,13 +487,57 @@ fn health(unit: &Unit<'_>) -> Health {
     }
 }
 
+/// The restore as a pipeline of stages, each with one job: `plan` (find and check, no change
+/// to etcd's data), `back_up` (the unit's current data), `stage` (build the restored member
+/// beside the live one), `swap` (stop, confirm stopped, journal, exchange), `confirm` (start,
+/// wait healthy, verify, or `roll_back`) and `commit`. A stage that rewrites the staged data
+/// (a replay to a later revision) fits between `stage` and `swap`.
 fn restore(
     unit: &Unit<'_>,
     opts: &RestoreOptions,
     results: &mut Results,
     was_online: &mut Option<bool>,
 ) -> Result<(), Error> {
-    let r = unit.reporter;
+    let plan = plan(unit, opts, was_online)?;
+    let backup = back_up(unit, &plan, results)?;
+    let staged = stage(unit, &plan)?;
+    let swapped = swap(unit, &plan, staged, backup, results)?;
+    let (new_status, keys) = confirm(unit, &plan, &swapped)?;
+    commit(unit, opts, &plan, swapped, (new_status, keys), results)
+}
+
+/// What `plan` decided: the verified archive, the unit's state, and the tools.
+struct Plan {
+    client: Client,
+    offline: OfflineTool,
+    p: Paths,
+    /// How the archive is named in results and messages.
+    archive: PathBuf,
+    origin: &'static str,
+    integrity: String,
+    unpacked: Unpacked,
+    /// The verified db in the state dir, removed unless a stage consumes it.
+    _incoming: TempPath,
+    /// etcd's status when it runs; `None` when it is stopped (an offline restore).
+    status: Option<Status>,
+    /// Where the current data is backed up (`None`: skip-backup).
+    target: Option<Dir>,
+    /// Free space left to the live etcd while staging.
+    reserve: u64,
+    /// Revisions added by the restore tool (0: none).
+    bump: u64,
+    /// Held from the plan to the end, and released last (fields drop in order): no other run
+    /// of the agent touches the unit meanwhile.
+    _lock: UnitLock,
+}
+
+/// Finds the archive and checks it completely, and checks every precondition: settings, the
+/// member dir, a scaled cluster, versions. Nothing of etcd's data changes.
+fn plan(
+    unit: &Unit<'_>,
+    opts: &RestoreOptions,
+    was_online: &mut Option<bool>,
+) -> Result<Plan, Error> {
     // Resolve everything before any side effect.
     let client = Client::new(&unit.config);
     let offline = OfflineTool::detect(unit.settings)?;
@@ -514,7 +560,8 @@ fn restore(
     }
     check_member_dir(unit)?;
 
-    r.status("maintenance", "restore: checking the snapshot");
+    unit.reporter
+        .status("maintenance", "restore: checking the snapshot");
     let located = crate::catalog::locate(
         unit,
         &crate::catalog::Wanted {
@@ -531,7 +578,7 @@ fn restore(
     } else {
         Some(open_target(unit, &opts.target)?)
     };
-    let _lock = unit.lock("restore")?;
+    let lock = unit.lock("restore")?;
     recover(unit)?;
     let p = paths(unit);
 
@@ -554,44 +601,75 @@ fn restore(
     // live etcd its reserve whatever the archive's headers claim, and check what can be
     // checked offline before anything stops: the db must open and hold the manifest's revision.
     unit.log(&format!("verifying {}", archive.display()));
-    let incoming = crate::fsutil::TempPath::new(p.incoming_db.clone());
+    let incoming = TempPath::new(p.incoming_db.clone());
     let checked =
         crate::catalog::check_located(unit, located, expected_sha, &offline, &p.incoming_db)?;
     crash_point("restore-after-unpack");
-    let integrity = checked.integrity.clone();
-    let origin = checked.origin;
-    let unpacked = checked.unpacked;
-    unit.log(&format!("archive verified: {integrity}"));
+    unit.log(&format!("archive verified: {}", checked.integrity));
     let reserve = data_reserve(unit)?;
 
     let (unit_version, known_by) = match status.as_ref().and_then(|s| Version::parse(&s.version)) {
         Some(v) => (v, "its status".to_string()),
         None => offline_unit_version(unit, &offline, &p.member.join("snap/db")),
     };
-    let snapshot_version = unpacked
+    let snapshot_version = checked
+        .unpacked
         .manifest
         .as_ref()
         .and_then(|m| m.etcd_version.as_deref())
         .and_then(Version::parse);
     check_versions(snapshot_version, &offline, unit_version, &known_by)?;
+    let bump = if unit.settings.bump_revision > 0 && offline.supports_bump {
+        unit.settings.bump_revision
+    } else {
+        0
+    };
+    Ok(Plan {
+        client,
+        offline,
+        p,
+        archive,
+        origin: checked.origin,
+        integrity: checked.integrity,
+        unpacked: checked.unpacked,
+        _incoming: incoming,
+        status,
+        target,
+        reserve,
+        bump,
+        _lock: lock,
+    })
+}
 
-    // Back up what the unit holds now.
-    let mut backup: Option<Archive> = None;
-    let raw_backup_needed =
-        target.is_some() && status.is_none() && p.member.join("snap/db").is_file();
-    if let Some(target) = &target {
-        if status.is_some() {
-            r.status("maintenance", "restore: backing up current data");
+/// The backup `back_up` took, or the raw copy it left for `swap` (etcd is stopped then).
+struct Backup {
+    archive: Option<Archive>,
+    raw_needed: bool,
+}
+
+/// Backs up what the unit holds now: a snapshot when etcd runs; when it is stopped, checks
+/// the room for a raw copy of its db, which `swap` takes once etcd is confirmed stopped.
+fn back_up(unit: &Unit<'_>, plan: &Plan, results: &mut Results) -> Result<Backup, Error> {
+    let p = &plan.p;
+    let raw_needed =
+        plan.target.is_some() && plan.status.is_none() && p.member.join("snap/db").is_file();
+    let mut archive = None;
+    if let Some(target) = &plan.target {
+        if plan.status.is_some() {
+            unit.reporter
+                .status("maintenance", "restore: backing up current data");
             let b = write_archive(
                 unit,
                 target,
-                DbSource::Live { client: &client },
+                DbSource::Live {
+                    client: &plan.client,
+                },
                 "etcd-backup",
                 None,
             )?;
             b.report(results, "backup");
-            backup = Some(b);
-        } else if raw_backup_needed {
+            archive = Some(b);
+        } else if raw_needed {
             let db_size = fs::metadata(p.member.join("snap/db"))
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -601,28 +679,39 @@ fn restore(
             results.set("backup.path", "none (the unit held no data)");
         }
     }
+    Ok(Backup {
+        archive,
+        raw_needed,
+    })
+}
 
-    // Build the restored member dir beside the live one, if the data filesystem still has
-    // room for it and the reserve.
-    r.status("maintenance", "restore: building the restored data");
-    let need = unpacked.db.size + WAL_SEGMENT + reserve;
+/// The restored member dir, built in staging.
+struct Staged {
+    /// Removes the staging area on any failure until the swap.
+    guard: TempPath,
+    new_inode: u64,
+    old_inode: Option<u64>,
+}
+
+/// Builds the restored member dir beside the live one with the restore tool, if the data
+/// filesystem still has room for it and the reserve.
+fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
+    let (p, offline) = (&plan.p, &plan.offline);
+    unit.reporter
+        .status("maintenance", "restore: building the restored data");
+    let need = plan.unpacked.db.size + WAL_SEGMENT + plan.reserve;
     let free = free_bytes(&unit.state)?;
     if free < need {
         return Err(Error::NoSpace {
             path: unit.config.data_dir.clone(),
             action: format!(
                 "building the restored data (keeping {} free for the live etcd)",
-                human_size(reserve)
+                human_size(plan.reserve)
             ),
             need: human_size(need),
             available: human_size(free),
         });
     }
-    let bump = if unit.settings.bump_revision > 0 && offline.supports_bump {
-        unit.settings.bump_revision
-    } else {
-        0
-    };
     let token = random_token();
     fs::DirBuilder::new()
         .mode(0o700)
@@ -630,7 +719,7 @@ fn restore(
         .ctx(|| format!("cannot create `{}`", p.staging.display()))?;
     // Removes the staging area on any failure until the swap; from then on it holds the
     // previous data and is handled explicitly.
-    let staging_guard = TempPath::new(p.staging.clone());
+    let guard = TempPath::new(p.staging.clone());
     let build_dir = p.staging.join("build");
     unit.log(&format!(
         "{} {} snapshot restore into staging",
@@ -643,14 +732,14 @@ fn restore(
             name: &unit.config.name,
             peer_urls: &unit.config.peer_urls,
             token: &token,
-            bump,
+            bump: plan.bump,
         })
         .map_err(|e| match e {
             Error::CommandFailed { ref stderr, .. }
                 if !stderr.to_ascii_lowercase().contains("no space left") =>
             {
                 Error::BadArchive {
-                    path: archive.clone(),
+                    path: plan.archive.clone(),
                     problem: format!("{} cannot restore its db: {e}", offline.name),
                 }
             }
@@ -659,38 +748,62 @@ fn restore(
     fs::rename(build_dir.join("member"), &p.staged_member)
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
-    drop(incoming);
+    remove_any(&p.incoming_db)?;
     crash_point("restore-after-build");
+    Ok(Staged {
+        guard,
+        new_inode: inode(&p.staged_member).expect("just built"),
+        old_inode: inode(&p.member),
+    })
+}
 
-    let new_inode = inode(&p.staged_member).expect("just built");
-    let old_inode = inode(&p.member);
+/// Before the swap a failure restarts the service (when it was stopped) and removes the
+/// journal; the staging guard removes the staging area. A service command that timed out
+/// leaves the journal: etcd's state is unknown, and the next run recovers from it.
+fn abort(unit: &Unit<'_>, p: &Paths, err: Error, started: bool) -> Error {
+    if matches!(err, Error::ServiceTimeout { .. }) {
+        return err;
+    }
+    if started {
+        let _ = start_service(unit);
+    }
+    let _ = remove_any(&p.journal);
+    err
+}
+
+/// The new data in place, etcd not yet started on it.
+struct Swapped {
+    journal: Journal,
+    old_inode: Option<u64>,
+    down_since: Instant,
+    backup: Option<Archive>,
+}
+
+/// Journals the restore, stops etcd (syncing the staged data meanwhile), confirms it is gone,
+/// takes the raw backup an offline restore needs, and exchanges the member dirs: the one step
+/// that changes the live data, atomic, so it either happened or not.
+fn swap(
+    unit: &Unit<'_>,
+    plan: &Plan,
+    staged: Staged,
+    backup: Backup,
+    results: &mut Results,
+) -> Result<Swapped, Error> {
+    let p = &plan.p;
     let mut journal = Journal {
         pid: std::process::id(),
         started: crate::manifest::rfc3339(crate::manifest::now_secs()),
         phase: Phase::Prepared,
-        new_inode,
-        old_inode,
+        new_inode: staged.new_inode,
+        old_inode: staged.old_inode,
     };
-    // Before the swap a failure restarts the service and removes the journal; the staging
-    // guard removes the staging area. A service command that timed out leaves the journal:
-    // etcd's state is unknown, and the next run recovers from it.
-    let abort = |err: Error, started: bool| -> Error {
-        if matches!(err, Error::ServiceTimeout { .. }) {
-            return err;
-        }
-        if started {
-            let _ = start_service(unit);
-        }
-        let _ = remove_any(&p.journal);
-        err
-    };
-    write_journal(&p, &journal).map_err(|e| abort(e, false))?;
+    write_journal(p, &journal).map_err(|e| abort(unit, p, e, false))?;
     crash_point("restore-after-journal");
 
-    // Switch over.
-    r.status("maintenance", "restore: switching to the restored data");
+    unit.reporter
+        .status("maintenance", "restore: switching to the restored data");
     journal.phase = Phase::Stopped;
-    write_journal(&p, &journal).map_err(|e| abort(e, false))?;
+    write_journal(p, &journal).map_err(|e| abort(unit, p, e, false))?;
     // The restored tree is synced to disk while etcd stops; the swap waits for both.
     unit.log("syncing the restored data to disk while etcd stops");
     let down_since = Instant::now();
@@ -705,30 +818,26 @@ fn restore(
         });
         (stopped, synced)
     });
-    stopped.map_err(|e| abort(e, true))?;
-    synced.map_err(|e| abort(e, true))?;
-    confirm_stopped(unit, &client, &p.member).map_err(|e| abort(e, true))?;
+    stopped.map_err(|e| abort(unit, p, e, true))?;
+    synced.map_err(|e| abort(unit, p, e, true))?;
+    confirm_stopped(unit, &plan.client, &p.member).map_err(|e| abort(unit, p, e, true))?;
     crash_point("restore-after-stop");
-    if raw_backup_needed {
+    let mut taken = backup.archive;
+    if backup.raw_needed {
         let raw = write_archive(
             unit,
-            target.as_ref().expect("a raw backup needs a target"),
+            plan.target.as_ref().expect("a raw backup needs a target"),
             DbSource::RawCopy {
                 db: p.member.join("snap/db"),
             },
             "etcd-backup",
             None,
-        );
-        match raw {
-            Ok(b) => {
-                b.report(results, "backup");
-                backup = Some(b);
-            }
-            Err(e) => return Err(abort(e, true)),
-        }
+        )
+        .map_err(|e| abort(unit, p, e, true))?;
+        raw.report(results, "backup");
+        taken = Some(raw);
     }
-    // The one step that changes the live data: atomic, so it either happened or not.
-    let swapped = if old_inode.is_some() {
+    let swapped = if staged.old_inode.is_some() {
         exchange(&p.staged_member, &p.member)
     } else {
         match rename_noreplace(&p.staged_member, &p.member) {
@@ -740,52 +849,72 @@ fn restore(
             Err(e) => Err(e),
         }
     };
-    swapped.map_err(|e| abort(e, true))?;
-    let _ = staging_guard.keep();
+    swapped.map_err(|e| abort(unit, p, e, true))?;
+    let _ = staged.guard.keep();
     crash_point("restore-after-swap");
     journal.phase = Phase::Swapped;
+    Ok(Swapped {
+        journal,
+        old_inode: staged.old_inode,
+        down_since,
+        backup: taken,
+    })
+}
 
+/// Starts etcd on the new data and checks it is the restored cluster, with the snapshot's
+/// revision (plus the bump) and keys; on any failure, `roll_back`.
+fn confirm(unit: &Unit<'_>, plan: &Plan, swapped: &Swapped) -> Result<(Status, u64), Error> {
+    let p = &plan.p;
+    let manifest = plan.unpacked.manifest.as_ref();
     let want = Expected {
-        revision: unpacked
-            .manifest
-            .as_ref()
+        revision: manifest
             .and_then(|m| m.revision)
-            .map(|rev| rev + bump as i64),
-        keys: unpacked.manifest.as_ref().and_then(|m| m.keys),
-        old_cluster: status.as_ref().map(|s| s.cluster_id),
+            .map(|rev| rev + plan.bump as i64),
+        keys: manifest.and_then(|m| m.keys),
+        old_cluster: plan.status.as_ref().map(|s| s.cluster_id),
     };
     let started = sync_dir(&unit.config.data_dir)
         .and_then(|()| sync_dir(&p.staging))
-        .and_then(|()| write_journal(&p, &journal))
+        .and_then(|()| write_journal(p, &swapped.journal))
         .and_then(|()| start_service(unit))
         .and_then(|()| {
             crash_point("restore-after-start");
             unit.log("waiting for etcd to become healthy");
-            verify_restored(unit, &client, &want)
+            verify_restored(unit, &plan.client, &want)
         });
-    let (new_status, keys) = match started {
-        Ok(v) => v,
-        Err(err) => {
-            unit.log(&format!(
-                "the restored etcd failed its checks ({err}); putting the previous data back"
-            ));
-            let (outcome, keep_journal) = roll_back(unit, &client, &p, old_inode.is_some());
-            if !keep_journal {
-                remove_any(&p.journal)?;
-            }
-            let detail = match err {
-                Error::RestoreFailed { detail, .. } => detail,
-                other => other.to_string(),
-            };
-            return Err(Error::RestoreFailed { detail, outcome });
+    started.or_else(|err| {
+        unit.log(&format!(
+            "the restored etcd failed its checks ({err}); putting the previous data back"
+        ));
+        let (outcome, keep_journal) = roll_back(unit, &plan.client, p, swapped.old_inode.is_some());
+        if !keep_journal {
+            remove_any(&p.journal)?;
         }
-    };
-    let downtime = down_since.elapsed();
+        let detail = match err {
+            Error::RestoreFailed { detail, .. } => detail,
+            other => other.to_string(),
+        };
+        Err(Error::RestoreFailed { detail, outcome })
+    })
+}
+
+/// Marks the restore done, keeps the data it replaced, tidies, and reports.
+fn commit(
+    unit: &Unit<'_>,
+    opts: &RestoreOptions,
+    plan: &Plan,
+    swapped: Swapped,
+    (new_status, keys): (Status, u64),
+    results: &mut Results,
+) -> Result<(), Error> {
+    let p = &plan.p;
+    let downtime = swapped.down_since.elapsed();
+    let mut journal = swapped.journal;
     journal.phase = Phase::Committed;
-    write_journal(&p, &journal)?;
+    write_journal(p, &journal)?;
     crash_point("restore-after-commit");
-    if old_inode.is_some() {
-        keep_previous(unit, &p, &journal.started)?;
+    if swapped.old_inode.is_some() {
+        keep_previous(unit, p, &journal.started)?;
         results.set("restore.previous-data", p.previous.display());
         results.set(
             "restore.previous-data-note",
@@ -806,15 +935,16 @@ fn restore(
     remove_any(&p.journal)?;
     sync_dir(&unit.state)?;
 
-    results.set("restore.source", archive.display());
-    results.set("restore.origin", origin);
-    results.set("restore.sha256", &unpacked.sha256);
+    let (offline, bump) = (&plan.offline, plan.bump);
+    results.set("restore.source", plan.archive.display());
+    results.set("restore.origin", plan.origin);
+    results.set("restore.sha256", &plan.unpacked.sha256);
     results.set("restore.revision", new_status.revision);
     results.set("restore.keys", keys);
     results.set("restore.cluster-id", hex_id(new_status.cluster_id));
     results.set("restore.member", &unit.config.name);
     results.set("restore.etcd-version", &new_status.version);
-    results.set("restore.integrity", &integrity);
+    results.set("restore.integrity", &plan.integrity);
     results.set(
         "restore.downtime",
         format!("{:.1}s", downtime.as_secs_f64()),
@@ -831,7 +961,7 @@ fn restore(
     );
     if opts.skip_backup {
         results.set("backup.path", "skipped (skip-backup=true)");
-    } else if backup.is_none() && results.get("backup.path").is_none() {
+    } else if swapped.backup.is_none() && results.get("backup.path").is_none() {
         results.set("backup.path", "none (the unit held no data)");
     }
     unit.log(&format!(
@@ -840,9 +970,9 @@ fn restore(
         hex_id(new_status.cluster_id),
         downtime.as_secs_f64()
     ));
-    r.status(
+    unit.reporter.status(
         "active",
-        &format!("restored snapshot {}", &unpacked.sha256[..12]),
+        &format!("restored snapshot {}", &plan.unpacked.sha256[..12]),
     );
     Ok(())
 }
