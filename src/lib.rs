@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod fsutil;
 pub mod juju;
 pub mod manifest;
+pub mod params;
 pub mod pgzip;
 pub mod points;
 pub mod process;
@@ -27,18 +28,20 @@ pub mod unit;
 pub mod writer;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
 use clap::Parser;
-use serde_json::{Map, Value};
 
+use actions::list_backups::ListOptions;
+use actions::prune::PruneRequest;
 use actions::restore::RestoreOptions;
 use actions::snapshot::SnapshotOptions;
+use actions::verify::VerifyOptions;
 use actions::Unit;
 use cli::{Arguments, Command};
 use config::Settings;
 use error::Error;
 use juju::{Reporter, Results};
+use params::merged;
 
 /// Runs the agent and returns the process exit code.
 pub fn run(args: Vec<OsString>) -> u8 {
@@ -121,228 +124,33 @@ fn execute(
     command: Command,
     results: &mut Results,
 ) -> Result<(), Error> {
+    let unit = || Unit::open(reporter, settings);
     match command {
         Command::Snapshot(a) => {
-            let mut opts = SnapshotOptions {
-                target: a.target,
-                if_changed: a.if_changed,
-            };
-            if reporter.is_juju() {
-                let mut params = Params::new(reporter.params()?);
-                if let Some(t) = params.string("target")? {
-                    opts.target = PathBuf::from(t);
-                }
-                if let Some(b) = params.boolean("if-changed")? {
-                    opts.if_changed = b;
-                }
-                params.finish()?;
-            }
-            let unit = Unit::open(reporter, settings)?;
-            actions::snapshot::run(&unit, &opts, results).map(drop)
+            let opts = merged(reporter, SnapshotOptions::from(a))?;
+            actions::snapshot::run(&unit()?, &opts, results).map(drop)
         }
         Command::Restore(a) => {
-            let mut opts = RestoreOptions {
-                snapshot: a.snapshot,
-                backup_id: a.backup_id,
-                target: a.target,
-                skip_backup: a.skip_backup,
-                sha256: a.sha256,
-            };
-            if reporter.is_juju() {
-                let mut params = Params::new(reporter.params()?);
-                params.archive(&mut opts.target, &mut opts.snapshot, &mut opts.backup_id)?;
-                if let Some(s) = params.string("sha256")? {
-                    opts.sha256 = Some(s);
-                }
-                if let Some(b) = params.boolean("skip-backup")? {
-                    opts.skip_backup = b;
-                }
-                params.finish()?;
-            }
-            let unit = Unit::open(reporter, settings)?;
-            actions::restore::run(&unit, &opts, results)
+            let opts = merged(reporter, RestoreOptions::from(a))?;
+            actions::restore::run(&unit()?, &opts, results)
         }
         Command::ListBackups(a) => {
-            let mut target = a.target;
-            if reporter.is_juju() {
-                let mut params = Params::new(reporter.params()?);
-                if let Some(t) = params.string("target")? {
-                    target = PathBuf::from(t);
-                }
-                params.finish()?;
-            }
-            let unit = Unit::open(reporter, settings)?;
-            actions::list_backups::run(&unit, &target, results)
+            let opts = merged(reporter, ListOptions::from(a))?;
+            actions::list_backups::run(&unit()?, &opts.target, results)
         }
         Command::Verify(a) => {
-            let mut opts = actions::verify::VerifyOptions {
-                snapshot: a.snapshot,
-                backup_id: a.backup_id,
-                target: a.target,
-                deep: a.deep,
-            };
-            if reporter.is_juju() {
-                let mut params = Params::new(reporter.params()?);
-                params.archive(&mut opts.target, &mut opts.snapshot, &mut opts.backup_id)?;
-                if let Some(b) = params.boolean("deep")? {
-                    opts.deep = b;
-                }
-                params.finish()?;
-            }
-            let unit = Unit::open(reporter, settings)?;
-            actions::verify::run(&unit, &opts, results)
+            let opts = merged(reporter, VerifyOptions::from(a))?;
+            actions::verify::run(&unit()?, &opts, results)
         }
         Command::Prune(a) => {
-            let mut target = a.target;
-            let mut counts = [
-                ("last", a.keep_last),
-                ("hourly", a.keep_hourly),
-                ("daily", a.keep_daily),
-                ("weekly", a.keep_weekly),
-                ("monthly", a.keep_monthly),
-                ("yearly", a.keep_yearly),
-            ];
-            let mut within = a.keep_within;
-            let mut dry_run = a.dry_run;
-            if reporter.is_juju() {
-                let mut params = Params::new(reporter.params()?);
-                if let Some(t) = params.string("target")? {
-                    target = PathBuf::from(t);
-                }
-                for (name, value) in counts.iter_mut() {
-                    if let Some(v) = params.integer(&format!("keep-{name}"))? {
-                        *value = Some(v);
-                    }
-                }
-                if let Some(w) = params.string("keep-within")? {
-                    within = Some(w);
-                }
-                // The action's default is a dry run (actions.yaml); only an explicit false deletes.
-                dry_run = params.boolean("dry-run")?.unwrap_or(true);
-                params.finish()?;
-            }
-            let policy = actions::prune::policy_from(counts, within.as_deref())?;
-            let unit = Unit::open(reporter, settings)?;
-            actions::prune::run(
-                &unit,
-                &actions::prune::PruneOptions {
-                    target,
-                    policy,
-                    dry_run,
-                    protect: None,
-                },
-                results,
-            )
+            let request = merged(reporter, PruneRequest::from(a))?;
+            let opts = request.options()?;
+            actions::prune::run(&unit()?, &opts, results)
         }
-        Command::Backup(a) => {
-            // Parsed before anything runs: a bad policy deletes nothing and takes no snapshot.
-            let policy = retention::Policy::parse(&a.retention)
-                .map_err(|e| Error::usage(format!("ETCD_ACTIONS_RETENTION: {e}")))?;
-            let unit = Unit::open(reporter, settings)?;
-            let written = actions::snapshot::run(
-                &unit,
-                &SnapshotOptions {
-                    target: a.target.clone(),
-                    if_changed: true,
-                },
-                results,
-            )?;
-            if policy.keeps_nothing() {
-                results.set(
-                    "prune.skipped",
-                    "no retention policy (ETCD_ACTIONS_RETENTION)",
-                );
-                return Ok(());
-            }
-            actions::prune::run(
-                &unit,
-                &actions::prune::PruneOptions {
-                    target: a.target,
-                    policy,
-                    dry_run: false,
-                    // Whatever the clock or the names say, this run's archive stays.
-                    protect: Some(written),
-                },
-                results,
-            )
-        }
+        Command::Backup(a) => actions::backup::run(reporter, settings, a, results),
         Command::Schedule(a) => {
             actions::schedule::run(settings, &a.on_calendar, &a.target, a.install, results)
         }
         Command::Hook { .. } => Ok(()),
-    }
-}
-
-/// Action params from `action-get --format=json`, checked by type; unknown ones are refused.
-struct Params {
-    map: Map<String, Value>,
-}
-
-impl Params {
-    fn new(map: Map<String, Value>) -> Params {
-        Params { map }
-    }
-
-    fn string(&mut self, key: &str) -> Result<Option<String>, Error> {
-        match self.map.remove(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(Error::usage(format!(
-                "param `{key}` must be a string, got `{other}`"
-            ))),
-        }
-    }
-
-    fn boolean(&mut self, key: &str) -> Result<Option<bool>, Error> {
-        match self.map.remove(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
-            Some(other) => Err(Error::usage(format!(
-                "param `{key}` must be true or false, got `{other}`"
-            ))),
-        }
-    }
-
-    /// The params that name an archive: `target`, `snapshot` and `backup-id` (empty = unset).
-    fn archive(
-        &mut self,
-        target: &mut PathBuf,
-        snapshot: &mut Option<PathBuf>,
-        backup_id: &mut Option<String>,
-    ) -> Result<(), Error> {
-        if let Some(t) = self.string("target")? {
-            *target = PathBuf::from(t);
-        }
-        if let Some(s) = self.string("snapshot")? {
-            *snapshot = Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
-        }
-        if let Some(s) = self.string("backup-id")? {
-            *backup_id = Some(s).filter(|s| !s.is_empty());
-        }
-        Ok(())
-    }
-
-    fn integer(&mut self, key: &str) -> Result<Option<i64>, Error> {
-        match self.map.remove(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) if n.as_i64().is_some() => Ok(n.as_i64()),
-            Some(Value::String(s)) if s.trim().parse::<i64>().is_ok() => {
-                Ok(s.trim().parse::<i64>().ok())
-            }
-            Some(other) => Err(Error::usage(format!(
-                "param `{key}` must be a whole number, got `{other}`"
-            ))),
-        }
-    }
-
-    fn finish(self) -> Result<(), Error> {
-        match self.map.keys().next() {
-            None => Ok(()),
-            Some(k) => Err(Error::usage(format!(
-                "unknown param `{k}`; see `juju actions --schema` for the params this action takes"
-            ))),
-        }
     }
 }

@@ -3,10 +3,34 @@
 
 use std::path::Path;
 
+use std::path::PathBuf;
+
 use super::Unit;
 use crate::catalog;
 use crate::error::{human_size, Error};
 use crate::juju::Results;
+use crate::params::{Params, TakesParams};
+
+/// What list-backups lists: the target directory (and the store, when there is one).
+#[derive(Debug, Clone)]
+pub struct ListOptions {
+    pub target: PathBuf,
+}
+
+impl From<crate::cli::ListArgs> for ListOptions {
+    fn from(a: crate::cli::ListArgs) -> ListOptions {
+        ListOptions { target: a.target }
+    }
+}
+
+impl TakesParams for ListOptions {
+    fn take(&mut self, params: &mut Params) -> Result<(), Error> {
+        if let Some(t) = params.string("target")? {
+            self.target = PathBuf::from(t);
+        }
+        Ok(())
+    }
+}
 
 pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), Error> {
     if !target.is_absolute() {

@@ -2,6 +2,7 @@
 //! (`crate::unit`), the archive writer (`crate::writer`), finding and checking archives
 //! (`crate::catalog`), crash recovery (`crate::recovery`).
 
+pub mod backup;
 pub mod list_backups;
 pub mod prune;
 pub mod restore;

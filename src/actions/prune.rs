@@ -14,6 +14,7 @@ use crate::catalog::{self, Entry};
 use crate::error::Error;
 use crate::fsutil::Dir;
 use crate::juju::Results;
+use crate::params::{Params, TakesParams};
 use crate::retention::{parse_time, Policy};
 use crate::store::Store;
 
@@ -24,6 +25,64 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// The archive the calling run wrote (or reported): never removed.
     pub protect: Option<String>,
+}
+
+/// A prune as asked: flags, or Juju params over them, before the policy is checked.
+#[derive(Debug, Clone)]
+pub struct PruneRequest {
+    pub target: std::path::PathBuf,
+    pub counts: [(&'static str, Option<i64>); 6],
+    pub within: Option<String>,
+    pub dry_run: bool,
+}
+
+impl From<crate::cli::PruneArgs> for PruneRequest {
+    fn from(a: crate::cli::PruneArgs) -> PruneRequest {
+        PruneRequest {
+            target: a.target,
+            counts: [
+                ("last", a.keep_last),
+                ("hourly", a.keep_hourly),
+                ("daily", a.keep_daily),
+                ("weekly", a.keep_weekly),
+                ("monthly", a.keep_monthly),
+                ("yearly", a.keep_yearly),
+            ],
+            within: a.keep_within,
+            dry_run: a.dry_run,
+        }
+    }
+}
+
+impl TakesParams for PruneRequest {
+    fn take(&mut self, params: &mut Params) -> Result<(), Error> {
+        if let Some(t) = params.string("target")? {
+            self.target = std::path::PathBuf::from(t);
+        }
+        for (name, value) in self.counts.iter_mut() {
+            if let Some(v) = params.integer(&format!("keep-{name}"))? {
+                *value = Some(v);
+            }
+        }
+        if let Some(w) = params.string("keep-within")? {
+            self.within = Some(w);
+        }
+        // The action's default is a dry run (actions.yaml); only an explicit false deletes.
+        self.dry_run = params.boolean("dry-run")?.unwrap_or(true);
+        Ok(())
+    }
+}
+
+impl PruneRequest {
+    /// The options to run with: the policy checked, nothing deleted when it does not parse.
+    pub fn options(self) -> Result<PruneOptions, Error> {
+        Ok(PruneOptions {
+            policy: policy_from(self.counts, self.within.as_deref())?,
+            target: self.target,
+            dry_run: self.dry_run,
+            protect: None,
+        })
+    }
 }
 
 /// How far ahead of this machine's clock an archive's time may be before it counts as dated

@@ -23,6 +23,7 @@ use crate::fsutil::{
     UnitLock,
 };
 use crate::juju::Results;
+use crate::params::{Params, TakesParams};
 use crate::recovery::{
     inode, keep_previous, paths, recover, start_service, stop_service, write_journal, Journal,
     Paths, Phase,
@@ -46,6 +47,31 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     pub skip_backup: bool,
     pub sha256: Option<String>,
+}
+
+impl From<crate::cli::RestoreArgs> for RestoreOptions {
+    fn from(a: crate::cli::RestoreArgs) -> RestoreOptions {
+        RestoreOptions {
+            snapshot: a.snapshot,
+            backup_id: a.backup_id,
+            target: a.target,
+            skip_backup: a.skip_backup,
+            sha256: a.sha256,
+        }
+    }
+}
+
+impl TakesParams for RestoreOptions {
+    fn take(&mut self, params: &mut Params) -> Result<(), Error> {
+        params.archive(&mut self.target, &mut self.snapshot, &mut self.backup_id)?;
+        if let Some(s) = params.string("sha256")? {
+            self.sha256 = Some(s);
+        }
+        if let Some(b) = params.boolean("skip-backup")? {
+            self.skip_backup = b;
+        }
+        Ok(())
+    }
 }
 
 /// After the stop command: waits (at most the start timeout) until etcd is really gone: its

@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::etcd::{hex_id, Client, Status};
 use crate::fsutil::Dir;
 use crate::juju::Results;
+use crate::params::{Params, TakesParams};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -23,6 +24,27 @@ pub struct SnapshotOptions {
     pub target: PathBuf,
     /// Write nothing when the newest snapshot archive already holds this cluster as it is.
     pub if_changed: bool,
+}
+
+impl From<crate::cli::SnapshotArgs> for SnapshotOptions {
+    fn from(a: crate::cli::SnapshotArgs) -> SnapshotOptions {
+        SnapshotOptions {
+            target: a.target,
+            if_changed: a.if_changed,
+        }
+    }
+}
+
+impl TakesParams for SnapshotOptions {
+    fn take(&mut self, params: &mut Params) -> Result<(), Error> {
+        if let Some(t) = params.string("target")? {
+            self.target = PathBuf::from(t);
+        }
+        if let Some(b) = params.boolean("if-changed")? {
+            self.if_changed = b;
+        }
+        Ok(())
+    }
 }
 
 /// Runs the action; returns the id of the archive the results describe (new or unchanged).

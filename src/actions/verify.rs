@@ -15,6 +15,7 @@ use crate::etcd::random_token;
 use crate::etcd::{Client, OfflineTool, RestoreRequest};
 use crate::fsutil::{free_bytes, TempPath};
 use crate::juju::Results;
+use crate::params::{Params, TakesParams};
 use crate::process::{end_recorded, Guarded};
 
 /// Where a drill's throwaway etcd is recorded while it runs.
@@ -28,6 +29,27 @@ pub struct VerifyOptions {
     pub backup_id: Option<String>,
     pub target: PathBuf,
     pub deep: bool,
+}
+
+impl From<crate::cli::VerifyArgs> for VerifyOptions {
+    fn from(a: crate::cli::VerifyArgs) -> VerifyOptions {
+        VerifyOptions {
+            snapshot: a.snapshot,
+            backup_id: a.backup_id,
+            target: a.target,
+            deep: a.deep,
+        }
+    }
+}
+
+impl TakesParams for VerifyOptions {
+    fn take(&mut self, params: &mut Params) -> Result<(), Error> {
+        params.archive(&mut self.target, &mut self.snapshot, &mut self.backup_id)?;
+        if let Some(b) = params.boolean("deep")? {
+            self.deep = b;
+        }
+        Ok(())
+    }
 }
 
 pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Result<(), Error> {
