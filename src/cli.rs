@@ -25,101 +25,13 @@ pub struct Arguments {
     pub command: Command,
 }
 
-/// Settings shared by both actions. Each has an environment variable.
+/// How to reach etcd: every command uses it. Each setting has an environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct SettingArgs {
     /// etcd's own YAML config file (as given to `etcd --config-file`), or a kubeadm static-pod
     /// manifest (`/etc/kubernetes/manifests/etcd.yaml`): recognized by its content.
     #[arg(long, global = true, env = "ETCD_ACTIONS_ETCD_CONFIG", default_value = DEFAULT_ETCD_CONFIG)]
     pub etcd_config: PathBuf,
-
-    /// etcdctl binary; found on PATH when unset.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_ETCDCTL")]
-    pub etcdctl: Option<PathBuf>,
-
-    /// etcdutl binary (etcd >= 3.5); found on PATH when unset, optional.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_ETCDUTL")]
-    pub etcdutl: Option<PathBuf>,
-
-    /// Shell command that stops the etcd service.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_STOP_COMMAND", default_value = DEFAULT_STOP)]
-    pub stop_command: String,
-
-    /// Shell command that starts the etcd service.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_START_COMMAND", default_value = DEFAULT_START)]
-    pub start_command: String,
-
-    /// Seconds to wait for etcd to become healthy after a start.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_ACTIONS_START_TIMEOUT",
-        default_value_t = 120
-    )]
-    pub start_timeout: u64,
-
-    /// Seconds the stop or start command may run before its process group is killed.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_ACTIONS_SERVICE_TIMEOUT",
-        default_value_t = 300
-    )]
-    pub service_timeout: u64,
-
-    /// Seconds a snapshot stream may take in all; a stream that makes no progress for 60 s
-    /// fails sooner.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_ACTIONS_SNAPSHOT_TIMEOUT",
-        default_value_t = 3600
-    )]
-    pub snapshot_timeout: u64,
-
-    /// Seconds to wait for another run's lock before giving up.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_ACTIONS_LOCK_TIMEOUT",
-        default_value_t = 600
-    )]
-    pub lock_timeout: u64,
-
-    /// Revisions to add on restore (with --mark-compacted) where the restore tool supports it,
-    /// so that watchers never see revisions go backwards. 0 disables.
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_ACTIONS_BUMP_REVISION",
-        default_value_t = 1_000_000_000
-    )]
-    pub bump_revision: u64,
-
-    /// S3 endpoint (standalone; in Juju the `s3` relation gives it). `https://` when no scheme.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-
-    /// S3 bucket; setting it turns uploads on. Credentials come only from AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_BUCKET")]
-    pub s3_bucket: Option<String>,
-
-    /// Key prefix inside the bucket.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_PATH")]
-    pub s3_path: Option<String>,
-
-    /// S3 region (default us-east-1).
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_REGION")]
-    pub s3_region: Option<String>,
-
-    /// `path` (default) or `host` style bucket addressing.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_URI_STYLE")]
-    pub s3_uri_style: Option<String>,
-
-    /// PEM file of CA certificates to trust for the S3 endpoint.
-    #[arg(long, global = true, env = "ETCD_ACTIONS_S3_CA_FILE")]
-    pub s3_ca_file: Option<PathBuf>,
 
     /// etcd client URL to snapshot, as etcdctl takes it (one member; `http://` unless TLS
     /// files are given). Overrides the config's; with no config file, a snapshot needs only
@@ -139,10 +51,164 @@ pub struct SettingArgs {
     #[arg(long, global = true, env = "ETCDCTL_KEY")]
     pub key: Option<PathBuf>,
 
+    /// Seconds to wait for another run's lock before giving up.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_ACTIONS_LOCK_TIMEOUT",
+        default_value_t = 600
+    )]
+    pub lock_timeout: u64,
+}
+
+/// Stopping and starting etcd's service (restore; a snapshot's crash recovery reads them from
+/// the environment).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Service control")]
+pub struct ServiceArgs {
+    /// Shell command that stops the etcd service.
+    #[arg(long, env = "ETCD_ACTIONS_STOP_COMMAND", default_value = DEFAULT_STOP)]
+    pub stop_command: String,
+
+    /// Shell command that starts the etcd service.
+    #[arg(long, env = "ETCD_ACTIONS_START_COMMAND", default_value = DEFAULT_START)]
+    pub start_command: String,
+
+    /// Seconds to wait for etcd to become healthy after a start.
+    #[arg(long, env = "ETCD_ACTIONS_START_TIMEOUT", default_value_t = 120)]
+    pub start_timeout: u64,
+
+    /// Seconds the stop or start command may run before its process group is killed.
+    #[arg(long, env = "ETCD_ACTIONS_SERVICE_TIMEOUT", default_value_t = 300)]
+    pub service_timeout: u64,
+}
+
+/// etcd's offline tools (restore and verify).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "etcd tools")]
+pub struct ToolArgs {
+    /// etcdctl binary; found on PATH when unset (only etcd 3.4's restore tool).
+    #[arg(long, env = "ETCD_ACTIONS_ETCDCTL")]
+    pub etcdctl: Option<PathBuf>,
+
+    /// etcdutl binary (etcd >= 3.5); found on PATH when unset, optional.
+    #[arg(long, env = "ETCD_ACTIONS_ETCDUTL")]
+    pub etcdutl: Option<PathBuf>,
+
+    /// Revisions to add on restore (with --mark-compacted) where the restore tool supports it,
+    /// so that watchers never see revisions go backwards. 0 disables.
+    #[arg(
+        long,
+        env = "ETCD_ACTIONS_BUMP_REVISION",
+        default_value_t = 1_000_000_000
+    )]
+    pub bump_revision: u64,
+}
+
+/// The object store (S3) archives also go to, standalone; in Juju the `s3` relation.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Object store")]
+pub struct StoreArgs {
+    /// S3 endpoint (standalone; in Juju the `s3` relation gives it). `https://` when no scheme.
+    #[arg(long, env = "ETCD_ACTIONS_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 bucket; setting it turns uploads on. Credentials come only from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN.
+    #[arg(long, env = "ETCD_ACTIONS_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "ETCD_ACTIONS_S3_PATH")]
+    pub s3_path: Option<String>,
+
+    /// S3 region (default us-east-1).
+    #[arg(long, env = "ETCD_ACTIONS_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// `path` (default) or `host` style bucket addressing.
+    #[arg(long, env = "ETCD_ACTIONS_S3_URI_STYLE")]
+    pub s3_uri_style: Option<String>,
+
+    /// PEM file of CA certificates to trust for the S3 endpoint.
+    #[arg(long, env = "ETCD_ACTIONS_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
+}
+
+/// Writing an archive (snapshot, backup, and restore's backup of the current data).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Archive")]
+pub struct ArchiveArgs {
     /// gzip level of archives, 1 (fastest) to 9 (smallest).
-    #[arg(long, global = true, env = "ETCD_ACTIONS_COMPRESSION_LEVEL", default_value_t = 1,
+    #[arg(long, env = "ETCD_ACTIONS_COMPRESSION_LEVEL", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=9))]
     pub compression_level: u32,
+
+    /// Seconds a snapshot stream may take in all; a stream that makes no progress for 60 s
+    /// fails sooner.
+    #[arg(long, env = "ETCD_ACTIONS_SNAPSHOT_TIMEOUT", default_value_t = 3600)]
+    pub snapshot_timeout: u64,
+}
+
+/// A group a command does not take on its command line, as its environment variables and
+/// defaults give it.
+pub fn from_env<T: clap::Args + clap::FromArgMatches>() -> Result<T, clap::Error> {
+    let cmd = T::augment_args(clap::Command::new("etcd-actions"));
+    let matches = cmd.try_get_matches_from(["etcd-actions"])?;
+    T::from_arg_matches(&matches)
+}
+
+/// The groups of settings a command was given on its command line.
+#[derive(Debug, Default)]
+pub struct Given<'a> {
+    pub service: Option<&'a ServiceArgs>,
+    pub tools: Option<&'a ToolArgs>,
+    pub store: Option<&'a StoreArgs>,
+    pub archive: Option<&'a ArchiveArgs>,
+}
+
+impl Command {
+    /// The groups this command takes.
+    pub fn given(&self) -> Given<'_> {
+        match self {
+            Command::Snapshot(a) => Given {
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+                ..Given::default()
+            },
+            Command::Restore(a) => Given {
+                service: Some(&a.service),
+                tools: Some(&a.tools),
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+            },
+            Command::ListBackups(a) => Given {
+                store: Some(&a.store),
+                ..Given::default()
+            },
+            Command::Verify(a) => Given {
+                tools: Some(&a.tools),
+                store: Some(&a.store),
+                ..Given::default()
+            },
+            Command::Prune(a) => Given {
+                store: Some(&a.store),
+                ..Given::default()
+            },
+            Command::Backup(a) => Given {
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+                ..Given::default()
+            },
+            Command::Schedule(a) => Given {
+                service: Some(&a.service),
+                tools: Some(&a.tools),
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+            },
+            Command::Hook { .. } => Given::default(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +250,12 @@ pub struct VerifyArgs {
     /// Also restore it into a throwaway etcd on loopback and compare revision and key count.
     #[arg(long)]
     pub deep: bool,
+
+    #[command(flatten)]
+    pub tools: ToolArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,6 +287,9 @@ pub struct PruneArgs {
     /// Only say what would be removed.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -226,6 +301,12 @@ pub struct BackupArgs {
     /// Retention policy, e.g. `last=7,daily=7,weekly=4`; empty: no pruning.
     #[arg(long, env = "ETCD_ACTIONS_RETENTION", default_value = "")]
     pub retention: String,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -241,6 +322,18 @@ pub struct ScheduleArgs {
     /// Write the units to /etc/systemd/system and enable the timer.
     #[arg(long)]
     pub install: bool,
+
+    #[command(flatten)]
+    pub service: ServiceArgs,
+
+    #[command(flatten)]
+    pub tools: ToolArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -248,6 +341,9 @@ pub struct ListArgs {
     /// Directory of local archives.
     #[arg(long, default_value = DEFAULT_TARGET)]
     pub target: PathBuf,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -260,6 +356,12 @@ pub struct SnapshotArgs {
     /// cluster at its current revision.
     #[arg(long)]
     pub if_changed: bool,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -284,6 +386,18 @@ pub struct RestoreArgs {
     /// Expected sha256 of the archive (hex).
     #[arg(long)]
     pub sha256: Option<String>,
+
+    #[command(flatten)]
+    pub service: ServiceArgs,
+
+    #[command(flatten)]
+    pub tools: ToolArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
 }
 
 /// Rewrites argv for multi-call use: invoked as `snapshot` or `restore` (a link to this binary),
@@ -325,6 +439,52 @@ mod tests {
         );
         let args = normalize_args(vec!["etcd-actions".into(), "restore".into()]);
         assert_eq!(args, vec![OsString::from("etcd-actions"), "restore".into()]);
+    }
+
+    #[test]
+    fn each_command_shows_only_what_it_uses() {
+        use clap::CommandFactory;
+        let mut all = Arguments::command();
+        // Global settings reach the subcommands when the command is built.
+        all.build();
+        let mut help = |name: &str| {
+            all.find_subcommand_mut(name)
+                .unwrap()
+                .render_long_help()
+                .to_string()
+        };
+        let snapshot = help("snapshot");
+        for absent in [
+            "--stop-command",
+            "--start-command",
+            "--bump-revision",
+            "--service-timeout",
+            "--etcdutl",
+        ] {
+            assert!(!snapshot.contains(absent), "snapshot --help shows {absent}");
+        }
+        for present in [
+            "--s3-bucket",
+            "--compression-level",
+            "--etcd-config",
+            "ETCD_ACTIONS_S3_BUCKET",
+        ] {
+            assert!(
+                snapshot.contains(present),
+                "snapshot --help lacks {present}"
+            );
+        }
+        let restore = help("restore");
+        for present in [
+            "--stop-command",
+            "--bump-revision",
+            "--etcdutl",
+            "ETCD_ACTIONS_STOP_COMMAND",
+        ] {
+            assert!(restore.contains(present), "restore --help lacks {present}");
+        }
+        let list = help("list-backups");
+        assert!(!list.contains("--compression-level") && !list.contains("--stop-command"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::SettingArgs;
+use crate::cli::{from_env, ArchiveArgs, Given, ServiceArgs, SettingArgs, StoreArgs, ToolArgs};
 use crate::error::{Error, IoContext};
 
 /// The settings every action uses.
@@ -41,26 +41,45 @@ pub struct ClientSettings {
 }
 
 impl Settings {
-    pub fn from_args(args: SettingArgs, credentials: crate::store::Credentials) -> Settings {
-        Settings {
+    /// The settings in force: the global ones, and each group as the command gave it or, for
+    /// a group it does not take, as the environment and the defaults give it.
+    pub fn from_args(
+        args: SettingArgs,
+        given: Given<'_>,
+        credentials: crate::store::Credentials,
+    ) -> Result<Settings, clap::Error> {
+        let service = given
+            .service
+            .cloned()
+            .map_or_else(from_env::<ServiceArgs>, Ok)?;
+        let tools = given.tools.cloned().map_or_else(from_env::<ToolArgs>, Ok)?;
+        let store = given
+            .store
+            .cloned()
+            .map_or_else(from_env::<StoreArgs>, Ok)?;
+        let archive = given
+            .archive
+            .cloned()
+            .map_or_else(from_env::<ArchiveArgs>, Ok)?;
+        Ok(Settings {
             etcd_config: args.etcd_config,
-            etcdctl: args.etcdctl.filter(|p| !p.as_os_str().is_empty()),
-            etcdutl: args.etcdutl.filter(|p| !p.as_os_str().is_empty()),
-            stop_command: args.stop_command,
-            start_command: args.start_command,
-            start_timeout: Duration::from_secs(args.start_timeout),
-            service_timeout: Duration::from_secs(args.service_timeout),
+            etcdctl: tools.etcdctl.filter(|p| !p.as_os_str().is_empty()),
+            etcdutl: tools.etcdutl.filter(|p| !p.as_os_str().is_empty()),
+            stop_command: service.stop_command,
+            start_command: service.start_command,
+            start_timeout: Duration::from_secs(service.start_timeout),
+            service_timeout: Duration::from_secs(service.service_timeout),
             lock_timeout: Duration::from_secs(args.lock_timeout),
-            snapshot_timeout: Duration::from_secs(args.snapshot_timeout),
-            bump_revision: args.bump_revision,
-            compression_level: args.compression_level,
+            snapshot_timeout: Duration::from_secs(archive.snapshot_timeout),
+            bump_revision: tools.bump_revision,
+            compression_level: archive.compression_level,
             s3: crate::store::StoreSettings {
-                endpoint: args.s3_endpoint.filter(|v| !v.is_empty()),
-                bucket: args.s3_bucket.filter(|v| !v.is_empty()),
-                path: args.s3_path.filter(|v| !v.is_empty()),
-                region: args.s3_region.filter(|v| !v.is_empty()),
-                uri_style: args.s3_uri_style.filter(|v| !v.is_empty()),
-                ca_file: args.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
+                endpoint: store.s3_endpoint.filter(|v| !v.is_empty()),
+                bucket: store.s3_bucket.filter(|v| !v.is_empty()),
+                path: store.s3_path.filter(|v| !v.is_empty()),
+                region: store.s3_region.filter(|v| !v.is_empty()),
+                uri_style: store.s3_uri_style.filter(|v| !v.is_empty()),
+                ca_file: store.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
                 credentials,
             },
             client: ClientSettings {
@@ -69,7 +88,7 @@ impl Settings {
                 cert: args.cert.filter(|p| !p.as_os_str().is_empty()),
                 key: args.key.filter(|p| !p.as_os_str().is_empty()),
             },
-        }
+        })
     }
 
     /// Every setting in force, as the environment variables that give it (credentials

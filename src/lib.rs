@@ -67,7 +67,13 @@ pub fn run(args: Vec<OsString>) -> u8 {
         }
     };
     juju::started();
-    let settings = Settings::from_args(args.settings, credentials);
+    let settings = match Settings::from_args(args.settings, args.command.given(), credentials) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = e.print();
+            return error::code::USAGE;
+        }
+    };
     if let Command::Hook { name } = &args.command {
         let outcome = if name == "config-changed" {
             actions::schedule::config_changed(&settings)
