@@ -699,26 +699,7 @@ fn scan<R: BufRead>(
         .fill_buf()
         .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
     if is_bbolt(head) {
-        let Some(size) = size else {
-            return Err(refuse(archive, "it is a plain db of unknown size"));
-        };
-        if size > limits.max_db {
-            return Err(refuse(
-                archive,
-                format!(
-                    "it is a plain db of {} but there is room for at most {}; free space on the \
-                     data filesystem or check the file",
-                    human_size(size),
-                    human_size(limits.max_db)
-                ),
-            ));
-        }
-        let db = extract_db(archive, buf, size, limits.max_db, dest)?;
-        return Ok(Scan {
-            db: Some(db),
-            db_depth: 0,
-            manifest: None,
-        });
+        return scan_plain_db(archive, buf, size, dest, limits);
     }
     if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
         return Err(refuse(
@@ -732,172 +713,277 @@ fn scan<R: BufRead>(
     } else {
         Box::new(MultiGzDecoder::new(buf))
     };
-    let corrupt = |e: io::Error| refuse(archive, format!("it is corrupt or truncated: {e}"));
     let mut tar = tar::Archive::new(decoder);
+    let scan = scan_entries(archive, &mut tar, dest, limits)?;
+    check_trailing(archive, tar.into_inner())?;
+    Ok(scan)
+}
+
+fn corrupt(archive: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |e| refuse(archive, format!("it is corrupt or truncated: {e}"))
+}
+
+/// A plain db (as `etcdctl snapshot save` writes it), copied to `dest` within the limits.
+fn scan_plain_db<R: BufRead>(
+    archive: &Path,
+    buf: &mut R,
+    size: Option<u64>,
+    dest: &Path,
+    limits: Limits,
+) -> Result<Scan, Error> {
+    let Some(size) = size else {
+        return Err(refuse(archive, "it is a plain db of unknown size"));
+    };
+    if size > limits.max_db {
+        return Err(refuse(
+            archive,
+            format!(
+                "it is a plain db of {} but there is room for at most {}; free space on the \
+                 data filesystem or check the file",
+                human_size(size),
+                human_size(limits.max_db)
+            ),
+        ));
+    }
+    let db = extract_db(archive, buf, size, limits.max_db, dest)?;
+    Ok(Scan {
+        db: Some(db),
+        db_depth: 0,
+        manifest: None,
+    })
+}
+
+/// Extension headers seen before the entry they describe: a GNU long name, a PAX header.
+#[derive(Default)]
+struct Pending {
+    long_name: Option<Vec<u8>>,
+    pax: Option<Pax>,
+}
+
+impl Pending {
+    /// Takes in an extension header; `false` when `entry` is not one (a real entry).
+    fn absorb(
+        &mut self,
+        archive: &Path,
+        entry: &mut dyn Read,
+        kind: tar::EntryType,
+        size: u64,
+    ) -> Result<bool, Error> {
+        let read_ext = |entry: &mut dyn Read, what: &str| -> Result<Vec<u8>, Error> {
+            if size > EXT_MAX {
+                return Err(refuse(
+                    archive,
+                    format!(
+                        "it has a {what} of {}; a snapshot archive needs none over {}",
+                        human_size(size),
+                        human_size(EXT_MAX)
+                    ),
+                ));
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            entry
+                .take(EXT_MAX)
+                .read_to_end(&mut data)
+                .map_err(corrupt(archive))?;
+            Ok(data)
+        };
+        match kind {
+            tar::EntryType::GNULongName => {
+                if self.long_name.is_some() {
+                    return Err(refuse(archive, "it has two long names for one entry"));
+                }
+                let mut name = read_ext(entry, "GNU long name")?;
+                while name.last() == Some(&0) {
+                    name.pop();
+                }
+                self.long_name = Some(name);
+            }
+            tar::EntryType::XHeader => {
+                if self.pax.is_some() {
+                    return Err(refuse(archive, "it has two PAX headers for one entry"));
+                }
+                let data = read_ext(entry, "PAX header")?;
+                self.pax = Some(Pax::parse(&data).map_err(|p| refuse(archive, p))?);
+            }
+            tar::EntryType::XGlobalHeader => {
+                read_ext(entry, "PAX global header")?;
+            }
+            tar::EntryType::GNULongLink => {
+                return Err(refuse(
+                    archive,
+                    "it holds a link; snapshot archives hold only regular files",
+                ))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The path of the entry these headers describe (its own when there are none), checked
+    /// to agree with the entry's size and to stay inside the archive.
+    fn entry_parts(
+        &mut self,
+        archive: &Path,
+        header_path: &[u8],
+        size: u64,
+    ) -> Result<Vec<String>, Error> {
+        let pax_entry = self.pax.take().unwrap_or_default();
+        if let Some(pax_size) = pax_entry.size {
+            if pax_size != size {
+                return Err(refuse(
+                    archive,
+                    format!(
+                        "its PAX header says an entry holds {pax_size} bytes but the entry's \
+                         tar header says {size}; tar tools would read this archive \
+                         differently, so it is refused"
+                    ),
+                ));
+            }
+        }
+        let raw_name = match (self.long_name.take(), pax_entry.path) {
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => header_path.to_vec(),
+        };
+        entry_parts(&raw_name).map_err(|p| refuse(archive, p))
+    }
+}
+
+/// Walks the tar's entries raw: extension headers (GNU long names, PAX records) come as
+/// entries of their own, so their size is checked before a byte of them is read, and a PAX
+/// `size` can never make the copy longer than the header that was checked.
+fn scan_entries(
+    archive: &Path,
+    tar: &mut tar::Archive<Box<dyn Read + '_>>,
+    dest: &Path,
+    limits: Limits,
+) -> Result<Scan, Error> {
     let mut scan = Scan {
         db: None,
         db_depth: 0,
         manifest: None,
     };
-    {
-        // Raw entries: extension headers (GNU long names, PAX records) come to us as entries
-        // of their own, so their size is checked before a byte of them is read, and a PAX
-        // `size` can never make the copy longer than the header that was checked.
-        let entries = tar.entries().map_err(corrupt)?.raw(true);
-        let mut long_name: Option<Vec<u8>> = None;
-        let mut pax: Option<Pax> = None;
-        for entry in entries {
-            let mut entry = entry.map_err(corrupt)?;
-            let kind = entry.header().entry_type();
-            let size = entry.header().size().map_err(corrupt)?;
-            let read_ext = |entry: &mut dyn Read, what: &str| -> Result<Vec<u8>, Error> {
-                if size > EXT_MAX {
-                    return Err(refuse(
-                        archive,
-                        format!(
-                            "it has a {what} of {}; a snapshot archive needs none over {}",
-                            human_size(size),
-                            human_size(EXT_MAX)
-                        ),
-                    ));
-                }
-                let mut data = Vec::with_capacity(size as usize);
-                entry
-                    .take(EXT_MAX)
-                    .read_to_end(&mut data)
-                    .map_err(corrupt)?;
-                Ok(data)
-            };
-            match kind {
-                tar::EntryType::GNULongName => {
-                    if long_name.is_some() {
-                        return Err(refuse(archive, "it has two long names for one entry"));
-                    }
-                    let mut name = read_ext(&mut entry, "GNU long name")?;
-                    while name.last() == Some(&0) {
-                        name.pop();
-                    }
-                    long_name = Some(name);
-                    continue;
-                }
-                tar::EntryType::XHeader => {
-                    if pax.is_some() {
-                        return Err(refuse(archive, "it has two PAX headers for one entry"));
-                    }
-                    let data = read_ext(&mut entry, "PAX header")?;
-                    pax = Some(Pax::parse(&data).map_err(|p| refuse(archive, p))?);
-                    continue;
-                }
-                tar::EntryType::XGlobalHeader => {
-                    read_ext(&mut entry, "PAX global header")?;
-                    continue;
-                }
-                tar::EntryType::GNULongLink => {
-                    return Err(refuse(
-                        archive,
-                        "it holds a link; snapshot archives hold only regular files",
-                    ))
-                }
-                _ => {}
+    let mut pending = Pending::default();
+    let entries = tar.entries().map_err(corrupt(archive))?.raw(true);
+    for entry in entries {
+        let mut entry = entry.map_err(corrupt(archive))?;
+        let kind = entry.header().entry_type();
+        let size = entry.header().size().map_err(corrupt(archive))?;
+        if pending.absorb(archive, &mut entry, kind, size)? {
+            continue;
+        }
+        let header_path = entry.path_bytes().into_owned();
+        let parts = pending.entry_parts(archive, &header_path, size)?;
+        if !is_regular_entry(archive, &parts, kind)? {
+            continue;
+        }
+        take_entry(archive, &parts, &mut entry, size, &mut scan, dest, limits)?;
+    }
+    if pending.long_name.is_some() || pending.pax.is_some() {
+        return Err(refuse(
+            archive,
+            "it ends with a header that describes no entry",
+        ));
+    }
+    Ok(scan)
+}
+
+/// Whether an entry is a regular file to look at (`false`: a directory, passed over);
+/// refuses data dirs, v2 backups and anything that is not a file.
+fn is_regular_entry(archive: &Path, parts: &[String], kind: tar::EntryType) -> Result<bool, Error> {
+    let shown = parts.join("/");
+    if is_v2_or_data_dir(parts) {
+        return Err(refuse(
+            archive,
+            format!(
+                "it holds an etcd data directory or a v2-era backup (`{shown}`); only v3 \
+                 snapshots (a `db` file) can be restored: take a v3 snapshot with the \
+                 snapshot action"
+            ),
+        ));
+    }
+    match kind {
+        tar::EntryType::Directory => Ok(false),
+        tar::EntryType::Regular | tar::EntryType::Continuous => Ok(true),
+        other => Err(refuse(
+            archive,
+            format!(
+                "entry `{shown}` is a {}; snapshot archives hold only regular files",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// Takes the `db` (copied to `dest`) or the manifest (parsed); refuses anything else.
+fn take_entry(
+    archive: &Path,
+    parts: &[String],
+    entry: &mut dyn Read,
+    size: u64,
+    scan: &mut Scan,
+    dest: &Path,
+    limits: Limits,
+) -> Result<(), Error> {
+    let name = parts.last().map(String::as_str).unwrap_or_default();
+    match (name, parts.len()) {
+        (DB_ENTRY, 1 | 2) => {
+            if scan.db.is_some() {
+                return Err(refuse(archive, "it holds more than one `db` file"));
             }
-            let pax_entry = pax.take().unwrap_or_default();
-            if let Some(pax_size) = pax_entry.size {
-                if pax_size != size {
-                    return Err(refuse(
-                        archive,
-                        format!(
-                            "its PAX header says an entry holds {pax_size} bytes but the entry's \
-                             tar header says {size}; tar tools would read this archive \
-                             differently, so it is refused"
-                        ),
-                    ));
-                }
-            }
-            let raw_name = match (long_name.take(), pax_entry.path) {
-                (Some(n), _) | (None, Some(n)) => n,
-                (None, None) => entry.path_bytes().into_owned(),
-            };
-            let parts = entry_parts(&raw_name).map_err(|p| refuse(archive, p))?;
-            let shown = parts.join("/");
-            if is_v2_or_data_dir(&parts) {
+            if size > limits.max_db {
                 return Err(refuse(
                     archive,
                     format!(
-                        "it holds an etcd data directory or a v2-era backup (`{shown}`); only v3 \
-                         snapshots (a `db` file) can be restored: take a v3 snapshot with the \
-                         snapshot action"
+                        "its `db` claims {} but there is room for at most {}; free space \
+                         on the data filesystem or check the archive",
+                        human_size(size),
+                        human_size(limits.max_db)
                     ),
                 ));
             }
-            let kind = entry.header().entry_type();
-            match kind {
-                tar::EntryType::Directory => continue,
-                tar::EntryType::Regular | tar::EntryType::Continuous => {}
-                other => {
-                    return Err(refuse(
-                        archive,
-                        format!(
-                            "entry `{shown}` is a {}; snapshot archives hold only regular files",
-                            type_name(other)
-                        ),
-                    ))
-                }
-            }
-            let size = entry.header().size().map_err(corrupt)?;
-            let name = parts.last().map(String::as_str).unwrap_or_default();
-            match (name, parts.len()) {
-                (DB_ENTRY, 1 | 2) => {
-                    if scan.db.is_some() {
-                        return Err(refuse(archive, "it holds more than one `db` file"));
-                    }
-                    if size > limits.max_db {
-                        return Err(refuse(
-                            archive,
-                            format!(
-                                "its `db` claims {} but there is room for at most {}; free space \
-                                 on the data filesystem or check the archive",
-                                human_size(size),
-                                human_size(limits.max_db)
-                            ),
-                        ));
-                    }
-                    scan.db = Some(extract_db(archive, &mut entry, size, limits.max_db, dest)?);
-                    scan.db_depth = parts.len();
-                }
-                (MANIFEST_ENTRY, 1) => {
-                    if scan.manifest.is_some() {
-                        return Err(refuse(archive, "it holds more than one manifest"));
-                    }
-                    if size > MANIFEST_MAX {
-                        return Err(refuse(archive, format!("its manifest is {size} bytes, far more than a manifest can be")));
-                    }
-                    let mut text = String::new();
-                    entry.read_to_string(&mut text).map_err(|e| refuse(archive, format!("its manifest is unreadable: {e}")))?;
-                    let m = Manifest::from_yaml(&text).map_err(|e| refuse(archive, format!("its manifest is invalid: {e}")))?;
-                    scan.manifest = Some(m);
-                }
-                _ => {
-                    return Err(refuse(
-                        archive,
-                        format!("it holds an unexpected file `{shown}`; a snapshot archive holds only `db` and `manifest.yaml`"),
-                    ))
-                }
-            }
+            scan.db = Some(extract_db(archive, entry, size, limits.max_db, dest)?);
+            scan.db_depth = parts.len();
         }
-        if long_name.is_some() || pax.is_some() {
+        (MANIFEST_ENTRY, 1) => {
+            if scan.manifest.is_some() {
+                return Err(refuse(archive, "it holds more than one manifest"));
+            }
+            if size > MANIFEST_MAX {
+                return Err(refuse(
+                    archive,
+                    format!("its manifest is {size} bytes, far more than a manifest can be"),
+                ));
+            }
+            let mut text = String::new();
+            entry
+                .read_to_string(&mut text)
+                .map_err(|e| refuse(archive, format!("its manifest is unreadable: {e}")))?;
+            let m = Manifest::from_yaml(&text)
+                .map_err(|e| refuse(archive, format!("its manifest is invalid: {e}")))?;
+            scan.manifest = Some(m);
+        }
+        _ => {
             return Err(refuse(
                 archive,
-                "it ends with a header that describes no entry",
-            ));
+                format!(
+                    "it holds an unexpected file `{}`; a snapshot archive holds only `db` and \
+                     `manifest.yaml`",
+                    parts.join("/")
+                ),
+            ))
         }
     }
-    // Read what follows the tar's end so every gzip member's CRC is checked; allow only the
-    // zero padding tar writes.
-    let mut rest = tar.into_inner().take(TRAILING_MAX + 1);
+    Ok(())
+}
+
+/// Reads what follows the tar's end so every gzip member's CRC is checked; allows only the
+/// zero padding tar writes.
+fn check_trailing(archive: &Path, rest: impl Read) -> Result<(), Error> {
+    let mut rest = rest.take(TRAILING_MAX + 1);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        let n = rest.read(&mut chunk).map_err(corrupt)?;
+        let n = rest.read(&mut chunk).map_err(corrupt(archive))?;
         if n == 0 {
             break;
         }
@@ -909,12 +995,12 @@ fn scan<R: BufRead>(
             ));
         }
     }
-    Ok(scan)
+    Ok(())
 }
 
 /// Copies the db entry to `dest`: never more than `size` (the checked header size) nor more
 /// than `max` bytes, whatever the entry's reader would give.
-fn extract_db<R: Read>(
+fn extract_db<R: Read + ?Sized>(
     archive: &Path,
     entry: &mut R,
     size: u64,

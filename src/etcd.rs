@@ -1,4 +1,4 @@
-//! etcd behind typed methods.
+//! etcd behind typed methods: its v3 gRPC API in-process, and its offline tools.
 //!
 //! Online calls (status, member list, a count-only range, the snapshot stream) go to this
 //! unit's client URL through etcd's v3 gRPC API in-process, with the TLS files from etcd's

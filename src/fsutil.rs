@@ -326,155 +326,47 @@ pub type Guard<'a> = dyn Fn(&Dir) -> Result<(), Error> + 'a;
 /// when root (or the user running this) owns it; missing parts are created when a `guard` is
 /// given, after the guard accepted the deepest existing directory.
 fn resolve(path: &Path, guard: Option<&Guard<'_>>) -> Result<Dir, Error> {
-    let bad = |problem: String| Error::Target {
-        path: path.to_path_buf(),
-        problem,
-    };
     if !path.is_absolute() {
-        return Err(bad(
+        return Err(walk_error(
+            path,
             "is relative; give an absolute directory such as /home/ubuntu/etcd-snapshots".into(),
         ));
     }
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(bad("contains `..`; give a plain absolute directory".into()));
+        return Err(walk_error(
+            path,
+            "contains `..`; give a plain absolute directory".into(),
+        ));
     }
-    let open_root = || {
-        openat(
-            AT_FDCWD,
-            "/",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx(|| "cannot open `/`".to_string())
-    };
-    let me = nix::unistd::geteuid().as_raw();
-    let mut dir = open_root()?;
-    let mut shown = PathBuf::from("/");
-    let mut todo: VecDeque<std::ffi::OsString> = path
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            _ => None,
-        })
-        .collect();
-    let mut links = 0;
+    let mut walk = Walk::start(path)?;
     let mut guarded = false;
-    while let Some(part) = todo.pop_front() {
+    while let Some(part) = walk.todo.pop_front() {
         if part == "." || part.is_empty() {
             continue;
         }
         if part == ".." {
-            dir = openat(
-                &dir,
-                "..",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .ctx(|| format!("cannot open `{}/..`", shown.display()))?;
-            shown.pop();
+            walk.up()?;
             continue;
         }
-        let here = shown.join(&part);
+        let here = walk.shown.join(&part);
         match openat(
-            &dir,
+            &walk.dir,
             part.as_os_str(),
             OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
-            Ok(node) => {
-                let st = fstat(&node).ctx(|| format!("cannot stat `{}`", here.display()))?;
-                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-                if kind == SFlag::S_IFLNK {
-                    if st.st_uid != 0 && st.st_uid != me {
-                        return Err(bad(format!(
-                            "passes through `{}`, a symlink owned by uid {}; a symlink that                              user can swap is not followed as root: give the real directory",
-                            here.display(),
-                            st.st_uid
-                        )));
-                    }
-                    links += 1;
-                    if links > 40 {
-                        return Err(bad("has too many levels of symlinks".into()));
-                    }
-                    let link = readlinkat(&node, "")
-                        .ctx(|| format!("cannot read symlink `{}`", here.display()))?;
-                    let link = PathBuf::from(link);
-                    let mut parts: Vec<std::ffi::OsString> = Vec::new();
-                    for c in link.components() {
-                        match c {
-                            Component::RootDir => {
-                                dir = open_root()?;
-                                shown = PathBuf::from("/");
-                                parts.clear();
-                            }
-                            Component::Normal(n) => parts.push(n.to_os_string()),
-                            Component::ParentDir => parts.push("..".into()),
-                            _ => {}
-                        }
-                    }
-                    for p in parts.into_iter().rev() {
-                        todo.push_front(p);
-                    }
-                    continue;
-                }
-                if kind != SFlag::S_IFDIR {
-                    return Err(bad(format!(
-                        "cannot be used: `{}` is not a directory",
-                        here.display()
-                    )));
-                }
-                dir = openat(
-                    &node,
-                    ".",
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .ctx(|| format!("cannot open `{}`", here.display()))?;
-                shown = here;
-            }
-            Err(Errno::ENOENT) if guard.is_some() => {
+            Ok(node) => walk.visit(node, here)?,
+            Err(Errno::ENOENT) => {
+                let Some(guard) = guard else {
+                    return Err(
+                        walk.bad(format!("does not exist (`{}` is missing)", here.display()))
+                    );
+                };
                 if !guarded {
-                    let existing = Dir {
-                        fd: dir
-                            .try_clone()
-                            .ctx(|| format!("cannot open `{}`", shown.display()))?,
-                        path: path.to_path_buf(),
-                    };
-                    guard.expect("checked")(&existing)?;
+                    guard(&walk.here_dir()?)?;
                     guarded = true;
                 }
-                let parent = fstat(&dir).ctx(|| format!("cannot stat `{}`", shown.display()))?;
-                match mkdirat(&dir, part.as_os_str(), Mode::from_bits_truncate(0o700)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
-                    Err(e) => return Err(bad(format!("cannot be created: {}", errno_io(e)))),
-                }
-                let made = openat(
-                    &dir,
-                    part.as_os_str(),
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| {
-                    bad(format!(
-                        "cannot open `{}` after creating it: {}",
-                        here.display(),
-                        errno_io(e)
-                    ))
-                })?;
-                // Best effort when not root: the directory is then ours, which is what we want.
-                let _ = nix::unistd::fchown(
-                    &made,
-                    Some(Uid::from_raw(parent.st_uid)),
-                    Some(Gid::from_raw(parent.st_gid)),
-                );
-                dir = made;
-                shown = here;
-            }
-            Err(Errno::ENOENT) => {
-                return Err(bad(format!(
-                    "does not exist (`{}` is missing)",
-                    here.display()
-                )))
+                walk.create(&part, here)?;
             }
             Err(e) => {
                 return Err(Error::io(
@@ -485,13 +377,176 @@ fn resolve(path: &Path, guard: Option<&Guard<'_>>) -> Result<Dir, Error> {
         }
     }
     let dir = Dir {
-        fd: dir,
+        fd: walk.dir,
         path: path.to_path_buf(),
     };
     if let Some(guard) = guard {
         guard(&dir)?;
     }
     Ok(dir)
+}
+
+fn walk_error(path: &Path, problem: String) -> Error {
+    Error::Target {
+        path: path.to_path_buf(),
+        problem,
+    }
+}
+
+fn open_root() -> Result<OwnedFd, Error> {
+    openat(
+        AT_FDCWD,
+        "/",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ctx(|| "cannot open `/`".to_string())
+}
+
+/// Where `resolve` is: the directory held, its path as shown, what is left to walk.
+struct Walk<'a> {
+    path: &'a Path,
+    dir: OwnedFd,
+    shown: PathBuf,
+    todo: VecDeque<std::ffi::OsString>,
+    links: u32,
+    me: u32,
+}
+
+impl<'a> Walk<'a> {
+    fn start(path: &'a Path) -> Result<Walk<'a>, Error> {
+        Ok(Walk {
+            path,
+            dir: open_root()?,
+            shown: PathBuf::from("/"),
+            todo: path
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    _ => None,
+                })
+                .collect(),
+            links: 0,
+            me: nix::unistd::geteuid().as_raw(),
+        })
+    }
+
+    fn bad(&self, problem: String) -> Error {
+        walk_error(self.path, problem)
+    }
+
+    /// `..` from a symlink's target.
+    fn up(&mut self) -> Result<(), Error> {
+        self.dir = openat(
+            &self.dir,
+            "..",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("cannot open `{}/..`", self.shown.display()))?;
+        self.shown.pop();
+        Ok(())
+    }
+
+    /// The directory held now, for the guard.
+    fn here_dir(&self) -> Result<Dir, Error> {
+        Ok(Dir {
+            fd: self
+                .dir
+                .try_clone()
+                .ctx(|| format!("cannot open `{}`", self.shown.display()))?,
+            path: self.path.to_path_buf(),
+        })
+    }
+
+    /// An existing component: a directory is entered, a symlink root owns is followed.
+    fn visit(&mut self, node: OwnedFd, here: PathBuf) -> Result<(), Error> {
+        let st = fstat(&node).ctx(|| format!("cannot stat `{}`", here.display()))?;
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFLNK {
+            return self.follow(&node, &here, st.st_uid);
+        }
+        if kind != SFlag::S_IFDIR {
+            return Err(self.bad(format!(
+                "cannot be used: `{}` is not a directory",
+                here.display()
+            )));
+        }
+        self.dir = openat(
+            &node,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("cannot open `{}`", here.display()))?;
+        self.shown = here;
+        Ok(())
+    }
+
+    /// Puts a symlink's target in front of what is left to walk.
+    fn follow(&mut self, node: &OwnedFd, here: &Path, owner: u32) -> Result<(), Error> {
+        if owner != 0 && owner != self.me {
+            return Err(self.bad(format!(
+                "passes through `{}`, a symlink owned by uid {owner}; a symlink that \
+                 user can swap is not followed as root: give the real directory",
+                here.display()
+            )));
+        }
+        self.links += 1;
+        if self.links > 40 {
+            return Err(self.bad("has too many levels of symlinks".into()));
+        }
+        let link =
+            readlinkat(node, "").ctx(|| format!("cannot read symlink `{}`", here.display()))?;
+        let mut parts: Vec<std::ffi::OsString> = Vec::new();
+        for c in PathBuf::from(link).components() {
+            match c {
+                Component::RootDir => {
+                    self.dir = open_root()?;
+                    self.shown = PathBuf::from("/");
+                    parts.clear();
+                }
+                Component::Normal(n) => parts.push(n.to_os_string()),
+                Component::ParentDir => parts.push("..".into()),
+                _ => {}
+            }
+        }
+        for p in parts.into_iter().rev() {
+            self.todo.push_front(p);
+        }
+        Ok(())
+    }
+
+    /// Creates a missing component 0700, owned as its parent is, and enters it.
+    fn create(&mut self, part: &std::ffi::OsStr, here: PathBuf) -> Result<(), Error> {
+        let parent = fstat(&self.dir).ctx(|| format!("cannot stat `{}`", self.shown.display()))?;
+        match mkdirat(&self.dir, part, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(self.bad(format!("cannot be created: {}", errno_io(e)))),
+        }
+        let made = openat(
+            &self.dir,
+            part,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            self.bad(format!(
+                "cannot open `{}` after creating it: {}",
+                here.display(),
+                errno_io(e)
+            ))
+        })?;
+        // Best effort when not root: the directory is then ours, which is what we want.
+        let _ = nix::unistd::fchown(
+            &made,
+            Some(Uid::from_raw(parent.st_uid)),
+            Some(Gid::from_raw(parent.st_gid)),
+        );
+        self.dir = made;
+        self.shown = here;
+        Ok(())
+    }
 }
 
 /// fsync a directory so the names in it are durable.
