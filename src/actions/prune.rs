@@ -138,6 +138,8 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
         })?;
     let owner = unit.owner(status.cluster_id);
     let _lock = unit.lock("prune")?;
+    // A restore that crashed is finished or rolled back first, as every action does.
+    crate::recovery::recover(unit)?;
     let dir = Dir::open(&opts.target).ok();
     let (entries, mut ignored) = catalog::list_all(unit, &opts.target, store.as_ref())?;
     let now = crate::manifest::now_secs() as i64;

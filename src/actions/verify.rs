@@ -97,6 +97,8 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
         (_, id) => id.as_deref(),
     };
     let _lock = unit.lock("verify")?;
+    // A restore that crashed is finished or rolled back first, as every action does.
+    crate::recovery::recover(unit)?;
     // A drill of a run that was killed outright may still run: end it first.
     end_recorded(&drill_record(unit));
     let dest = TempPath::new(unit.state.join(format!("verify-{}.db", std::process::id())));
