@@ -199,6 +199,40 @@ fn the_upgrade_path_and_no_way_back() {
         unit.wait_healthy();
         assert_eq!(unit.dump(), before.0);
     }
+    assert_older_server_refuses(&units[2], &v3615());
+}
+
+/// Why a newer minor is refused: etcd 3.6 will not start on a data dir etcd 3.7 wrote.
+fn assert_older_server_refuses(unit: &Node, older: &Flavor) {
+    unit.stop();
+    let mut child = std::process::Command::new(&older.etcd)
+        .arg("--config-file")
+        .arg(unit.config_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| !s.success()) && log.contains("not supported"),
+        "etcd {} started on a newer data dir: {status:?}\n{log}",
+        older.version
+    );
 }
 
 /// etcd 3.6 reports the db's storage version, which the manifest records; a 3.5 config
