@@ -128,6 +128,8 @@ pub fn start_service(unit: &Unit<'_>) -> Result<(), Error> {
 /// Finishes or rolls back a restore that a crash interrupted, removes its leftovers, and
 /// leaves the service running. Runs under the unit lock at the start of every action.
 pub fn recover(unit: &Unit<'_>) -> Result<(), Error> {
+    // Temp dirs of archive writers that were killed, in whatever target they wrote to.
+    crate::writer::clean_killed_writers(&unit.state);
     if !unit.config.local {
         // Only a connection was given: no data of etcd's here, nothing to recover.
         return Ok(());

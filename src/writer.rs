@@ -149,16 +149,43 @@ fn clean_stale_temps(target: &Dir) {
 }
 
 /// This run's temp directory in a target: created 0700 by this process and only ever used
-/// through its descriptor. Dropping it removes what it holds, then the directory.
+/// through its descriptor, and recorded in the state dir (`writing-<pid>`: the target's path)
+/// so that recovery removes it should this run be killed. Dropping it removes what it holds,
+/// then the directory, then the record.
 struct TempDir<'a> {
     parent: &'a Dir,
     name: String,
     dir: Dir,
+    record: PathBuf,
 }
 
 impl Drop for TempDir<'_> {
     fn drop(&mut self) {
         self.parent.remove_own_dir(&self.name, &self.dir);
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+const WRITING_PREFIX: &str = "writing-";
+
+/// For crash recovery, under the unit lock: removes the temp dirs of killed writers in the
+/// targets they recorded (resolved again as targets are: no symlink a user could swap is
+/// followed), and their records.
+pub fn clean_killed_writers(state: &Path) {
+    for entry in std::fs::read_dir(state).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(WRITING_PREFIX) else {
+            continue;
+        };
+        if pid.parse::<i32>().is_ok_and(pid_alive) {
+            continue;
+        }
+        if let Ok(target) = std::fs::read_to_string(entry.path()) {
+            if let Ok(dir) = Dir::open(Path::new(target.trim_end_matches('\n'))) {
+                clean_stale_temps(&dir);
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
     }
 }
 
@@ -175,10 +202,17 @@ pub fn write_archive(
 ) -> Result<Archive, Error> {
     clean_stale_temps(target);
     let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), now_secs());
+    let record = unit
+        .state
+        .join(format!("{WRITING_PREFIX}{}", std::process::id()));
+    crate::fsutil::write_atomic(&record, format!("{}\n", target.path().display()).as_bytes())?;
     let tmp = TempDir {
-        dir: target.mkdir(&name, 0o700)?,
+        dir: target.mkdir(&name, 0o700).inspect_err(|_| {
+            let _ = std::fs::remove_file(&record);
+        })?,
         parent: target,
         name,
+        record,
     };
     let (uid, gid) = target.owner()?;
     let out = tmp.dir.create_file(ARCHIVE_TMP)?;

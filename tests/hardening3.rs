@@ -898,3 +898,41 @@ fn a_snapshot_stream_is_bounded_in_time() {
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(files_in(&snaps), Vec::<String>::new(), "no temp dir left");
 }
+
+/// A snapshot killed while it writes leaves its temp dir; the next action's recovery removes
+/// it, whatever target that action uses.
+#[test]
+fn recovery_removes_a_killed_writers_temp_dir() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "unit", &v35());
+    node.fill("k/", 50);
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let ctl = tmp.path().join("ctl");
+    fs::create_dir_all(&ctl).unwrap();
+    let mut child = Agent::snapshot(&node, first.to_str().unwrap())
+        .env(
+            "ETCD_ACTIONS_PAUSE",
+            format!("snapshot-streaming:{}", ctl.display()),
+        )
+        .spawn();
+    wait_reached(&ctl, "snapshot-streaming", &mut child);
+    let left: Vec<String> = files_in(&first)
+        .into_iter()
+        .filter(|n| n.starts_with(".etcd-actions-tmp-"))
+        .collect();
+    assert_eq!(left.len(), 1, "{:?}", files_in(&first));
+    child.kill().unwrap();
+    let _ = child.wait();
+    Agent::snapshot(&node, second.to_str().unwrap())
+        .run()
+        .success();
+    assert_eq!(
+        files_in(&first),
+        Vec::<String>::new(),
+        "the killed run's temp dir is gone"
+    );
+    assert_eq!(
+        files_in(&node.data_dir().join(".etcd-actions")),
+        vec!["lock".to_string()]
+    );
+}
