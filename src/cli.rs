@@ -418,8 +418,73 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         Some(hook) if hook.starts_with("s3-credentials-relation-") || hook == "config-changed" => {
             vec!["etcd-actions".into(), "hook".into(), hook.into()]
         }
-        _ => args,
+        _ => settings_after_command(args),
     }
+}
+
+/// Settings of a command's groups given before the command (`etcd-actions --s3-bucket b
+/// snapshot`, as every setting could be before they were per command) are moved after it,
+/// where the command takes them, or refuses them when it does not use them.
+fn settings_after_command(args: Vec<OsString>) -> Vec<OsString> {
+    use clap::CommandFactory;
+    let top = Arguments::command();
+    let commands: Vec<String> = top
+        .get_subcommands()
+        .flat_map(|s| {
+            std::iter::once(s.get_name().to_string()).chain(s.get_all_aliases().map(str::to_string))
+        })
+        .collect();
+    let long_of = |a: &clap::Arg| {
+        a.get_long()
+            .map(|l| (l.to_string(), a.get_action().takes_values()))
+    };
+    let global: Vec<(String, bool)> = top.get_arguments().filter_map(long_of).collect();
+    let grouped: Vec<(String, bool)> = top
+        .get_subcommands()
+        .flat_map(|s| s.get_arguments().filter_map(long_of).collect::<Vec<_>>())
+        .filter(|(l, _)| !global.iter().any(|(g, _)| g == l))
+        .collect();
+    let takes_value = |flag: &str| {
+        global
+            .iter()
+            .chain(&grouped)
+            .find(|(l, _)| l == flag)
+            .is_some_and(|(_, v)| *v)
+    };
+    let mut before = vec![args[0].clone()];
+    let mut moved = Vec::new();
+    let mut rest = args.into_iter().skip(1);
+    while let Some(arg) = rest.next() {
+        let text = arg.to_string_lossy().into_owned();
+        if commands.contains(&text) {
+            before.push(arg);
+            before.extend(moved);
+            before.extend(rest);
+            return before;
+        }
+        let Some(flag) = text.strip_prefix("--") else {
+            before.push(arg);
+            continue;
+        };
+        let (name, inline_value) = match flag.split_once('=') {
+            Some((n, _)) => (n.to_string(), true),
+            None => (flag.to_string(), false),
+        };
+        let to = if grouped.iter().any(|(l, _)| *l == name) {
+            &mut moved
+        } else {
+            &mut before
+        };
+        to.push(arg);
+        if takes_value(&name) && !inline_value {
+            if let Some(value) = rest.next() {
+                to.push(value);
+            }
+        }
+    }
+    // No command: leave it all for clap to explain.
+    before.extend(moved);
+    before
 }
 
 #[cfg(test)]
@@ -485,6 +550,48 @@ mod tests {
         }
         let list = help("list-backups");
         assert!(!list.contains("--compression-level") && !list.contains("--stop-command"));
+    }
+
+    #[test]
+    fn settings_given_before_the_command_still_count() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let parsed = Arguments::try_parse_from(normalize_args(args(&[
+            "etcd-actions",
+            "--s3-bucket",
+            "b",
+            "--etcd-config=/etc/etcd.yml",
+            "--s3-endpoint=http://127.0.0.1:9",
+            "schedule",
+            "--on-calendar",
+            "daily",
+        ])))
+        .unwrap();
+        assert_eq!(parsed.settings.etcd_config, PathBuf::from("/etc/etcd.yml"));
+        let Command::Schedule(s) = parsed.command else {
+            panic!("not schedule")
+        };
+        assert_eq!(s.store.s3_bucket.as_deref(), Some("b"));
+        assert_eq!(s.store.s3_endpoint.as_deref(), Some("http://127.0.0.1:9"));
+        // A value that is also a command name is a value.
+        let parsed = Arguments::try_parse_from(normalize_args(args(&[
+            "etcd-actions",
+            "--s3-path",
+            "backup",
+            "snapshot",
+        ])))
+        .unwrap();
+        let Command::Snapshot(s) = parsed.command else {
+            panic!("not snapshot")
+        };
+        assert_eq!(s.store.s3_path.as_deref(), Some("backup"));
+        // A command that does not use a setting still refuses it.
+        assert!(Arguments::try_parse_from(normalize_args(args(&[
+            "etcd-actions",
+            "--stop-command",
+            "x",
+            "snapshot",
+        ])))
+        .is_err());
     }
 
     #[test]
