@@ -349,8 +349,11 @@ pub struct Entry {
     pub time: String,
     pub revision: Option<i64>,
     pub cluster_id: Option<String>,
-    /// The raft applied index when it was taken (see `Manifest::applied_index`).
+    /// The raft applied index, auth revision and lease digest when it was taken (see
+    /// `Manifest`).
     pub applied_index: Option<u64>,
+    pub auth_revision: Option<u64>,
+    pub leases: Option<String>,
     /// The unit, and the Juju model and application, that took it.
     pub unit: Option<String>,
     pub model_uuid: Option<String>,
@@ -514,6 +517,8 @@ pub fn list_all(
                 e.revision = m.revision;
                 e.cluster_id.clone_from(&m.cluster_id);
                 e.applied_index = m.applied_index;
+                e.auth_revision = m.auth_revision;
+                e.leases.clone_from(&m.leases);
                 e.unit = Some(m.unit.clone());
                 e.model_uuid.clone_from(&m.model_uuid);
                 e.app.clone_from(&m.app);
@@ -587,6 +592,8 @@ fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) 
     e.sha256 = meta("sha256");
     e.cluster_id = meta("cluster-id");
     e.applied_index = meta("applied-index").and_then(|r| r.parse().ok());
+    e.auth_revision = meta("auth-revision").and_then(|r| r.parse().ok());
+    e.leases = meta("leases");
     e.unit = meta("unit");
     e.model_uuid = meta("model-uuid");
     e.app = meta("app");

@@ -21,8 +21,10 @@ use crate::process::{display, etcd_tool, run_checked};
 pub mod pb {
     tonic::include_proto!("etcdserverpb");
 }
+use pb::auth_client::AuthClient;
 use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;
+use pb::lease_client::LeaseClient;
 use pb::maintenance_client::MaintenanceClient;
 
 /// What a call can fail with: connecting, or the call itself.
@@ -82,6 +84,14 @@ pub struct Status {
     pub applied_index: u64,
     /// The db's storage version (etcd 3.6 and later).
     pub storage_version: Option<String>,
+}
+
+/// What moves when users, roles, grants or leases change, which the revision does not: the
+/// auth store's revision (etcd 3.5 and later) and a digest of the lease ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Marks {
+    pub auth_revision: Option<u64>,
+    pub leases: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -338,6 +348,42 @@ impl Client {
                     is_learner: m.is_learner,
                 })
                 .collect())
+        })
+    }
+
+    /// The auth store's revision and a digest of the lease ids; either is `None` where etcd
+    /// does not answer it (3.4 has no AuthStatus).
+    pub fn marks(&self) -> Result<Marks, Error> {
+        self.call("auth status and leases", |c| async move {
+            let auth_revision = match AuthClient::new(c.clone())
+                .auth_status(pb::AuthStatusRequest {})
+                .await
+            {
+                Ok(r) => Some(r.into_inner().auth_revision),
+                Err(s) if s.code() == tonic::Code::Unimplemented => None,
+                Err(s) => return Err(CallError::Status(s)),
+            };
+            let leases = match LeaseClient::new(c)
+                .lease_leases(pb::LeaseLeasesRequest {})
+                .await
+            {
+                Ok(r) => {
+                    use sha2::Digest;
+                    let mut ids: Vec<i64> = r.into_inner().leases.iter().map(|l| l.id).collect();
+                    ids.sort_unstable();
+                    let mut h = sha2::Sha256::new();
+                    for id in ids {
+                        h.update(id.to_le_bytes());
+                    }
+                    Some(hex::encode(&h.finalize()[..8]))
+                }
+                Err(s) if s.code() == tonic::Code::Unimplemented => None,
+                Err(s) => return Err(CallError::Status(s)),
+            };
+            Ok(Marks {
+                auth_revision,
+                leases,
+            })
         })
     }
 

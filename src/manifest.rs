@@ -38,6 +38,12 @@ pub struct Manifest {
     /// auth and leases included, where the revision moves only with keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_index: Option<u64>,
+    /// The auth store's revision when the snapshot began (etcd 3.5 and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_revision: Option<u64>,
+    /// A digest of the lease ids when the snapshot began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<String>,
     /// The db's storage version, as etcd 3.6 and later report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_version: Option<String>,
@@ -68,6 +74,8 @@ impl Manifest {
             revision_note: None,
             keys: None,
             applied_index: None,
+            auth_revision: None,
+            leases: None,
             storage_version: None,
             model_uuid: None,
             app: None,
@@ -174,6 +182,8 @@ mod tests {
             revision_note: None,
             keys: Some(3),
             applied_index: Some(9),
+            auth_revision: Some(2),
+            leases: Some("00".into()),
             storage_version: None,
             model_uuid: None,
             app: Some("etcd".into()),

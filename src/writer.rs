@@ -97,6 +97,8 @@ impl Archive {
         meta.extend(opt("etcd-version", m.etcd_version.clone()));
         meta.extend(opt("unit", Some(m.unit.clone())));
         meta.extend(opt("applied-index", m.applied_index.map(|i| i.to_string())));
+        meta.extend(opt("auth-revision", m.auth_revision.map(|i| i.to_string())));
+        meta.extend(opt("leases", m.leases.clone()));
         meta.extend(opt("model-uuid", m.model_uuid.clone()));
         meta.extend(opt("app", m.app.clone()));
         meta
@@ -231,6 +233,11 @@ pub fn write_archive(
         DbSource::Live { client } => {
             unit.log(&format!("checking etcd at {}", client.endpoint()));
             let status = client.status()?;
+            // Taken before the stream: a change meanwhile only makes the next if-changed
+            // take one snapshot more.
+            let marks = client.marks()?;
+            manifest.auth_revision = marks.auth_revision;
+            manifest.leases = marks.leases;
             tag = Some(hex_id(status.cluster_id));
             let name = client
                 .members()?

@@ -184,6 +184,7 @@ fn if_changed_sees_auth_and_leases(flavor: &Flavor) {
     let node = Node::single(tmp.path(), "unit", flavor);
     wait_cluster_version(&node);
     node.put("k", "v");
+    node.settle();
     let snaps = tmp.path().join("snaps");
     Agent::snapshot(&node, snaps.to_str().unwrap())
         .run()
@@ -200,6 +201,7 @@ fn if_changed_sees_auth_and_leases(flavor: &Flavor) {
         vec!["lease", "grant", "600"],
     ] {
         node.ctl_ok(&step);
+        node.settle();
         assert_eq!(node.revision(), rev, "{step:?} does not move the revision");
         let r = if_changed(&node, &snaps);
         assert!(

@@ -13,7 +13,7 @@ use super::{upload_file, write_archive, Archive, DbSource, Unit};
 use crate::archive::peek_manifest;
 use crate::catalog::{self, Entry};
 use crate::error::Error;
-use crate::etcd::{hex_id, Client, Status};
+use crate::etcd::{hex_id, Client, Marks, Status};
 use crate::fsutil::Dir;
 use crate::juju::Results;
 use crate::params::{Params, TakesParams};
@@ -100,6 +100,26 @@ pub fn run(
     Ok(archive.name())
 }
 
+fn client_marks(unit: &Unit<'_>) -> Result<Marks, Error> {
+    Client::new(&unit.config).marks()
+}
+
+/// Whether an archive holds what etcd holds now. The revision (read from the db, exact) covers
+/// keys. Users, roles, grants and leases do not move it: where etcd reports them (3.5 and
+/// later), the auth revision and the lease ids must be the same too; elsewhere (3.4, or an
+/// archive of an older version) the raft applied index, which moves with every change but also
+/// with elections and restarts (then one snapshot more is taken). An archive that records
+/// neither never counts as unchanged.
+fn holds_what_etcd_holds(e: &Entry, status: &Status, now: &Marks) -> bool {
+    if e.revision != Some(status.revision) {
+        return false;
+    }
+    match (e.auth_revision, &e.leases, now.auth_revision, &now.leases) {
+        (Some(a), Some(l), Some(na), Some(nl)) => a == na && l == nl,
+        _ => status.applied_index > 0 && e.applied_index == Some(status.applied_index),
+    }
+}
+
 /// Completes an upload of `archive` under its own name, and reports it.
 fn commit(
     unit: &Unit<'_>,
@@ -152,12 +172,7 @@ fn unchanged(
     }) else {
         return Ok(None);
     };
-    // A recorded revision is exact (read from the db); an archive without a recorded applied
-    // index (older versions) never counts as unchanged: its auth and leases are unknown.
-    let same = newest.revision == Some(status.revision)
-        && status.applied_index > 0
-        && newest.applied_index == Some(status.applied_index);
-    if !same {
+    if !holds_what_etcd_holds(newest, status, &client_marks(unit)?) {
         return Ok(None);
     }
     if let (Some(store), None, Some(path)) = (store, &newest.url, &newest.path) {

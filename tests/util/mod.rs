@@ -354,6 +354,23 @@ impl Node {
         serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["Status"].clone()
     }
 
+    /// Waits until the member has applied all it committed: etcd answers a client before it
+    /// records the entry as applied, so a status read just after may still show the index
+    /// before (what if-changed compares on etcd 3.4).
+    pub fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = &self.status();
+            if s["raftAppliedIndex"].as_u64().is_some()
+                && s["raftAppliedIndex"].as_u64() == s["raftIndex"].as_u64()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never settled: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn cluster_id(&self) -> u64 {
         self.status()["header"]["cluster_id"].as_u64().unwrap()
     }
