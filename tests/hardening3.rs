@@ -840,6 +840,9 @@ fn lying_etcd(announced: u64, pace: Duration) -> u16 {
                                         tokio::time::sleep(pace).await;
                                     }
                                 }
+                            } else {
+                                // AuthStatus, LeaseLeases: a response with just its header.
+                                let _ = send.send_data(grpc(&msg), false);
                             }
                             let mut trailers = http::HeaderMap::new();
                             trailers.insert("grpc-status", "0".parse().unwrap());
