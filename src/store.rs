@@ -1088,7 +1088,7 @@ impl Read for ObjectReader {
 pub struct TeeFile {
     pub file: std::fs::File,
     pub upload: Option<UploadTee>,
-    pub unchecked: u64,
+    unchecked: u64,
 }
 
 const SPACE_EVERY: u64 = 16 << 20;

@@ -62,7 +62,15 @@ pub fn run(
     crate::recovery::recover(unit)?;
     if opts.if_changed {
         let status = client.status()?;
-        if let Some(id) = unchanged(unit, opts, store.as_ref(), &target, &status, results)? {
+        if let Some(id) = unchanged(
+            unit,
+            opts,
+            store.as_ref(),
+            &target,
+            &client,
+            &status,
+            results,
+        )? {
             return Ok(id);
         }
     }
@@ -98,10 +106,6 @@ pub fn run(
         commit(unit, folder, upload, &archive, results)?;
     }
     Ok(archive.name())
-}
-
-fn client_marks(unit: &Unit<'_>) -> Result<Marks, Error> {
-    Client::new(&unit.config).marks()
 }
 
 /// Whether an archive holds what etcd holds now. The revision (read from the db, exact) covers
@@ -157,6 +161,7 @@ fn unchanged(
     opts: &SnapshotOptions,
     store: Option<&Store>,
     target: &Dir,
+    client: &Client,
     status: &Status,
     results: &mut Results,
 ) -> Result<Option<String>, Error> {
@@ -172,7 +177,7 @@ fn unchanged(
     }) else {
         return Ok(None);
     };
-    if !holds_what_etcd_holds(newest, status, &client_marks(unit)?) {
+    if !holds_what_etcd_holds(newest, status, &client.marks()?) {
         return Ok(None);
     }
     if let (Some(store), None, Some(path)) = (store, &newest.url, &newest.path) {
