@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{human_size, Error, IoContext};
 use crate::manifest::{Manifest, SOURCE_SNAPSHOT};
+use crate::crypt::{Keys, Sealed};
 use crate::pgzip::{ParGzReader, ParGzWriter};
 use crate::store::TeeFile;
 
@@ -370,6 +371,7 @@ pub fn pack(
     expect_trailer: bool,
     out: impl Into<TeeFile>,
     level: u32,
+    encryptor: Option<age::Encryptor>,
 ) -> Result<Packed, Error> {
     let what = db.display().to_string();
     let src = crate::fsutil::open_regular_path(db)?;
@@ -385,6 +387,7 @@ pub fn pack(
         |_| Ok(manifest),
         out,
         level,
+        encryptor,
     )
 }
 
@@ -392,7 +395,10 @@ pub fn pack(
 /// archive, in one pass: the db is hashed (and etcd's trailer checked) as it goes by.
 /// `make_manifest` runs once the db is through, and gets the db's size and sha256 filled in.
 /// With `expect_trailer`, a db without a valid etcd sha256 trailer is an error and nothing is
-/// published. `out` is synced before this returns.
+/// published. With an `encryptor`, the gzip stream is encrypted (age) before it is hashed and
+/// written: the sha256 and size are those of the encrypted file. `out` is synced before this
+/// returns.
+#[allow(clippy::too_many_arguments)]
 pub fn pack_stream<R: Read>(
     src: R,
     size: u64,
@@ -401,6 +407,7 @@ pub fn pack_stream<R: Read>(
     make_manifest: impl FnOnce(&DbHashes) -> Result<Manifest, Error>,
     out: impl Into<TeeFile>,
     level: u32,
+    encryptor: Option<age::Encryptor>,
 ) -> Result<Packed, Error> {
     let out: TeeFile = out.into();
     let io_err = |step: &str| {
@@ -416,7 +423,8 @@ pub fn pack_stream<R: Read>(
         });
     }
     let mtime = crate::manifest::now_secs();
-    let gz = ParGzWriter::new(HashingFileWriter::new(out), level);
+    let sealed = Sealed::new(HashingFileWriter::new(out), encryptor).map_err(io_err("age header"))?;
+    let gz = ParGzWriter::new(sealed, level);
     let mut tar = tar::Builder::new(gz);
 
     let digest = DigestThread::new(size);
@@ -470,6 +478,7 @@ pub fn pack_stream<R: Read>(
     let gz = tar.into_inner().map_err(io_err("tar end"))?;
     let (tee, sha, bytes) = gz
         .finish()
+        .and_then(Sealed::finish)
         .and_then(HashingFileWriter::finish)
         .map_err(io_err("gzip"))?;
     tee.file.sync_all().map_err(io_err("fsync"))?;
@@ -569,8 +578,9 @@ pub fn unpack(
     dest: &Path,
     expected_sha256: Option<Expected<'_>>,
     limits: Limits,
+    keys: &Keys,
 ) -> Result<Unpacked, Error> {
-    let result = unpack_inner(file, size, archive, dest, expected_sha256, limits);
+    let result = unpack_inner(file, size, archive, dest, expected_sha256, limits, keys);
     if result.is_err() {
         let _ = std::fs::remove_file(dest);
     }
@@ -590,9 +600,14 @@ fn unpack_inner(
     dest: &Path,
     expected_sha256: Option<Expected<'_>>,
     limits: Limits,
+    keys: &Keys,
 ) -> Result<Unpacked, Error> {
     let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
-    let scanned = scan(archive, &mut buf, size, dest, limits);
+    let scanned = scan(archive, &mut buf, size, dest, limits, keys);
+    if let Err(e @ (Error::Encrypted { .. } | Error::Decrypt { .. })) = scanned {
+        // Nothing to learn from the rest without a key that opens it.
+        return Err(e);
+    }
     // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
     let drained = io::copy(&mut buf, &mut io::sink());
     let (sha, bytes) = buf.into_inner().finish();
@@ -694,10 +709,23 @@ fn scan<R: BufRead>(
     size: Option<u64>,
     dest: &Path,
     limits: Limits,
+    keys: &Keys,
 ) -> Result<Scan, Error> {
     let head = buf
         .fill_buf()
         .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
+    if crate::crypt::is_age(head) {
+        // One more reader in the nest: the plaintext is the .tar.gz, never written anywhere.
+        let mut plain = BufReader::with_capacity(1 << 20, keys.decrypt(buf, archive)?);
+        let head = plain.fill_buf().map_err(corrupt(archive))?;
+        if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
+            return Err(refuse(archive, "it is an age file, but what it holds is not a .tar.gz snapshot archive"));
+        }
+        let scan = scan_archive(archive, &mut plain, dest, limits)?;
+        // Read to its end: age authenticates the last chunk there (a cut file fails here).
+        io::copy(&mut plain, &mut io::sink()).map_err(corrupt(archive))?;
+        return Ok(scan);
+    }
     if is_bbolt(head) {
         return scan_plain_db(archive, buf, size, dest, limits);
     }
@@ -708,6 +736,19 @@ fn scan<R: BufRead>(
              or a db written by `etcdctl snapshot save`)",
         ));
     }
+    scan_archive(archive, buf, dest, limits)
+}
+
+/// A .tar.gz (ours or the original charm's), from its first byte.
+fn scan_archive<R: BufRead>(
+    archive: &Path,
+    buf: &mut R,
+    dest: &Path,
+    limits: Limits,
+) -> Result<Scan, Error> {
+    let head = buf
+        .fill_buf()
+        .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
     let decoder: Box<dyn Read + '_> = if ParGzReader::<&mut R>::recognizes(head) {
         Box::new(ParGzReader::new(buf))
     } else {

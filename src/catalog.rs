@@ -20,6 +20,8 @@ use crate::fsutil::free_bytes;
 use crate::fsutil::Dir;
 use crate::store::{ObjectInfo, Store};
 use crate::unit::Unit;
+use crate::manifest::{Record, RECORD_MAX, RECORD_SUFFIX};
+use crate::writer::{ENCRYPTED_EXT, PLAIN_EXT};
 
 /// An archive found and opened, not yet checked.
 pub struct Located {
@@ -173,7 +175,8 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
                 shown: dir.join(id),
                 reader: Box::new(file),
                 size: Some(len),
-                recorded_sha256: read_sidecar(&dir, id),
+                recorded_sha256: read_sidecar(&dir, id)
+                    .or_else(|| local_record(&dir, id).map(|r| r.sha256)),
                 origin: "local",
             });
         }
@@ -208,6 +211,40 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
             format!("{} is an empty object", store.cfg.url(&key)),
         ));
     }
+    // The record beside it (or, written before records, the object's metadata) gives the
+    // sha256 its bytes must have. Without either, the upload never finished.
+    let recorded = match store.record(&key)? {
+        Some(r) if r.size == info.size => r.sha256,
+        Some(r) => {
+            return Err(Error::BadArchive {
+                path: PathBuf::from(store.cfg.url(&key)),
+                problem: format!(
+                    "its record says {} bytes but the object has {}; use another backup",
+                    r.size, info.size
+                ),
+            })
+        }
+        None => match info.meta.get("sha256") {
+            Some(sha) if info.meta.contains_key("format-version") => sha.clone(),
+            _ => {
+                return Err(Error::BadArchive {
+                    path: PathBuf::from(store.cfg.url(&key)),
+                    problem: format!(
+                        "it has no record (`{}`): its upload never finished; use another \
+                         backup (list-backups shows it as incomplete)",
+                        crate::store::record_key(&key)
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or_default()
+                    ),
+                })
+            }
+        },
+    };
+    if id.ends_with(ENCRYPTED_EXT) {
+        // Refused before a byte is downloaded.
+        unit.keys()?.require_identity(Path::new(&store.cfg.url(&key)))?;
+    }
     unit.log(&format!(
         "downloading {} ({})",
         store.cfg.url(&key),
@@ -217,7 +254,7 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
         shown: PathBuf::from(store.cfg.url(&key)),
         reader: Box::new(store.reader(&key)),
         size: Some(info.size),
-        recorded_sha256: info.meta.get("sha256").cloned(),
+        recorded_sha256: Some(recorded),
         origin: "store",
     })
 }
@@ -290,6 +327,7 @@ pub fn check_located(
             .as_ref()
             .map(|(sha256, from)| crate::archive::Expected { sha256, from }),
         limits,
+        unit.keys()?,
     )?;
     let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
         path: shown.clone(),
@@ -364,6 +402,11 @@ pub struct Entry {
     pub sha256: Option<String>,
     pub path: Option<PathBuf>,
     pub url: Option<String>,
+    /// Encrypted (age), as its record says.
+    pub encrypted: bool,
+    /// An archive object without its record: an upload that never finished, or was not
+    /// finished yet. Never counted, never offered as the newest.
+    pub incomplete: bool,
 }
 
 impl Entry {
@@ -427,7 +470,8 @@ pub fn newest_first(a: &Entry, b: &Entry) -> std::cmp::Ordering {
 /// 999 when the name is taken in that second.
 fn same_second_suffix(id: &str) -> u32 {
     let rest = id
-        .strip_suffix(".tar.gz")
+        .strip_suffix(ENCRYPTED_EXT)
+        .or_else(|| id.strip_suffix(PLAIN_EXT))
         .and_then(|s| {
             s.strip_prefix("etcd-snapshot-")
                 .or_else(|| s.strip_prefix("etcd-backup-"))
@@ -442,10 +486,41 @@ fn same_second_suffix(id: &str) -> u32 {
     }
 }
 
-/// Whether a name is one of the archives this tool writes.
+/// Whether a name is one of the archives this tool writes (`.tar.gz`, or `.tar.gz.age`
+/// encrypted).
 pub fn is_archive_name(name: &str) -> bool {
     (name.starts_with("etcd-snapshot-") || name.starts_with("etcd-backup-"))
-        && name.ends_with(".tar.gz")
+        && (name.ends_with(PLAIN_EXT) || name.ends_with(ENCRYPTED_EXT))
+}
+
+/// Whether a name is a sidecar of one of our archives (`.sha256` or the record).
+pub fn is_sidecar_name(name: &str) -> bool {
+    name.strip_suffix(".sha256")
+        .or_else(|| name.strip_suffix(RECORD_SUFFIX))
+        .is_some_and(is_archive_name)
+}
+
+/// The record of the local archive `name`: its `.manifest.yaml`, or for an archive written
+/// before records (never encrypted) its manifest, sidecar sha256 and size.
+pub fn local_record(dir: &Dir, name: &str) -> Option<Record> {
+    if let Ok(f) = dir.open_file(&format!("{name}{RECORD_SUFFIX}")) {
+        let mut text = String::new();
+        f.take(RECORD_MAX).read_to_string(&mut text).ok()?;
+        return Record::from_yaml(&text, name).ok();
+    }
+    if name.ends_with(ENCRYPTED_EXT) {
+        return None;
+    }
+    let file = dir.open_file(name).ok()?;
+    let manifest = peek_manifest(&file)?;
+    Some(Record {
+        archive: name.to_string(),
+        sha256: read_sidecar(dir, name)?,
+        size: file.metadata().ok()?.len(),
+        encryption: None,
+        recipients: Vec::new(),
+        manifest,
+    })
 }
 
 /// `etcd-snapshot-YYYY-MM-DD-HH.MM.SS[-N].tar.gz` -> `YYYY-MM-DDTHH:MM:SSZ`.
@@ -493,40 +568,36 @@ pub fn list_all(
     let mut apart: Vec<Entry> = Vec::new();
     let mut ignored = Vec::new();
     if let Ok(dir) = Dir::open(target) {
-        for name in dir.names() {
-            if !is_archive_name(&name) {
-                let sidecar_of_ours = name.strip_suffix(".sha256").is_some_and(is_archive_name);
-                if !sidecar_of_ours && !name.starts_with(".etcd-actions-tmp-") {
-                    ignored.push(dir.join(&name).display().to_string());
+        let names = dir.names();
+        for name in &names {
+            if !is_archive_name(name) {
+                let orphan_sidecar = is_sidecar_name(name)
+                    && !names.iter().any(|n| {
+                        name.strip_prefix(n.as_str())
+                            .is_some_and(|rest| rest == ".sha256" || rest == RECORD_SUFFIX)
+                    });
+                if (!is_sidecar_name(name) || orphan_sidecar)
+                    && !name.starts_with(".etcd-actions-tmp-")
+                {
+                    ignored.push(dir.join(name).display().to_string());
                 }
                 continue;
             }
-            let Ok(file) = dir.open_file(&name) else {
+            let Ok(file) = dir.open_file(name) else {
                 continue;
             };
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let manifest = peek_manifest(&file);
+            let record = local_record(&dir, name);
             let e = entries.entry(name.clone()).or_default();
-            e.id.clone_from(&name);
-            e.time = manifest
-                .as_ref()
-                .map(|m| m.created.clone())
-                .or_else(|| time_from_name(&name))
-                .unwrap_or_default();
-            if let Some(m) = &manifest {
-                e.revision = m.revision;
-                e.cluster_id.clone_from(&m.cluster_id);
-                e.applied_index = m.applied_index;
-                e.auth_revision = m.auth_revision;
-                e.leases.clone_from(&m.leases);
-                e.unit = Some(m.unit.clone());
-                e.model_uuid.clone_from(&m.model_uuid);
-                e.app.clone_from(&m.app);
+            e.id.clone_from(name);
+            e.time = time_from_name(name).unwrap_or_default();
+            if let Some(r) = &record {
+                fill_from_record(e, r);
             }
-            e.ours = manifest.is_some();
             e.size = size;
-            e.sha256 = read_sidecar(&dir, &name);
-            e.path = Some(dir.join(&name));
+            e.sha256 = read_sidecar(&dir, name).or_else(|| record.map(|r| r.sha256));
+            e.encrypted |= name.ends_with(ENCRYPTED_EXT);
+            e.path = Some(dir.join(name));
         }
     }
     if let Some(store) = store {
@@ -538,10 +609,26 @@ pub fn list_all(
                 store.cfg.url(&key)
             ));
         }
+        let names: std::collections::BTreeSet<String> = listing
+            .objects
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
         for obj in listing.objects {
             let name = obj.name().to_string();
             if name.starts_with('.') {
                 continue;
+            }
+            if let Some(archive) = name.strip_suffix(RECORD_SUFFIX) {
+                if is_archive_name(archive) {
+                    if !names.contains(archive) {
+                        ignored.push(format!(
+                            "{} (the record of an archive that is not there)",
+                            store.cfg.url(&obj.key)
+                        ));
+                    }
+                    continue;
+                }
             }
             if !is_archive_name(&name) {
                 // Not ours by name: the listing says enough.
@@ -552,17 +639,45 @@ pub fn list_all(
                 e.url = Some(store.cfg.url(&obj.key));
                 continue;
             }
-            let local = entries.get(&name);
-            // A local file of another size is another archive whatever the sha256 says.
-            let differs = local.is_some_and(|l| l.size != obj.size);
-            let Some(info) = store.head(&obj.key)? else {
-                continue;
+            let mut from_store = Entry {
+                id: name.clone(),
+                size: obj.size,
+                url: Some(store.cfg.url(&obj.key)),
+                encrypted: name.ends_with(ENCRYPTED_EXT),
+                ..Entry::default()
             };
-            let mut from_store = Entry::default();
-            fill_from_object(&mut from_store, &name, &info, store);
+            let has_record = names.contains(&format!("{name}{RECORD_SUFFIX}"));
+            match has_record.then(|| store.record(&obj.key)).transpose()?.flatten() {
+                Some(r) if r.size == obj.size => fill_from_record(&mut from_store, &r),
+                Some(_) => {
+                    // A record of other bytes than the object's: not an archive to trust.
+                    from_store.incomplete = true;
+                    from_store.time.clone_from(&obj.modified);
+                }
+                None => {
+                    // Written before records (metadata on the object), or incomplete.
+                    let info = if has_record || name.ends_with(ENCRYPTED_EXT) {
+                        None
+                    } else {
+                        store.head(&obj.key)?
+                    };
+                    match info {
+                        Some(info) if info.meta.contains_key("format-version") => {
+                            fill_from_object(&mut from_store, &name, &info);
+                        }
+                        _ => {
+                            from_store.incomplete = true;
+                            from_store.time.clone_from(&obj.modified);
+                        }
+                    }
+                }
+            }
+            // A local file of another size is another archive whatever the sha256 says.
+            let differs = entries.get(&name).is_some_and(|l| l.size != obj.size);
             match entries.get_mut(&name) {
                 Some(l)
                     if !differs
+                        && !from_store.incomplete
                         && l.sha256.is_some()
                         && l.sha256.as_deref().map(str::to_ascii_lowercase)
                             == from_store.sha256.as_deref().map(str::to_ascii_lowercase) =>
@@ -582,9 +697,26 @@ pub fn list_all(
     Ok((out, ignored))
 }
 
-fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) {
+/// What an archive's record tells about it.
+fn fill_from_record(e: &mut Entry, r: &Record) {
+    let m = &r.manifest;
+    e.time.clone_from(&m.created);
+    e.revision = m.revision;
+    e.cluster_id.clone_from(&m.cluster_id);
+    e.applied_index = m.applied_index;
+    e.auth_revision = m.auth_revision;
+    e.leases.clone_from(&m.leases);
+    e.unit = Some(m.unit.clone());
+    e.model_uuid.clone_from(&m.model_uuid);
+    e.app.clone_from(&m.app);
+    e.sha256 = Some(r.sha256.clone());
+    e.encrypted = r.encryption.is_some();
+    e.ours = true;
+}
+
+/// What an object written before records carries in its metadata.
+fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo) {
     let meta = |k: &str| obj.meta.get(k).cloned();
-    e.id = name.to_string();
     e.time = meta("created")
         .or_else(|| time_from_name(name))
         .unwrap_or_else(|| obj.modified.clone());
@@ -597,9 +729,7 @@ fn fill_from_object(e: &mut Entry, name: &str, obj: &ObjectInfo, store: &Store) 
     e.unit = meta("unit");
     e.model_uuid = meta("model-uuid");
     e.app = meta("app");
-    e.ours = is_archive_name(name) && obj.meta.contains_key("format-version");
-    e.size = obj.size;
-    e.url = Some(store.cfg.url(&obj.key));
+    e.ours = true;
 }
 
 #[cfg(test)]

@@ -150,6 +150,22 @@ pub struct ArchiveArgs {
     pub snapshot_timeout: u64,
 }
 
+/// Encryption keys (age). Under Juju, the secret named by the `backup-encryption-secret`
+/// option adds its own.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeyArgs {
+    /// Encrypt new archives to this age recipient (`age1...`); repeat for several (an online
+    /// key and an offline break-glass key). The env var takes several, separated by commas or
+    /// newlines.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT", env = "ETCD_ACTIONS_ENCRYPT_TO")]
+    pub encrypt_to: Vec<String>,
+
+    /// age identity file (as age-keygen writes it) that opens encrypted archives, for restore,
+    /// verify and drills. Read into memory only.
+    #[arg(long, value_name = "FILE", env = "ETCD_ACTIONS_IDENTITY_FILE")]
+    pub identity_file: Option<PathBuf>,
+}
+
 /// A group a command does not take on its command line, as its environment variables and
 /// defaults give it.
 pub fn from_env<T: clap::Args + clap::FromArgMatches>() -> Result<T, clap::Error> {
@@ -165,6 +181,7 @@ pub struct Given<'a> {
     pub tools: Option<&'a ToolArgs>,
     pub store: Option<&'a StoreArgs>,
     pub archive: Option<&'a ArchiveArgs>,
+    pub keys: Option<&'a KeyArgs>,
 }
 
 impl Command {
@@ -174,6 +191,7 @@ impl Command {
             Command::Snapshot(a) => Given {
                 store: Some(&a.store),
                 archive: Some(&a.archive),
+                keys: Some(&a.keys),
                 ..Given::default()
             },
             Command::Restore(a) => Given {
@@ -181,6 +199,7 @@ impl Command {
                 tools: Some(&a.tools),
                 store: Some(&a.store),
                 archive: Some(&a.archive),
+                keys: Some(&a.keys),
             },
             Command::ListBackups(a) => Given {
                 store: Some(&a.store),
@@ -189,6 +208,7 @@ impl Command {
             Command::Verify(a) => Given {
                 tools: Some(&a.tools),
                 store: Some(&a.store),
+                keys: Some(&a.keys),
                 ..Given::default()
             },
             Command::Prune(a) => Given {
@@ -198,6 +218,7 @@ impl Command {
             Command::Backup(a) => Given {
                 store: Some(&a.store),
                 archive: Some(&a.archive),
+                keys: Some(&a.keys),
                 ..Given::default()
             },
             Command::Schedule(a) => Given {
@@ -205,6 +226,7 @@ impl Command {
                 tools: Some(&a.tools),
                 store: Some(&a.store),
                 archive: Some(&a.archive),
+                keys: Some(&a.keys),
             },
             Command::Hook { .. } => Given::default(),
         }
@@ -256,6 +278,9 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -307,6 +332,9 @@ pub struct BackupArgs {
 
     #[command(flatten)]
     pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -334,6 +362,9 @@ pub struct ScheduleArgs {
 
     #[command(flatten)]
     pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -362,6 +393,9 @@ pub struct SnapshotArgs {
 
     #[command(flatten)]
     pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -398,6 +432,9 @@ pub struct RestoreArgs {
 
     #[command(flatten)]
     pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 /// Rewrites argv for multi-call use: invoked as `snapshot` or `restore` (a link to this binary),

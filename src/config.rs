@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{from_env, ArchiveArgs, Given, ServiceArgs, SettingArgs, StoreArgs, ToolArgs};
+use crate::cli::{from_env, ArchiveArgs, Given, KeyArgs, ServiceArgs, SettingArgs, StoreArgs, ToolArgs};
 use crate::error::{Error, IoContext};
 
 /// The settings every action uses.
@@ -29,6 +29,8 @@ pub struct Settings {
     pub s3: crate::store::StoreSettings,
     /// etcdctl-style connection settings, over the config's.
     pub client: ClientSettings,
+    /// age recipients and identity file (see `crypt`).
+    pub keys: crate::crypt::KeySettings,
 }
 
 /// `--endpoints`, `--cacert`, `--cert`, `--key` (or `ETCDCTL_*`), as etcdctl takes them.
@@ -61,6 +63,7 @@ impl Settings {
             .archive
             .cloned()
             .map_or_else(from_env::<ArchiveArgs>, Ok)?;
+        let keys = given.keys.cloned().map_or_else(from_env::<KeyArgs>, Ok)?;
         Ok(Settings {
             etcd_config: args.etcd_config,
             etcdctl: tools.etcdctl.filter(|p| !p.as_os_str().is_empty()),
@@ -81,6 +84,10 @@ impl Settings {
                 uri_style: store.s3_uri_style.filter(|v| !v.is_empty()),
                 ca_file: store.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
                 credentials,
+            },
+            keys: crate::crypt::KeySettings {
+                recipients: keys.encrypt_to.into_iter().filter(|v| !v.trim().is_empty()).collect(),
+                identity_file: keys.identity_file.filter(|p| !p.as_os_str().is_empty()),
             },
             client: ClientSettings {
                 endpoints: args.endpoints.filter(|v| !v.trim().is_empty()),
@@ -142,6 +149,22 @@ impl Settings {
             ("ETCDCTL_CACERT", self.client.cacert.as_deref().map(abs)),
             ("ETCDCTL_CERT", self.client.cert.as_deref().map(abs)),
             ("ETCDCTL_KEY", self.client.key.as_deref().map(abs)),
+            (
+                "ETCD_ACTIONS_ENCRYPT_TO",
+                Some(
+                    self.keys
+                        .recipients
+                        .iter()
+                        .flat_map(|r| crate::crypt::split_recipients(r).collect::<Vec<_>>())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+                .filter(|r| !r.is_empty()),
+            ),
+            (
+                "ETCD_ACTIONS_IDENTITY_FILE",
+                self.keys.identity_file.as_deref().map(abs),
+            ),
         ]);
         v.into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))

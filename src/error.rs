@@ -121,6 +121,12 @@ pub enum Error {
     #[error("refusing to restore: {0}")]
     Refused(String),
 
+    #[error("archive `{archive}` is encrypted (age) and no identity to open it is set: {hint}; nothing was changed")]
+    Encrypted { archive: PathBuf, hint: String },
+
+    #[error("archive `{archive}` cannot be decrypted: {problem}; nothing was changed. Give the identity of one of the recipients it was encrypted to")]
+    Decrypt { archive: PathBuf, problem: String },
+
     /// A precondition refused the action before anything changed (not a restore).
     #[error("{0}")]
     Declined(String),
@@ -193,6 +199,8 @@ impl Error {
             Error::Scaled { .. }
             | Error::Refused(_)
             | Error::Declined(_)
+            | Error::Encrypted { .. }
+            | Error::Decrypt { .. }
             | Error::BadArchive { .. }
             | Error::NoSnapshot { .. }
             | Error::StoreNotReady(_)

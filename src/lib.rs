@@ -9,6 +9,7 @@ pub mod bbolt;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod crypt;
 pub mod datadir;
 pub mod error;
 pub mod etcd;

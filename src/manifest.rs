@@ -104,6 +104,54 @@ impl Manifest {
     }
 }
 
+/// What a published archive's `<name>.manifest.yaml` holds, beside it on disk and in the
+/// store: everything list-backups, if-changed and prune need, readable without the key of an
+/// encrypted archive (no key or value of etcd's is ever in it). In the store it is written
+/// last, once the archive object is complete: it marks the archive as complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Record {
+    /// The archive's name (its backup id).
+    pub archive: String,
+    /// sha256 and size of the archive file (of the encrypted file, when encrypted).
+    pub sha256: String,
+    pub size: u64,
+    /// `age` when the archive is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+    /// The age recipients (public keys) it was encrypted to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// The manifest inside the archive.
+    #[serde(flatten)]
+    pub manifest: Manifest,
+}
+
+/// What the record of an archive is named: `<archive>.manifest.yaml`.
+pub const RECORD_SUFFIX: &str = ".manifest.yaml";
+/// Largest record read.
+pub const RECORD_MAX: u64 = 64 * 1024;
+
+impl Record {
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a record always serializes")
+    }
+
+    /// Parses a record, which must be the record of `archive`.
+    pub fn from_yaml(text: &str, archive: &str) -> Result<Record, String> {
+        let r: Record = serde_yaml::from_str(text).map_err(|e| format!("{e}"))?;
+        // The manifest's own checks.
+        Manifest::from_yaml(&serde_yaml::to_string(&r.manifest).map_err(|e| e.to_string())?)?;
+        if r.archive != archive {
+            return Err(format!("it is the record of `{}`", crate::error::bounded(&r.archive, 200)));
+        }
+        if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("`sha256` is not a sha256 in hex".into());
+        }
+        Ok(r)
+    }
+}
+
 /// Seconds since the epoch as `YYYY-MM-DD`, `HH`, `MM`, `SS` parts in UTC.
 pub fn utc_parts(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     let days = (secs / 86_400) as i64;
@@ -195,5 +243,15 @@ mod tests {
             .to_yaml()
             .replace("format-version: 1", "format-version: 9");
         assert!(Manifest::from_yaml(&future).unwrap_err().contains("newer"));
+        let r = Record {
+            archive: "etcd-snapshot-x.tar.gz.age".into(),
+            sha256: "a".repeat(64),
+            size: 7,
+            encryption: Some("age".into()),
+            recipients: vec!["age1x".into()],
+            manifest: m,
+        };
+        assert_eq!(Record::from_yaml(&r.to_yaml(), &r.archive).unwrap(), r);
+        assert!(Record::from_yaml(&r.to_yaml(), "other.tar.gz").is_err());
     }
 }

@@ -18,7 +18,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::aws::S3CopyIfNotExists;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
@@ -26,7 +25,7 @@ use object_store::client::{
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
-    PutMultipartOptions, RetryConfig, WriteMultipart,
+    PutMultipartOptions, RetryConfig,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -369,7 +368,7 @@ impl StoreConfig {
 
     /// The HTTP client under object_store: ours, so that it never follows a redirect to
     /// another host and a listing page cannot be endless or huge.
-    fn http(&self, headers: Vec<(String, String)>) -> Result<reqwest::Client, Error> {
+    fn http(&self) -> Result<reqwest::Client, Error> {
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("etcd-actions/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -413,34 +412,35 @@ impl StoreConfig {
         if !certs.is_empty() {
             b = b.tls_certs_merge(certs);
         }
-        if !headers.is_empty() {
-            let mut map = http::HeaderMap::new();
-            for (k, v) in headers {
-                let name = http::HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|e| Error::usage(format!("invalid S3 header `{k}`: {e}")))?;
-                let value = http::HeaderValue::from_str(&v)
-                    .map_err(|e| Error::usage(format!("invalid S3 header value: {e}")))?;
-                map.insert(name, value);
-            }
-            b = b.default_headers(map);
-        }
         b.build().map_err(|e| Error::Store {
             store: self.describe(),
             problem: format!("cannot set up the HTTP client: {e}"),
         })
     }
 
-    fn client(&self, headers: Vec<(String, String)>) -> Result<AmazonS3, Error> {
-        self.client_watched(headers, &Watch::default())
+    fn client(&self) -> Result<AmazonS3, Error> {
+        self.client_watched(&Watch::default(), Vec::new(), false)
+    }
+
+    /// A client whose requests carry `headers` where object_store adds its default headers
+    /// (before signing: the completion of a multipart upload among them); with `checksums`,
+    /// each part of an upload carries its CRC64NVME.
+    fn client_with(
+        &self,
+        headers: Vec<(String, String)>,
+        checksums: bool,
+    ) -> Result<AmazonS3, Error> {
+        self.client_watched(&Watch::default(), headers, checksums)
     }
 
     fn client_watched(
         &self,
-        headers: Vec<(String, String)>,
         watch: &Watch,
+        headers: Vec<(String, String)>,
+        checksums: bool,
     ) -> Result<AmazonS3, Error> {
         let connector = Connector {
-            client: self.http(headers)?,
+            client: self.http()?,
             pages: watch.pages.clone(),
             skipped: watch.skipped.clone(),
         };
@@ -456,20 +456,22 @@ impl StoreConfig {
             .with_secret_access_key(&self.secret_key)
             .with_virtual_hosted_style_request(self.host_style)
             .with_client_options(
-                ClientOptions::new().with_allow_http(
-                    self.endpoint
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with("http://")),
-                ),
+                ClientOptions::new()
+                    .with_allow_http(
+                        self.endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://")),
+                    )
+                    .with_default_headers(header_map(headers)?),
             )
             .with_http_connector(connector)
             .with_retry(retry)
-            // Final keys are written once: the copy to one is a multipart upload completed
-            // with `If-None-Match: *`, which the server refuses when the key exists.
-            .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
             // The body is not hashed a second time for the signature: its sha256 is computed in
-            // the archive pass, recorded in the (signed) metadata, and checked at restore.
+            // the archive pass, recorded in the record object, and checked at restore.
             .with_unsigned_payload(true);
+        if checksums {
+            b = b.with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
+        }
         if let Some(t) = &self.session_token {
             b = b.with_token(t);
         }
@@ -481,6 +483,18 @@ impl StoreConfig {
             problem: e.to_string(),
         })
     }
+}
+
+fn header_map(headers: Vec<(String, String)>) -> Result<http::HeaderMap, Error> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| Error::Internal(format!("invalid S3 header `{k}`: {e}")))?;
+        let value = http::HeaderValue::from_str(&v)
+            .map_err(|e| Error::Internal(format!("invalid S3 header value: {e}")))?;
+        map.insert(name, value);
+    }
+    Ok(map)
 }
 
 /// Bounds on a listing: pages (S3 gives up to 1000 keys a page), one page's XML, keys kept,
@@ -685,7 +699,7 @@ pub const META: &str = "x-amz-meta-";
 impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, Error> {
         let watch = Watch::default();
-        let s3 = cfg.client_watched(Vec::new(), &watch)?;
+        let s3 = cfg.client_watched(&watch, Vec::new(), false)?;
         Ok(Store {
             rt: runtime()?,
             s3,
@@ -798,6 +812,12 @@ impl Store {
         Upload::start(self.cfg.clone(), folder.to_string())
     }
 
+    /// The record object beside the archive at `key` (`<key>.manifest.yaml`), when there is
+    /// a readable one.
+    pub fn record(&self, key: &str) -> Result<Option<crate::manifest::Record>, Error> {
+        read_record(&self.rt, &self.s3, &self.cfg, key)
+    }
+
     /// A reader of the object at `key`, streamed with bounded memory.
     pub fn reader(&self, key: &str) -> ObjectReader {
         ObjectReader::start(self.cfg.clone(), key.to_string())
@@ -813,130 +833,50 @@ pub struct Uploaded {
 }
 
 enum Decision {
-    Commit(String, Vec<(String, String)>),
+    /// Complete the upload as the archive `Record` describes it (its sha256 is checked
+    /// against the bytes the upload received), then write the record beside it.
+    Commit(Box<crate::manifest::Record>),
     Abort,
+}
+
+/// What the archive writer sends an upload.
+enum Msg {
+    /// The archive's name: the upload goes straight to `<folder>/<name>`.
+    Begin(String),
+    Data(Vec<u8>),
 }
 
 /// An upload in progress on a thread of its own.
 pub struct Upload {
-    data: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    data: Option<tokio::sync::mpsc::Sender<Msg>>,
     decide: Option<SyncSender<Decision>>,
     handle: Option<JoinHandle<Result<Uploaded, Error>>>,
     cfg: StoreConfig,
 }
 
 /// Part size of uploads; with two parts in flight the upload holds about 3 parts in memory.
+/// 10,000 parts of 8 MiB: archives up to 78 GiB.
 const PART: usize = 8 << 20;
+
+/// The key of the record of the archive at `key`.
+pub fn record_key(key: &str) -> String {
+    format!("{key}{}", crate::manifest::RECORD_SUFFIX)
+}
+
+/// What the upload thread counted of the bytes it was given.
+struct Received {
+    sha256: sha2::Sha256,
+    crc64: crc_fast::Digest,
+    bytes: u64,
+}
 
 impl Upload {
     fn start(cfg: StoreConfig, folder: String) -> Upload {
-        let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let (data_tx, data_rx) = tokio::sync::mpsc::channel::<Msg>(4);
         let (decide_tx, decide_rx) = sync_channel::<Decision>(1);
         let thread_cfg = cfg.clone();
-        let handle = std::thread::spawn(move || -> Result<Uploaded, Error> {
-            let cfg = thread_cfg;
-            let store_err = |what: String, e: object_store::Error| Error::Store {
-                store: cfg.describe(),
-                problem: bounded(&format!("{what}: {e}"), 2048),
-            };
-            let rt = runtime()?;
-            let s3 = cfg.client(Vec::new())?;
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let tmp =
-                ObjectPath::from(format!("{folder}/.incoming/{}-{nanos}", std::process::id()));
-            let streamed = rt.block_on(async {
-                // The bucket must exist (some servers would create it on the first write).
-                s3.list_with_delimiter(Some(&ObjectPath::from(folder.as_str())))
-                    .await
-                    .map_err(|e| store_err("cannot list the bucket".into(), e))?;
-                let mut opts = PutMultipartOptions::default();
-                if let Some(class) = &cfg.storage_class {
-                    opts.attributes
-                        .insert(Attribute::StorageClass, class.clone().into());
-                }
-                let up = s3
-                    .put_multipart_opts(&tmp, opts)
-                    .await
-                    .map_err(|e| store_err("cannot start the upload".into(), e))?;
-                let mut w = WriteMultipart::new_with_chunk_size(up, PART);
-                while let Some(chunk) = data_rx.recv().await {
-                    if let Err(e) = w.wait_for_capacity(2).await {
-                        let _ = w.abort().await;
-                        return Err(store_err("uploading a part failed".into(), e));
-                    }
-                    w.write(&chunk);
-                }
-                Ok(w)
-            });
-            let w = streamed?;
-            // All data is in; wait for the archive to be verified and published.
-            let decision = decide_rx.recv().unwrap_or(Decision::Abort);
-            let Decision::Commit(final_key, meta) = decision else {
-                let _ = rt.block_on(w.abort());
-                return Err(Error::Store {
-                    store: cfg.describe(),
-                    problem: "the upload was aborted".into(),
-                });
-            };
-            rt.block_on(w.finish())
-                .map_err(|e| store_err("completing the upload failed".into(), e))?;
-            // The final key gets the object with its metadata in one server-side copy, which
-            // never replaces an object already there (another cluster's, or one of ours).
-            let ours = meta
-                .iter()
-                .find(|(k, _)| k == "sha256")
-                .map(|(_, v)| v.clone());
-            let mut headers: Vec<(String, String)> = meta
-                .into_iter()
-                .map(|(k, v)| (format!("{META}{k}"), v))
-                .collect();
-            if let Some(class) = &cfg.storage_class {
-                headers.push(("x-amz-storage-class".into(), class.clone()));
-            }
-            let copier = cfg.client(headers)?;
-            let dest = ObjectPath::from(final_key.as_str());
-            let copied = rt.block_on(copier.copy_if_not_exists(&tmp, &dest));
-            let _ = rt.block_on(s3.delete(&tmp));
-            match copied {
-                Ok(()) => {}
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    // The same archive uploaded before (a retried upload) is no conflict.
-                    let there = rt
-                        .block_on(s3.get_opts(
-                            &dest,
-                            GetOptions {
-                                head: true,
-                                ..Default::default()
-                            },
-                        ))
-                        .ok()
-                        .and_then(|r| {
-                            r.attributes.iter().find_map(|(k, v)| match k {
-                                Attribute::Metadata(n) if n == "sha256" => Some(v.to_string()),
-                                _ => None,
-                            })
-                        });
-                    if there.is_none() || there != ours {
-                        return Err(Error::StoreConflict {
-                            store: cfg.describe(),
-                            key: final_key,
-                        });
-                    }
-                }
-                Err(e) => return Err(store_err(format!("cannot publish `{final_key}`"), e)),
-            }
-            let head = rt
-                .block_on(s3.head(&dest))
-                .map_err(|e| store_err(format!("cannot read back `{final_key}`"), e))?;
-            Ok(Uploaded {
-                url: cfg.url(&final_key),
-                etag: head.e_tag.unwrap_or_default().trim_matches('"').to_string(),
-                size: head.size,
-            })
-        });
+        let handle =
+            std::thread::spawn(move || upload_thread(thread_cfg, folder, data_rx, decide_rx));
         Upload {
             data: Some(data_tx),
             decide: Some(decide_tx),
@@ -945,20 +885,33 @@ impl Upload {
         }
     }
 
-    /// A sink for the archive's bytes, to nest below the archive file's writer.
+    /// A sink for the archive's bytes, to nest below the archive file's writer. It must be
+    /// told the archive's name (`UploadTee::begin`) before the first byte.
     pub fn tee(&self) -> UploadTee {
         UploadTee {
             tx: self.data.clone(),
         }
     }
 
-    /// Completes the upload as `key` with `meta` as the object's user metadata.
-    pub fn commit(mut self, key: &str, meta: Vec<(String, String)>) -> Result<Uploaded, Error> {
+    /// Completes the upload of the archive `record` describes, and writes the record beside
+    /// it. `key` must be the key the upload began with.
+    pub fn commit(
+        mut self,
+        key: &str,
+        record: &crate::manifest::Record,
+    ) -> Result<Uploaded, Error> {
         self.data = None;
         if let Some(d) = self.decide.take() {
-            let _ = d.send(Decision::Commit(key.to_string(), meta));
+            let _ = d.send(Decision::Commit(Box::new(record.clone())));
         }
-        self.join()
+        let done = self.join()?;
+        if !done.url.ends_with(key) {
+            return Err(Error::Internal(format!(
+                "the upload went to {} instead of `{key}`",
+                done.url
+            )));
+        }
+        Ok(done)
     }
 
     fn join(&mut self) -> Result<Uploaded, Error> {
@@ -977,6 +930,317 @@ impl Upload {
     }
 }
 
+/// The upload's thread: a multipart upload straight to the archive's final key, parts sent
+/// as the archive is written (two in flight), completed only once the archive is verified
+/// and published locally, with `If-None-Match: *` (never over an object already there) and
+/// the whole object's CRC64NVME (`x-amz-checksum-type: FULL_OBJECT`), for servers that check
+/// it. Then the record object, written once: the archive counts as complete only with it.
+/// Any failure before completion aborts the upload; no copy is ever made.
+fn upload_thread(
+    cfg: StoreConfig,
+    folder: String,
+    mut data_rx: tokio::sync::mpsc::Receiver<Msg>,
+    decide_rx: Receiver<Decision>,
+) -> Result<Uploaded, Error> {
+    use object_store::multipart::MultipartStore;
+    use sha2::Digest;
+    let store_err = |what: String, e: object_store::Error| Error::Store {
+        store: cfg.describe(),
+        problem: bounded(&format!("{what}: {e}"), 2048),
+    };
+    let rt = runtime()?;
+    let s3 = Arc::new(cfg.client_with(Vec::new(), true)?);
+    let mut received = Received {
+        sha256: sha2::Sha256::new(),
+        crc64: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme),
+        bytes: 0,
+    };
+    let started = rt.block_on(async {
+        // The bucket must exist (some servers would create it on the first write).
+        s3.list_with_delimiter(Some(&ObjectPath::from(folder.as_str())))
+            .await
+            .map_err(|e| store_err("cannot list the bucket".into(), e))?;
+        let key = match data_rx.recv().await {
+            Some(Msg::Begin(name)) => format!("{folder}/{name}"),
+            // The writer stopped before naming its archive.
+            _ => return Ok(None),
+        };
+        let path = ObjectPath::from(key.as_str());
+        let mut opts = PutMultipartOptions::default();
+        if let Some(class) = &cfg.storage_class {
+            opts.attributes
+                .insert(Attribute::StorageClass, class.clone().into());
+        }
+        let id = s3
+            .create_multipart_opts(&path, opts)
+            .await
+            .map_err(|e| store_err(format!("cannot start the upload of `{key}`"), e))?;
+        let sent = send_parts(&s3, &path, &id, &mut data_rx, &mut received).await;
+        match sent {
+            Ok(parts) => Ok(Some((key, id, parts))),
+            Err(e) => {
+                let _ = s3.abort_multipart(&path, &id).await;
+                Err(store_err(format!("uploading a part of `{key}` failed"), e))
+            }
+        }
+    });
+    let Some((key, id, parts)) = started? else {
+        return Err(Error::Store {
+            store: cfg.describe(),
+            problem: "the upload was aborted before it began".into(),
+        });
+    };
+    let path = ObjectPath::from(key.as_str());
+    // All data is in; wait for the archive to be verified and published.
+    let decision = decide_rx.recv().unwrap_or(Decision::Abort);
+    let Decision::Commit(record) = decision else {
+        let _ = rt.block_on(s3.abort_multipart(&path, &id));
+        return Err(Error::Store {
+            store: cfg.describe(),
+            problem: "the upload was aborted".into(),
+        });
+    };
+    let sha = hex::encode(received.sha256.finalize());
+    if !key.ends_with(&format!("/{}", record.archive))
+        || sha != record.sha256
+        || received.bytes != record.size
+    {
+        let _ = rt.block_on(s3.abort_multipart(&path, &id));
+        return Err(Error::Store {
+            store: cfg.describe(),
+            problem: format!(
+                "the upload of `{key}` received {} bytes with sha256 {sha}, not the archive \
+                 `{}` ({} bytes, sha256 {}); it was aborted",
+                received.bytes, record.archive, record.size, record.sha256
+            ),
+        });
+    }
+    let crc = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(received.crc64.finalize().to_be_bytes())
+    };
+    let completer = cfg.client_with(
+        vec![
+            ("if-none-match".into(), "*".into()),
+            ("x-amz-checksum-crc64nvme".into(), crc),
+            ("x-amz-checksum-type".into(), "FULL_OBJECT".into()),
+        ],
+        true,
+    )?;
+    let completed = rt.block_on(completer.complete_multipart(&path, &id, parts));
+    match completed {
+        Ok(_) => {}
+        Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+            let _ = rt.block_on(s3.abort_multipart(&path, &id));
+            // Ours already (an upload retried after its record was lost or never written)?
+            if !object_is(&rt, &s3, &cfg, &key, &record)? {
+                return Err(Error::StoreConflict {
+                    store: cfg.describe(),
+                    key,
+                });
+            }
+        }
+        Err(e) => {
+            let _ = rt.block_on(s3.abort_multipart(&path, &id));
+            return Err(store_err(format!("completing the upload of `{key}` failed"), e));
+        }
+    }
+    crate::points::crash_point("upload-before-record");
+    write_record(&rt, &s3, &cfg, &key, &record)?;
+    let head = rt
+        .block_on(s3.head(&path))
+        .map_err(|e| store_err(format!("cannot read back `{key}`"), e))?;
+    Ok(Uploaded {
+        url: cfg.url(&key),
+        etag: head.e_tag.unwrap_or_default().trim_matches('"').to_string(),
+        size: head.size,
+    })
+}
+
+/// Sends the archive's bytes as parts of 8 MiB, two in flight, hashing them as they pass.
+async fn send_parts(
+    s3: &Arc<AmazonS3>,
+    path: &ObjectPath,
+    id: &str,
+    data_rx: &mut tokio::sync::mpsc::Receiver<Msg>,
+    received: &mut Received,
+) -> Result<Vec<object_store::multipart::PartId>, object_store::Error> {
+    use object_store::multipart::MultipartStore;
+    use sha2::Digest;
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut parts = BTreeMap::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(PART);
+    let mut next = 0usize;
+    type Parts = tokio::task::JoinSet<
+        Result<(usize, object_store::multipart::PartId), object_store::Error>,
+    >;
+    let send = |buf: Vec<u8>, idx: usize, in_flight: &mut Parts| {
+        let (s3, path, id) = (s3.clone(), path.clone(), id.to_string());
+        in_flight.spawn(async move {
+            let part = s3.put_part(&path, &id, idx, buf.into()).await?;
+            Ok((idx, part))
+        });
+    };
+    let joined = |r: Result<_, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| {
+            Err(object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })
+        })
+    };
+    while let Some(msg) = data_rx.recv().await {
+        let Msg::Data(chunk) = msg else { continue };
+        received.sha256.update(&chunk);
+        received.crc64.update(&chunk);
+        received.bytes += chunk.len() as u64;
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let n = rest.len().min(PART - buf.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if buf.len() == PART {
+                while in_flight.len() >= 2 {
+                    if let Some(r) = in_flight.join_next().await {
+                        let (idx, part) = joined(r)?;
+                        parts.insert(idx, part);
+                    }
+                }
+                send(std::mem::replace(&mut buf, Vec::with_capacity(PART)), next, &mut in_flight);
+                next += 1;
+            }
+        }
+    }
+    if !buf.is_empty() || next == 0 {
+        send(buf, next, &mut in_flight);
+    }
+    while let Some(r) = in_flight.join_next().await {
+        let (idx, part) = joined(r)?;
+        parts.insert(idx, part);
+    }
+    Ok(parts.into_values().collect())
+}
+
+/// Whether the object at `key` is the archive `record` describes: its record says so, or,
+/// with no record, its bytes hash to the record's sha256 (then the record is written).
+fn object_is(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    cfg: &StoreConfig,
+    key: &str,
+    record: &crate::manifest::Record,
+) -> Result<bool, Error> {
+    use sha2::Digest;
+    if let Some(there) = read_record(rt, s3, cfg, key)? {
+        return Ok(there.sha256 == record.sha256 && there.size == record.size);
+    }
+    let fail = |e: object_store::Error| Error::Store {
+        store: cfg.describe(),
+        problem: bounded(&format!("cannot read `{key}`: {e}"), 2048),
+    };
+    rt.block_on(async {
+        let got = s3.get(&ObjectPath::from(key)).await.map_err(fail)?;
+        if got.meta.size != record.size {
+            return Ok(false);
+        }
+        let mut stream = got.into_stream();
+        let mut h = sha2::Sha256::new();
+        while let Some(piece) = stream.next().await {
+            h.update(&piece.map_err(fail)?);
+        }
+        Ok(hex::encode(h.finalize()) == record.sha256)
+    })
+}
+
+/// Reads the record beside `key`, if there is one (bounded; an unreadable one is none).
+fn read_record(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    cfg: &StoreConfig,
+    key: &str,
+) -> Result<Option<crate::manifest::Record>, Error> {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    Ok(get_small(rt, s3, cfg, &record_key(key))?
+        .and_then(|text| crate::manifest::Record::from_yaml(&text, name).ok()))
+}
+
+/// The object at `key` as text when it is at most `RECORD_MAX` bytes; `None` when absent,
+/// larger or not UTF-8.
+fn get_small(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    cfg: &StoreConfig,
+    key: &str,
+) -> Result<Option<String>, Error> {
+    let fail = |e: object_store::Error| Error::Store {
+        store: cfg.describe(),
+        problem: bounded(&format!("cannot read `{key}`: {e}"), 2048),
+    };
+    rt.block_on(async {
+        let got = match s3.get(&ObjectPath::from(key)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(fail(e)),
+        };
+        if got.meta.size > crate::manifest::RECORD_MAX {
+            return Ok(None);
+        }
+        let mut stream = got.into_stream();
+        let mut out = Vec::new();
+        while let Some(piece) = stream.next().await {
+            out.extend_from_slice(&piece.map_err(fail)?);
+            if out.len() as u64 > crate::manifest::RECORD_MAX {
+                return Ok(None);
+            }
+        }
+        Ok(String::from_utf8(out).ok())
+    })
+}
+
+/// Writes the record of the archive at `key`, once: a record already there is fine only when
+/// it describes the same bytes.
+fn write_record(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    cfg: &StoreConfig,
+    key: &str,
+    record: &crate::manifest::Record,
+) -> Result<(), Error> {
+    let rkey = record_key(key);
+    let opts = object_store::PutOptions {
+        mode: object_store::PutMode::Create,
+        ..Default::default()
+    };
+    let put = rt.block_on(s3.put_opts(
+        &ObjectPath::from(rkey.as_str()),
+        record.to_yaml().into_bytes().into(),
+        opts,
+    ));
+    match put {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+            match read_record(rt, s3, cfg, key)? {
+                Some(r) if r.sha256 == record.sha256 && r.size == record.size => Ok(()),
+                _ => Err(Error::StoreConflict {
+                    store: cfg.describe(),
+                    key: rkey,
+                }),
+            }
+        }
+        Err(e) => Err(Error::Store {
+            store: cfg.describe(),
+            problem: bounded(
+                &format!(
+                    "the archive `{key}` is complete but its record `{rkey}` could not be \
+                     written ({e}); until it is, the archive is listed as incomplete. The next \
+                     `snapshot --if-changed` (or `backup`) writes it"
+                ),
+                2048,
+            ),
+        }),
+    }
+}
+
 impl Drop for Upload {
     fn drop(&mut self) {
         self.data = None;
@@ -992,13 +1256,22 @@ impl Drop for Upload {
 /// Hands every byte written to the upload. Never fails the archive: when the upload stopped
 /// (an error it reports itself at commit), the bytes are dropped.
 pub struct UploadTee {
-    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    tx: Option<tokio::sync::mpsc::Sender<Msg>>,
 }
 
 impl UploadTee {
+    /// Names the archive: the upload goes to `<folder>/<name>`.
+    pub fn begin(&mut self, name: &str) {
+        self.put(Msg::Begin(name.to_string()));
+    }
+
     pub fn send(&mut self, chunk: &[u8]) {
+        self.put(Msg::Data(chunk.to_vec()));
+    }
+
+    fn put(&mut self, msg: Msg) {
         if let Some(tx) = &self.tx {
-            if tx.blocking_send(chunk.to_vec()).is_err() {
+            if tx.blocking_send(msg).is_err() {
                 self.tx = None;
             }
         }
@@ -1021,7 +1294,7 @@ impl ObjectReader {
             let run = || -> Result<(), io::Error> {
                 let rt = runtime().map_err(|e| io::Error::other(e.to_string()))?;
                 let s3 = cfg
-                    .client(Vec::new())
+                    .client()
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 rt.block_on(async {
                     let got = s3.get(&ObjectPath::from(key.as_str())).await.map_err(|e| {

@@ -19,6 +19,8 @@ pub struct Unit<'a> {
     pub config: EtcdConfig,
     /// `<data-dir>/.etcd-actions`: lock, restore journal and staging, on the data filesystem.
     pub state: PathBuf,
+    /// The age keys, read once when first asked for.
+    keys: std::cell::OnceCell<crate::crypt::Keys>,
 }
 
 impl<'a> Unit<'a> {
@@ -30,7 +32,24 @@ impl<'a> Unit<'a> {
             settings,
             config,
             state,
+            keys: std::cell::OnceCell::new(),
         })
+    }
+
+    /// The age keys in force: the settings', and in Juju (an action, or the timer's
+    /// `juju-exec`) those of the secret the `backup-encryption-secret` option names.
+    pub fn keys(&self) -> Result<&crate::crypt::Keys, Error> {
+        if let Some(k) = self.keys.get() {
+            return Ok(k);
+        }
+        let keys = crate::crypt::Keys::load(&self.settings.keys, self.in_juju())?;
+        Ok(self.keys.get_or_init(|| keys))
+    }
+
+    /// Whether the hook tools of a Juju unit are at hand.
+    fn in_juju(&self) -> bool {
+        self.reporter.is_juju()
+            || (std::env::var_os("JUJU_UNIT_NAME").is_some() && which::which("relation-ids").is_ok())
     }
 
     /// Creates the state directory (0700) and takes the unit lock.
@@ -72,9 +91,7 @@ impl<'a> Unit<'a> {
     /// standalone; `None` when there is none (archives stay local).
     pub fn store(&self) -> Result<Option<Store>, Error> {
         // In an action, or run by `juju-exec` (the backup timer): the relation has it.
-        let hook_context =
-            std::env::var_os("JUJU_UNIT_NAME").is_some() && which::which("relation-ids").is_ok();
-        let cfg = if self.reporter.is_juju() || hook_context {
+        let cfg = if self.in_juju() {
             match self.reporter.s3_relation()? {
                 Some(bag) => Some(StoreConfig::from_relation_bag(&bag)?),
                 None => None,

@@ -14,7 +14,9 @@ use crate::error::{human_size, Error, IoContext};
 use crate::etcd::{hex_id, Client, Status};
 use crate::fsutil::{pid_alive, Dir};
 use crate::juju::Results;
-use crate::manifest::{name_stamp, now_secs, Manifest, SOURCE_RAW_COPY, SOURCE_SNAPSHOT};
+use crate::manifest::{
+    name_stamp, now_secs, Manifest, Record, RECORD_SUFFIX, SOURCE_RAW_COPY, SOURCE_SNAPSHOT,
+};
 use crate::points::{crash_point, pause_point};
 use crate::progress::{Counted, Progress};
 use crate::revision::RevisionFinder;
@@ -35,6 +37,11 @@ pub fn upload_file(
 ) -> Result<(crate::store::Upload, String, u64), Error> {
     let upload = store.start_upload(folder);
     let mut tee = upload.tee();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tee.begin(&name);
     let f = crate::fsutil::open_regular_path(path)?;
     let mut h = crate::archive::HashingReader::new(f);
     let mut buf = vec![0u8; 1 << 20];
@@ -66,8 +73,11 @@ pub struct Archive {
     pub sha256: String,
     pub bytes: u64,
     pub manifest: Manifest,
-    /// Whether the upload given to `write_archive` received the whole archive.
+    /// Whether the upload given to `write_archive` received the whole archive, under the
+    /// archive's name.
     pub uploaded: bool,
+    /// The age recipients it is encrypted to (none: not encrypted).
+    pub recipients: Vec<String>,
 }
 
 impl Archive {
@@ -79,29 +89,16 @@ impl Archive {
             .unwrap_or_default()
     }
 
-    /// The user metadata an uploaded copy carries.
-    pub fn object_metadata(&self) -> Vec<(String, String)> {
-        let m = &self.manifest;
-        let mut meta = vec![
-            ("format-version".to_string(), m.format_version.to_string()),
-            ("sha256".to_string(), self.sha256.clone()),
-            ("db-sha256".to_string(), m.db_sha256.clone()),
-            ("db-size".to_string(), m.db_size.to_string()),
-            ("source".to_string(), m.source.clone()),
-            ("created".to_string(), m.created.clone()),
-        ];
-        let opt = |k: &str, v: Option<String>| v.map(|v| (k.to_string(), v));
-        meta.extend(opt("revision", m.revision.map(|r| r.to_string())));
-        meta.extend(opt("keys", m.keys.map(|k| k.to_string())));
-        meta.extend(opt("cluster-id", m.cluster_id.clone()));
-        meta.extend(opt("etcd-version", m.etcd_version.clone()));
-        meta.extend(opt("unit", Some(m.unit.clone())));
-        meta.extend(opt("applied-index", m.applied_index.map(|i| i.to_string())));
-        meta.extend(opt("auth-revision", m.auth_revision.map(|i| i.to_string())));
-        meta.extend(opt("leases", m.leases.clone()));
-        meta.extend(opt("model-uuid", m.model_uuid.clone()));
-        meta.extend(opt("app", m.app.clone()));
-        meta
+    /// Its record: what `<name>.manifest.yaml` holds, beside it and in the store.
+    pub fn record(&self) -> Record {
+        Record {
+            archive: self.name(),
+            sha256: self.sha256.clone(),
+            size: self.bytes,
+            encryption: (!self.recipients.is_empty()).then(|| "age".to_string()),
+            recipients: self.recipients.clone(),
+            manifest: self.manifest.clone(),
+        }
     }
 }
 
@@ -129,6 +126,10 @@ impl Archive {
             results.set(&format!("{prefix}.storage-version"), v);
         }
         results.set(&format!("{prefix}.source"), &m.source);
+        if !self.recipients.is_empty() {
+            results.set(&format!("{prefix}.encryption"), "age");
+            results.set(&format!("{prefix}.recipients"), self.recipients.join(","));
+        }
     }
 }
 
@@ -226,9 +227,20 @@ pub fn write_archive(
 
     let mut manifest = Manifest::new(&unit.name(), SOURCE_SNAPSHOT);
     (manifest.model_uuid, manifest.app) = juju_identity();
-    // The cluster's id is in the name: clusters sharing a store folder never name two
-    // archives alike.
-    let mut tag = None;
+    let keys = unit.keys()?;
+    let naming = Naming {
+        kind,
+        // The cluster's id is in the name: clusters sharing a store folder never name two
+        // archives alike.
+        tag: None,
+        ext: if keys.encrypts() {
+            ENCRYPTED_EXT
+        } else {
+            PLAIN_EXT
+        },
+        stamp: now_secs(),
+    };
+    let mut upload = upload;
     let packed = match source {
         DbSource::Live { client } => {
             unit.log(&format!("checking etcd at {}", client.endpoint()));
@@ -238,7 +250,10 @@ pub fn write_archive(
             let marks = client.marks()?;
             manifest.auth_revision = marks.auth_revision;
             manifest.leases = marks.leases;
-            tag = Some(hex_id(status.cluster_id));
+            let naming = Naming {
+                tag: Some(hex_id(status.cluster_id)),
+                ..naming
+            };
             let name = client
                 .members()?
                 .into_iter()
@@ -246,36 +261,122 @@ pub fn write_archive(
                 .map(|m| m.name);
             // Only the compressed archive is written: at most about the db's size.
             target.require_space(status.db_size + (64 << 20), "the snapshot")?;
+            let chosen = naming.free(target)?;
+            if let Some(u) = upload.as_mut() {
+                u.begin(&chosen);
+            }
             unit.log(&format!(
-                "streaming a snapshot of member {} ({} db)",
+                "streaming a snapshot of member {} ({} db){}",
                 hex_id(status.member_id),
-                human_size(status.db_size)
+                human_size(status.db_size),
+                if keys.encrypts() {
+                    format!(", encrypted to {} age recipient(s)", keys.recipients().len())
+                } else {
+                    String::new()
+                }
             ));
             let member = Member {
                 status,
                 name,
                 client,
             };
-            stream_and_pack(unit, &member, out, upload, manifest)?
+            let packed = stream_and_pack(unit, &member, out, upload, manifest, keys.encryptor()?)?;
+            (packed, naming, chosen)
         }
         DbSource::RawCopy { db } => {
             let size = crate::config::metadata(&db)?.len();
             target.require_space(size + (64 << 20), "the raw backup")?;
             manifest.source = SOURCE_RAW_COPY.to_string();
             manifest.member_name = Some(unit.config.name.clone());
+            let chosen = naming.free(target)?;
+            if let Some(u) = upload.as_mut() {
+                u.begin(&chosen);
+            }
             unit.log("writing archive of the raw db");
             let out = TeeFile::new(out, upload);
-            pack(&db, manifest, false, out, unit.settings.compression_level)?
+            let packed = pack(
+                &db,
+                manifest,
+                false,
+                out,
+                unit.settings.compression_level,
+                keys.encryptor()?,
+            )?;
+            (packed, naming, chosen)
         }
     };
+    let (packed, naming, chosen) = packed;
     pause_point("archive-written");
-    let archive = publish(target, &tmp.dir, kind, tag.as_deref(), &held, packed)?;
+    let mut archive = publish(target, &tmp.dir, &naming, &chosen, &held, packed, keys.recipients())?;
     unit.log(&format!(
         "wrote {} ({})",
         archive.path.display(),
         human_size(archive.bytes)
     ));
+    if archive.name() != chosen {
+        // Published under another name than the upload began with: upload it again.
+        archive.uploaded = false;
+    }
     Ok(archive)
+}
+
+/// What an archive's name ends in.
+pub const PLAIN_EXT: &str = ".tar.gz";
+pub const ENCRYPTED_EXT: &str = ".tar.gz.age";
+
+/// How a new archive is named: `<kind>-<stamp>[-<tag>][-N]<ext>`, N for a name taken in the
+/// same second.
+struct Naming<'a> {
+    kind: &'a str,
+    tag: Option<String>,
+    ext: &'static str,
+    stamp: u64,
+}
+
+impl Naming<'_> {
+    fn name(&self, n: u32) -> String {
+        let suffix = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        match &self.tag {
+            Some(t) => format!("{}-{}-{t}{suffix}{}", self.kind, name_stamp(self.stamp), self.ext),
+            None => format!("{}-{}{suffix}{}", self.kind, name_stamp(self.stamp), self.ext),
+        }
+    }
+
+    /// Whether `name` or one of its sidecars is in `target`.
+    fn taken(target: &Dir, name: &str) -> Result<bool, Error> {
+        for n in [
+            name.to_string(),
+            format!("{name}.sha256"),
+            format!("{name}{RECORD_SUFFIX}"),
+        ] {
+            if target.entry_stat(&n)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The first name free in `target`, chosen before the archive is written so that an
+    /// upload can go straight to its final key.
+    fn free(&self, target: &Dir) -> Result<String, Error> {
+        for n in 0..1000 {
+            let name = self.name(n);
+            if !Self::taken(target, &name)? {
+                return Ok(name);
+            }
+        }
+        Err(Error::Target {
+            path: target.path().to_path_buf(),
+            problem: format!(
+                "already holds 1000 archives named {}*; clean it up",
+                self.name(0).trim_end_matches(self.ext)
+            ),
+        })
+    }
 }
 
 /// Name of the archive inside this run's temp dir.
@@ -298,6 +399,7 @@ fn stream_and_pack(
     out: File,
     upload: Option<UploadTee>,
     manifest: Manifest,
+    encryptor: Option<age::Encryptor>,
 ) -> Result<Packed, Error> {
     let mut stream = m.client.snapshot(unit.settings.snapshot_timeout)?;
     pause_point("snapshot-streaming");
@@ -379,42 +481,33 @@ fn stream_and_pack(
         },
         TeeFile::new(out, upload),
         unit.settings.compression_level,
+        encryptor,
     );
     // The stream's own failure says more than "cannot write archive".
     packed.map_err(|e| stream.take_failure().unwrap_or(e))
 }
 
-/// Names and publishes the archive `ARCHIVE_TMP` of `tmp` in `target`, with its sidecar,
-/// both owned by the target's owner, both renamed in without replacing anything. Afterwards
-/// the name is checked to hold exactly the file written (`held`), so the results describe the
-/// bytes at `path`.
+/// Names and publishes the archive `ARCHIVE_TMP` of `tmp` in `target` (as `chosen` when that
+/// is still free, else the next free name), with its sidecars (`.sha256`, and the record
+/// `.manifest.yaml`), all owned by the target's owner, all renamed in without replacing
+/// anything. Afterwards the name is checked to hold exactly the file written (`held`), so the
+/// results describe the bytes at `path`.
 fn publish(
     target: &Dir,
     tmp: &Dir,
-    kind: &str,
-    tag: Option<&str>,
+    naming: &Naming<'_>,
+    chosen: &str,
     held: &File,
     packed: Packed,
+    recipients: &[String],
 ) -> Result<Archive, Error> {
-    let (uid, gid) = target.owner()?;
     crash_point("snapshot-before-publish");
-    let stamp = match tag {
-        Some(t) => format!("{}-{t}", name_stamp(now_secs())),
-        None => name_stamp(now_secs()),
-    };
-    let line_for = |name: &str| format!("{}  {name}\n", packed.sha256);
     // Where the archive is now: in the temp dir until the first rename.
     let mut at: Option<String> = None;
     let mut published = None;
-    for n in 0..1000 {
-        let suffix = if n == 0 {
-            String::new()
-        } else {
-            format!("-{n}")
-        };
-        let name = format!("{kind}-{stamp}{suffix}.tar.gz");
-        let side = format!("{name}.sha256");
-        if target.entry_stat(&side)?.is_some() || target.entry_stat(&name)?.is_some() {
+    let names = std::iter::once(chosen.to_string()).chain((0..1000).map(|n| naming.name(n)));
+    for name in names {
+        if Naming::taken(target, &name)? {
             continue;
         }
         let moved = match &at {
@@ -426,53 +519,75 @@ fn publish(
         }
         at = Some(name.clone());
         pause_point("archive-published");
-        // The sidecar: a new file of ours, written and owned by descriptor, renamed in.
-        let side_tmp = format!("{TEMP_PREFIX}{}-{name}.sha256", std::process::id());
-        target.unlink(&side_tmp)?;
-        let mut f = target.create_file(&side_tmp)?;
-        let _ = nix::unistd::fchown(&f, Some(uid), Some(gid));
-        let written = f
-            .write_all(line_for(&name).as_bytes())
-            .and_then(|()| f.sync_all())
-            .ctx(|| format!("cannot write `{}`", target.join(&side_tmp).display()));
-        if let Err(e) = written {
-            let _ = target.unlink(&side_tmp);
-            return Err(e);
+        let line = format!("{}  {name}\n", packed.sha256);
+        if !write_sidecar(target, &format!("{name}.sha256"), line.as_bytes())? {
+            // Someone made the sidecar's name meanwhile: move on to the next name.
+            continue;
         }
-        if target.rename_noreplace(&side_tmp, target, &side)? {
-            published = Some(name);
-            break;
-        }
-        // Someone made the sidecar's name meanwhile: move on to the next name.
-        target.unlink(&side_tmp)?;
+        published = Some(name);
+        break;
     }
     let Some(name) = published else {
         return Err(Error::Target {
             path: target.path().to_path_buf(),
-            problem: format!("already holds 1000 archives named {kind}-{stamp}*; clean it up"),
+            problem: format!(
+                "already holds 1000 archives named {}*; clean it up",
+                naming.name(0).trim_end_matches(naming.ext)
+            ),
         });
     };
+    let mut archive = Archive {
+        uploaded: packed.uploaded,
+        path: target.join(&name),
+        sha256: packed.sha256,
+        bytes: packed.bytes,
+        manifest: packed.manifest,
+        recipients: recipients.to_vec(),
+    };
+    let record = archive.record().to_yaml();
+    if !write_sidecar(target, &format!("{name}{RECORD_SUFFIX}"), record.as_bytes())? {
+        return Err(changed_while_publishing(target, &name));
+    }
     target.sync()?;
     let ours = held
         .metadata()
         .ctx(|| "cannot stat the archive".to_string())?;
     match target.entry_stat(&name)? {
         Some(st) if st.st_ino == ours.ino() && st.st_dev == ours.dev() => {}
-        _ => {
-            return Err(Error::Target {
-                path: target.path().to_path_buf(),
-                problem: format!(
-                    "changed while publishing: `{name}` is no longer the archive written; \
-                     something else writes to this directory: choose a directory only you control"
-                ),
-            })
-        }
+        _ => return Err(changed_while_publishing(target, &name)),
     }
-    Ok(Archive {
-        uploaded: packed.uploaded,
-        path: target.join(&name),
-        sha256: packed.sha256,
-        bytes: packed.bytes,
-        manifest: packed.manifest,
-    })
+    archive.path = target.join(&name);
+    Ok(archive)
+}
+
+fn changed_while_publishing(target: &Dir, name: &str) -> Error {
+    Error::Target {
+        path: target.path().to_path_buf(),
+        problem: format!(
+            "changed while publishing: `{name}` or its sidecars are no longer what was written;              something else writes to this directory: choose a directory only you control"
+        ),
+    }
+}
+
+/// Writes a sidecar of an archive: a new file of ours, written, fsynced and owned by
+/// descriptor, renamed in without replacing anything. `false` when the name was taken.
+fn write_sidecar(target: &Dir, side: &str, text: &[u8]) -> Result<bool, Error> {
+    let (uid, gid) = target.owner()?;
+    let side_tmp = format!("{TEMP_PREFIX}{}-{side}", std::process::id());
+    target.unlink(&side_tmp)?;
+    let mut f = target.create_file(&side_tmp)?;
+    let _ = nix::unistd::fchown(&f, Some(uid), Some(gid));
+    let written = f
+        .write_all(text)
+        .and_then(|()| f.sync_all())
+        .ctx(|| format!("cannot write `{}`", target.join(&side_tmp).display()));
+    if let Err(e) = written {
+        let _ = target.unlink(&side_tmp);
+        return Err(e);
+    }
+    if target.rename_noreplace(&side_tmp, target, side)? {
+        return Ok(true);
+    }
+    target.unlink(&side_tmp)?;
+    Ok(false)
 }

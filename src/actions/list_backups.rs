@@ -57,6 +57,16 @@ pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), 
         results.set(&key("bytes"), e.size);
         results.set(&key("sha256"), e.sha256.as_deref().unwrap_or("unknown"));
         results.set(&key("where"), e.place());
+        if e.encrypted {
+            results.set(&key("encryption"), "age");
+        }
+        if e.incomplete {
+            results.set(
+                &key("incomplete"),
+                "an upload that never finished (no record beside it): not a backup to restore; \
+                 prune removes it after 24 h",
+            );
+        }
         if let Some(p) = &e.path {
             results.set(&key("path"), p.display());
         }
@@ -69,7 +79,7 @@ pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), 
             e.time,
             e.revision.map_or("?".to_string(), |r| r.to_string()),
             human_size(e.size),
-            e.place(),
+            if e.incomplete { "INCOMPLETE" } else { e.place() },
             e.sha256.as_deref().map_or("?", |s| &s[..s.len().min(12)])
         ));
     }

@@ -156,6 +156,9 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
             } else {
                 owner.owns_backup(e)
             };
+            if e.incomplete {
+                continue;
+            }
             if !owned || parse_time(&e.time).is_none() {
                 ignored.push(e.shown());
             } else if in_future(e, now) {
@@ -216,6 +219,17 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
             tidy_orphans(dir);
         }
     }
+    let leftovers = remove_leftovers(unit, store.as_ref(), &entries, now, opts.dry_run)?;
+    for (i, what) in leftovers.iter().enumerate() {
+        results.set(&format!("incomplete.{i}"), format!(
+            "{what}: an upload that never finished (no record), older than {} h: {}",
+            LEFTOVER_AGE_SECS / 3600,
+            if opts.dry_run { "would be removed" } else { "removed" }
+        ));
+    }
+    for e in entries.iter().filter(|e| e.incomplete && !leftovers.contains(&e.shown())) {
+        ignored.push(format!("{} (incomplete upload, younger than {} h: kept for now)", e.shown(), LEFTOVER_AGE_SECS / 3600));
+    }
     for (i, what) in ignored.iter().enumerate() {
         results.set(&format!("ignored.{i}"), what);
     }
@@ -226,7 +240,9 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
     Ok(())
 }
 
-/// Removes an archive everywhere it is: the object, the local file, then its sidecar.
+/// Removes an archive everywhere it is. In the store its record goes first (the archive is
+/// then incomplete, never listed as a backup), then the object; locally the file, then its
+/// sidecars.
 fn remove(
     unit: &Unit<'_>,
     dir: Option<&Dir>,
@@ -234,22 +250,62 @@ fn remove(
     e: &Entry,
 ) -> Result<(), Error> {
     if let (Some(store), Some(_)) = (store, &e.url) {
-        store.delete(&format!("{}/{}", unit.store_folder(store), e.id))?;
+        let key = format!("{}/{}", unit.store_folder(store), e.id);
+        store.delete(&crate::store::record_key(&key))?;
+        crate::actions::crash_point("prune-between-record-and-object");
+        store.delete(&key)?;
     }
     if let (Some(dir), Some(_)) = (dir, &e.path) {
         dir.unlink(&e.id)?;
         crate::actions::crash_point("prune-between-archive-and-sidecar");
         dir.unlink(&format!("{}.sha256", e.id))?;
+        dir.unlink(&format!("{}{}", e.id, crate::manifest::RECORD_SUFFIX))?;
         dir.sync()?;
     }
     unit.log(&format!("removed {}", e.id));
     Ok(())
 }
 
-/// Removes sidecars whose archive is gone (a prune killed between the two deletions).
+/// How old an archive object without its record must be before prune removes it: an upload
+/// completes its object and writes the record a moment later, so a younger one may be an
+/// upload of another unit finishing now.
+pub const LEFTOVER_AGE_SECS: i64 = 24 * 3600;
+
+/// Removes the store's leftovers: archive objects without their record (an upload killed
+/// between completing the object and writing the record, or a prune killed between the two
+/// deletions) older than `LEFTOVER_AGE_SECS`. Returns what it removed (or would).
+fn remove_leftovers(
+    unit: &Unit<'_>,
+    store: Option<&Store>,
+    entries: &[Entry],
+    now: i64,
+    dry_run: bool,
+) -> Result<Vec<String>, Error> {
+    let Some(store) = store else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    for e in entries.iter().filter(|e| e.incomplete && e.url.is_some()) {
+        let old = parse_time(&e.time).is_some_and(|t| now - t > LEFTOVER_AGE_SECS);
+        if !old {
+            continue;
+        }
+        if !dry_run {
+            store.delete(&format!("{}/{}", unit.store_folder(store), e.id))?;
+            unit.log(&format!("removed the incomplete upload {}", e.shown()));
+        }
+        removed.push(e.shown());
+    }
+    Ok(removed)
+}
+
+/// Removes sidecars whose archive is gone (a prune killed between the deletions).
 fn tidy_orphans(dir: &Dir) {
     for name in dir.names() {
-        if let Some(archive) = name.strip_suffix(".sha256") {
+        let archive = name
+            .strip_suffix(".sha256")
+            .or_else(|| name.strip_suffix(crate::manifest::RECORD_SUFFIX));
+        if let Some(archive) = archive {
             if catalog::is_archive_name(archive) && matches!(dir.entry_stat(archive), Ok(None)) {
                 let _ = dir.unlink(&name);
             }

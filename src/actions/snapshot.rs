@@ -10,7 +10,6 @@
 use std::path::PathBuf;
 
 use super::{upload_file, write_archive, Archive, DbSource, Unit};
-use crate::archive::peek_manifest;
 use crate::catalog::{self, Entry};
 use crate::error::Error;
 use crate::etcd::{hex_id, Client, Marks, Status};
@@ -134,7 +133,7 @@ fn commit(
 ) -> Result<(), Error> {
     let key = format!("{folder}/{}", archive.name());
     let done = upload
-        .commit(&key, archive.object_metadata())
+        .commit(&key, &archive.record())
         .map_err(|e| match e {
             Error::Store { store, problem } => Error::Store {
                 store,
@@ -227,8 +226,7 @@ fn upload_existing(
     path: &std::path::Path,
     results: &mut Results,
 ) -> Result<(), Error> {
-    let file = target.open_file(&e.id)?;
-    let manifest = peek_manifest(&file).ok_or_else(|| Error::BadArchive {
+    let record = catalog::local_record(target, &e.id).ok_or_else(|| Error::BadArchive {
         path: path.to_path_buf(),
         problem: "its manifest cannot be read, so it is not uploaded; take a new snapshot".into(),
     })?;
@@ -242,8 +240,9 @@ fn upload_existing(
         path: path.to_path_buf(),
         sha256: sha,
         bytes,
-        manifest,
+        manifest: record.manifest,
         uploaded: true,
+        recipients: record.recipients,
     };
     commit(unit, &folder, upload, &archive, results)
 }

@@ -77,7 +77,11 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
         (None, None) => {
             let store = unit.store()?;
             let entries = catalog::list(unit, &opts.target, store.as_ref())?;
-            let Some(first) = entries.into_iter().next() else {
+            // Never an upload that did not finish (no record), nor a file that is not ours.
+            let Some(first) = entries
+                .into_iter()
+                .find(|e| !e.incomplete && catalog::is_archive_name(&e.id))
+            else {
                 return Err(Error::NoSnapshot {
                     detail: format!(
                         "there is no archive in `{}`{}",

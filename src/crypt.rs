@@ -1,0 +1,399 @@
+//! Encrypted archives: age v1 (age-encryption.org/v1) to X25519 recipients, one more `Write`
+//! in the archive's nest (`tar -> gzip -> age -> hash -> file + upload`) and one more `Read` in
+//! the unpacking nest (`file or object -> hash -> age -> gzip -> tar`). An encrypted archive is
+//! exactly `age -r RECIPIENT < archive.tar.gz`: the stock `age -d -i key.txt` gives back the
+//! `.tar.gz` this tool writes unencrypted.
+//!
+//! Where the keys come from: `--encrypt-to` / `ETCD_ACTIONS_ENCRYPT_TO` (recipients) and
+//! `--identity-file` / `ETCD_ACTIONS_IDENTITY_FILE` standalone; under Juju, also the user
+//! secret named by the `backup-encryption-secret` option (keys `recipients` and `identity`).
+//! The identity is read into memory only (zeroized when dropped): never into argv, a child's
+//! environment, a log line or a result.
+
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use zeroize::Zeroizing;
+
+use crate::error::{bounded, Error};
+
+/// The first bytes of every age v1 file.
+pub const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
+/// What an encrypted archive's name ends in (after `.tar.gz`).
+pub const AGE_SUFFIX: &str = ".age";
+/// The charm option naming the secret with the keys.
+pub const SECRET_OPTION: &str = "backup-encryption-secret";
+
+/// The keys in force: recipients to encrypt to, identities to decrypt with.
+#[derive(Default)]
+pub struct Keys {
+    recipients: Vec<age::x25519::Recipient>,
+    /// The recipients as given (public keys), for the archive's record.
+    recipient_text: Vec<String>,
+    identities: Vec<age::x25519::Identity>,
+    /// Where an identity would come from, for the message when none is there.
+    identity_hint: String,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("recipients", &self.recipient_text)
+            .field("identities", &self.identities.len())
+            .finish()
+    }
+}
+
+/// Splits recipients given as one string: commas or newlines between them.
+pub fn split_recipients(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.starts_with('#'))
+        .map(str::to_string)
+}
+
+fn key_error(problem: String) -> Error {
+    Error::usage(problem)
+}
+
+impl Keys {
+    /// The keys of the standalone settings, and under Juju those of the configured secret.
+    pub fn load(settings: &KeySettings, juju: bool) -> Result<Keys, Error> {
+        let mut keys = Keys {
+            identity_hint: if juju {
+                format!(
+                    "put the age identity under the key `identity` of the secret named by the \
+                     `{SECRET_OPTION}` option (or pass --identity-file)"
+                )
+            } else {
+                "pass --identity-file FILE or set ETCD_ACTIONS_IDENTITY_FILE (an age identity \
+                 file, as age-keygen writes it)"
+                    .to_string()
+            },
+            ..Keys::default()
+        };
+        for r in &settings.recipients {
+            for one in split_recipients(r) {
+                keys.add_recipient(&one, "--encrypt-to (ETCD_ACTIONS_ENCRYPT_TO)")?;
+            }
+        }
+        if let Some(path) = &settings.identity_file {
+            let text = read_identity_file(path)?;
+            keys.add_identities(
+                &text,
+                &format!("the identity file `{}`", path.display()),
+            )?;
+        }
+        if juju {
+            if let Some((uri, secret)) = juju_secret()? {
+                let from = format!("the secret {uri} (option `{SECRET_OPTION}`)");
+                if let Some(r) = &secret.recipients {
+                    for one in split_recipients(r) {
+                        keys.add_recipient(&one, &from)?;
+                    }
+                }
+                if let Some(id) = &secret.identity {
+                    keys.add_identities(id, &from)?;
+                }
+                if secret.recipients.is_none() && secret.identity.is_none() {
+                    return Err(key_error(format!(
+                        "{from} has neither `recipients` nor `identity`; add them with `juju \
+                         update-secret`"
+                    )));
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    fn add_recipient(&mut self, text: &str, from: &str) -> Result<(), Error> {
+        let r = age::x25519::Recipient::from_str(text).map_err(|_| {
+            key_error(format!(
+                "`{}` from {from} is not an age X25519 recipient (a public key `age1...`, as \
+                 `age-keygen -y key.txt` prints it)",
+                bounded(text, 100)
+            ))
+        })?;
+        if !self.recipient_text.iter().any(|t| t == text) {
+            self.recipients.push(r);
+            self.recipient_text.push(text.to_string());
+        }
+        Ok(())
+    }
+
+    fn add_identities(&mut self, text: &str, from: &str) -> Result<(), Error> {
+        let mut found = 0;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // Never echo the line: it may be a secret key with a typo.
+            let id = age::x25519::Identity::from_str(line).map_err(|_| {
+                key_error(format!(
+                    "{from} holds a line that is not an age X25519 identity \
+                     (`AGE-SECRET-KEY-1...`); only X25519 identities are used"
+                ))
+            })?;
+            self.identities.push(id);
+            found += 1;
+        }
+        if found == 0 {
+            return Err(key_error(format!("{from} holds no age identity")));
+        }
+        Ok(())
+    }
+
+    /// Whether new archives are encrypted.
+    pub fn encrypts(&self) -> bool {
+        !self.recipients.is_empty()
+    }
+
+    /// The recipients, as given.
+    pub fn recipients(&self) -> &[String] {
+        &self.recipient_text
+    }
+
+    /// An encryptor to every recipient; `None` when there are none.
+    pub fn encryptor(&self) -> Result<Option<age::Encryptor>, Error> {
+        if self.recipients.is_empty() {
+            return Ok(None);
+        }
+        age::Encryptor::with_recipients(
+            self.recipients
+                .iter()
+                .map(|r| r as &dyn age::Recipient),
+        )
+        .map(Some)
+        .map_err(|e| Error::Internal(format!("cannot set up age encryption: {e}")))
+    }
+
+    /// Refuses when there is no identity to open an encrypted archive with.
+    pub fn require_identity(&self, archive: &Path) -> Result<(), Error> {
+        if self.identities.is_empty() {
+            return Err(Error::Encrypted {
+                archive: archive.to_path_buf(),
+                hint: self.identity_hint.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A reader of the plaintext of the age file `input` (positioned at its start). Refuses,
+    /// changing nothing, when there is no identity or none of them opens it.
+    pub fn decrypt<R: BufRead>(
+        &self,
+        input: R,
+        archive: &Path,
+    ) -> Result<age::stream::StreamReader<R>, Error> {
+        self.require_identity(archive)?;
+        let refused = |problem: String| Error::BadArchive {
+            path: archive.to_path_buf(),
+            problem,
+        };
+        let d = age::Decryptor::new_buffered(input).map_err(|e| {
+            refused(format!("its age header cannot be read ({e}); it is damaged or not an age file"))
+        })?;
+        d.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity))
+            .map_err(|e| match e {
+                age::DecryptError::NoMatchingKeys => Error::Decrypt {
+                    archive: archive.to_path_buf(),
+                    problem: "none of the identities given opens it (it was encrypted to other \
+                              recipients)"
+                        .into(),
+                },
+                other => Error::Decrypt {
+                    archive: archive.to_path_buf(),
+                    problem: format!("its age header is damaged ({other})"),
+                },
+            })
+    }
+}
+
+/// The settings that name keys.
+#[derive(Debug, Clone, Default)]
+pub struct KeySettings {
+    /// Recipients, each possibly several separated by commas or newlines.
+    pub recipients: Vec<String>,
+    pub identity_file: Option<PathBuf>,
+}
+
+/// Reads an identity file (bounded; the text is zeroized when dropped).
+fn read_identity_file(path: &Path) -> Result<Zeroizing<String>, Error> {
+    use std::io::Read;
+    let f = crate::fsutil::open_regular_path(path).map_err(|e| {
+        key_error(format!(
+            "the identity file `{}` cannot be read: {e}",
+            path.display()
+        ))
+    })?;
+    let mut text = Zeroizing::new(String::new());
+    f.take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            key_error(format!(
+                "the identity file `{}` cannot be read: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(text)
+}
+
+/// What the configured secret holds.
+struct SecretKeys {
+    recipients: Option<String>,
+    identity: Option<Zeroizing<String>>,
+}
+
+/// The secret named by `backup-encryption-secret`, when the option is set: `secret-get <uri>
+/// --format json`.
+fn juju_secret() -> Result<Option<(String, SecretKeys)>, Error> {
+    let Ok(tool) = which::which("config-get") else {
+        return Ok(None);
+    };
+    let out = crate::process::run_checked(Command::new(tool).args([SECRET_OPTION, "--format=json"]))?;
+    let uri = serde_json::from_str::<Option<String>>(out.stdout.trim())
+        .ok()
+        .flatten()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if uri.is_empty() {
+        return Ok(None);
+    }
+    if !uri.starts_with("secret:") || uri.len() > 200 || uri.chars().any(char::is_whitespace) {
+        return Err(key_error(format!(
+            "the `{SECRET_OPTION}` option is `{}`, not a secret URI; set it to the `secret:...` \
+             id `juju add-secret` printed",
+            bounded(&uri, 100)
+        )));
+    }
+    let tool = which::which("secret-get").map_err(|_| Error::ToolMissing {
+        tool: "secret-get".into(),
+        hint: "Juju 3.3 or later is needed for user secrets".into(),
+    })?;
+    let out = crate::process::run_checked(Command::new(tool).args([
+        uri.as_str(),
+        "--refresh",
+        "--format=json",
+    ]))
+    .map_err(|e| match e {
+        Error::CommandFailed { stderr, .. } => key_error(format!(
+            "the secret {uri} (option `{SECRET_OPTION}`) cannot be read ({}); grant it to this \
+             application: `juju grant-secret <secret> <app>`",
+            bounded(stderr.trim(), 300)
+        )),
+        other => other,
+    })?;
+    let text = Zeroizing::new(out.stdout);
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text.trim())
+        .map_err(|_| Error::BadOutput {
+            command: "secret-get --format=json".into(),
+            problem: "not a JSON object".into(),
+        })?;
+    let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let keys = SecretKeys {
+        recipients: get("recipients"),
+        identity: get("identity").map(Zeroizing::new),
+    };
+    // The parsed map held the identity too.
+    drop(map);
+    Ok(Some((uri, keys)))
+}
+
+/// The archive nest's encrypting layer: plain, or age. `finish` ends the age stream (its last
+/// chunk) and hands back the writer below.
+pub enum Sealed<W: Write> {
+    Plain(W),
+    Age(age::stream::StreamWriter<W>),
+}
+
+impl<W: Write> Sealed<W> {
+    pub fn new(inner: W, encryptor: Option<age::Encryptor>) -> io::Result<Sealed<W>> {
+        Ok(match encryptor {
+            Some(e) => Sealed::Age(e.wrap_output(inner)?),
+            None => Sealed::Plain(inner),
+        })
+    }
+
+    pub fn finish(self) -> io::Result<W> {
+        match self {
+            Sealed::Plain(w) => Ok(w),
+            Sealed::Age(w) => w.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Sealed<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Sealed::Plain(w) => w.write(data),
+            Sealed::Age(w) => w.write(data),
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Sealed::Plain(w) => w.write_all(data),
+            Sealed::Age(w) => w.write_all(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sealed::Plain(w) => w.flush(),
+            Sealed::Age(w) => w.flush(),
+        }
+    }
+}
+
+/// Whether an archive's first bytes are an age header.
+pub fn is_age(head: &[u8]) -> bool {
+    head.starts_with(AGE_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn round_trips_and_refuses_the_wrong_key() {
+        let id = age::x25519::Identity::generate();
+        let other = age::x25519::Identity::generate();
+        let mut keys = Keys::default();
+        keys.add_recipient(&id.to_public().to_string(), "test").unwrap();
+        let mut w = Sealed::new(Vec::new(), keys.encryptor().unwrap()).unwrap();
+        w.write_all(b"hello etcd").unwrap();
+        let sealed = w.finish().unwrap();
+        assert!(is_age(&sealed));
+        assert!(keys.decrypt(&sealed[..], Path::new("x")).is_err(), "no identity");
+        use age::secrecy::ExposeSecret;
+        keys.add_identities(other.to_string().expose_secret(), "test")
+            .unwrap();
+        assert!(matches!(
+            keys.decrypt(&sealed[..], Path::new("x")),
+            Err(Error::Decrypt { .. })
+        ));
+        keys.add_identities(id.to_string().expose_secret(), "test").unwrap();
+        let mut plain = String::new();
+        keys.decrypt(&sealed[..], Path::new("x"))
+            .unwrap()
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, "hello etcd");
+        // A truncated file is refused at its end.
+        let cut = &sealed[..sealed.len() - 5];
+        let mut out = Vec::new();
+        assert!(keys
+            .decrypt(cut, Path::new("x"))
+            .unwrap()
+            .read_to_end(&mut out)
+            .is_err());
+        assert!(keys.add_recipient("age1nope", "test").is_err());
+        assert_eq!(
+            split_recipients("a, b\nc\n\n").collect::<Vec<_>>(),
+            vec!["a", "b", "c"]
+        );
+    }
+}
