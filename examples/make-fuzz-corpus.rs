@@ -27,7 +27,7 @@ fn main() {
     manifest.revision = Some(1);
     manifest.keys = Some(0);
     let out = std::fs::File::create(dir.join("ours.tar.gz")).unwrap();
-    pack(&tmp, manifest, true, out, 1).unwrap();
+    pack(&tmp, manifest, true, out, 1, None).unwrap();
     std::fs::remove_file(&tmp).unwrap();
 
     let legacy = |name: &str, entry: &str, kind: tar::EntryType, data: &[u8]| {

@@ -12,7 +12,7 @@ fn main() {
     let out_path = std::env::temp_dir().join("pack-bench.tar.gz");
     let out = std::fs::File::create(&out_path).expect("create output");
     let start = std::time::Instant::now();
-    let packed = pack(std::path::Path::new(&db), manifest, true, out, level).expect("pack");
+    let packed = pack(std::path::Path::new(&db), manifest, true, out, level, None).expect("pack");
     let secs = start.elapsed().as_secs_f64();
     let size = std::fs::metadata(&db).expect("db").len();
     println!(

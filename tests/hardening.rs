@@ -220,8 +220,8 @@ fn target_symlinks_are_followed_only_when_root_owns_them() {
     assert!(path.starts_with(&root_link));
     assert_eq!(
         files_in(&real).len(),
-        2,
-        "archive and sidecar in the real dir"
+        3,
+        "archive and sidecars in the real dir"
     );
 }
 

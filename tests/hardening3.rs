@@ -61,7 +61,7 @@ fn two_clusters_sharing_a_store_folder_keep_each_others_backups() {
         .success();
     let (na, nb) = (name_of(&ra), name_of(&rb));
     assert_ne!(na, nb, "two clusters never name two archives alike");
-    let objects = s3.objects("shared-backups", "fleet/etcd");
+    let objects = s3.archives("shared-backups", "fleet/etcd");
     assert_eq!(objects.len(), 2, "{objects:?}");
     // Each object is its own cluster's archive.
     for (r, name) in [(&ra, &na), (&rb, &nb)] {
@@ -273,7 +273,7 @@ fn a_failed_upload_is_done_by_the_next_run() {
         .run();
     let msg = failed.failure();
     assert!(msg.contains("uploads it"), "{msg}");
-    assert_eq!(files_in(&snaps).len(), 2, "the local archive is kept");
+    assert_eq!(files_in(&snaps).len(), 3, "the local archive (and sidecars) are kept");
     s3.restart();
     let r = run(&s3).success();
     assert!(r["snapshot"]["skipped"].as_str().is_some(), "{r:?}");
@@ -287,7 +287,7 @@ fn a_failed_upload_is_done_by_the_next_run() {
         sha256_file(&s3.dir.join("etcd-backups/etcd").join(&name)),
         sha256_file(&snaps.join(&name))
     );
-    assert_eq!(files_in(&snaps).len(), 2, "no new archive");
+    assert_eq!(files_in(&snaps).len(), 3, "no new archive");
     let list = s3
         .env(
             Agent::standalone(&node, &["list-backups", "--target", t]),

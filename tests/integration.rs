@@ -5,6 +5,7 @@
 mod util;
 
 mod crash;
+mod encryption;
 mod errors;
 mod hardening;
 mod hardening3;

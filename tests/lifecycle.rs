@@ -253,7 +253,7 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
     assert!(bad.failure().contains("unknown unit"));
     assert_eq!(
         files_in(&dir).len(),
-        2 * 22 + 3,
+        3 * 22 + 3,
         "nothing deleted by refusals"
     );
 
@@ -279,7 +279,7 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
     assert_eq!(k[&backups[1]], "daily, weekly");
     assert_eq!(
         files_in(&dir).len(),
-        2 * 22 + 3,
+        3 * 22 + 3,
         "a dry run deletes nothing"
     );
 
@@ -304,7 +304,7 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
         backups[1].clone(),
     ]
     .into_iter()
-    .flat_map(|n| [n.clone(), format!("{n}.sha256")])
+    .flat_map(|n| [n.clone(), format!("{n}.sha256"), format!("{n}.manifest.yaml")])
     .collect();
     want.push("etcd-snapshot-2026-03-31-23.00.00.tar.gz".into());
     want.push("notes.txt".into());
@@ -356,7 +356,7 @@ fn if_changed_skips_unchanged_data_and_reads_the_store() {
         Some(format!("unchanged since {id}").as_str())
     );
     assert_eq!(again["snapshot"]["path"], first["snapshot"]["path"]);
-    assert_eq!(files_in(&snaps).len(), 2, "no new archive");
+    assert_eq!(files_in(&snaps).len(), 3, "no new archive");
 
     node.put("new", "write");
     let changed = Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"])
@@ -417,7 +417,7 @@ fn backup_snapshots_when_changed_uploads_and_prunes() {
         .filter(|n| n.ends_with(".tar.gz"))
         .collect();
     assert_eq!(archives.len(), 2, "last=2 kept two: {archives:?}");
-    assert_eq!(s3.objects("etcd-backups", "").len(), 2);
+    assert_eq!(s3.archives("etcd-backups", "").len(), 2);
     // Nothing changed: exit 0, nothing new.
     let r = backup();
     assert_eq!(r.code(), 0);

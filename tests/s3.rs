@@ -54,8 +54,21 @@ fn round_trip_through_the_store_and_restore_by_backup_id() {
     assert_eq!(r["upload"]["url"], format!("s3://{BUCKET}/{key}").as_str());
     assert!(!r["upload"]["etag"].as_str().unwrap().is_empty());
     assert_eq!(r["upload"]["size"], r["snapshot"]["bytes"]);
-    // The object is the archive, byte for byte; no temp key is left.
-    assert_eq!(s3.objects(BUCKET, ""), vec![key.clone()]);
+    // The object is the archive, byte for byte, with its record beside it; no temp key.
+    assert_eq!(
+        s3.objects(BUCKET, ""),
+        vec![key.clone(), format!("{key}.manifest.yaml")]
+    );
+    let record: serde_yaml::Value = serde_yaml::from_str(
+        &fs::read_to_string(s3.dir.join(BUCKET).join(format!("{key}.manifest.yaml"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["sha256"], r["snapshot"]["sha256"].as_str().unwrap());
+    assert_eq!(record["archive"], name.as_str());
+    assert_eq!(
+        record["revision"].as_i64().map(|r| r.to_string()).as_deref(),
+        r["snapshot"]["revision"].as_str()
+    );
     assert_eq!(
         sha256_file(&s3.dir.join(BUCKET).join(&key)),
         sha256_file(&path)
@@ -203,7 +216,7 @@ fn a_v1_provider_with_the_keys_in_a_secret() {
     let r = juju_snapshot(&node, &juju, &tmp.path().join("local"));
     assert!(r["upload"]["url"].as_str().unwrap().starts_with("s3://"));
     assert!(juju.calls().contains("secret-get"));
-    assert_eq!(s3.objects(BUCKET, "").len(), 1);
+    assert_eq!(s3.archives(BUCKET, "").len(), 1);
 }
 
 #[test]
@@ -277,7 +290,7 @@ fn store_failures_keep_the_local_archive_and_leave_no_object() {
         s3.objects(BUCKET, "")
     );
     let r = juju_snapshot(&node, &juju, &local);
-    assert_eq!(s3.objects(BUCKET, "").len(), 1);
+    assert_eq!(s3.archives(BUCKET, "").len(), 1);
     assert!(r["upload"]["url"].as_str().is_some());
 
     // A relation whose credentials have not arrived.

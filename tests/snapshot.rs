@@ -284,7 +284,7 @@ fn concurrent_snapshots_get_distinct_names_and_stay_intact() {
     let names = files_in(&target);
     assert_eq!(
         names.len(),
-        8,
+        12,
         "only archives and sidecars remain: {names:?}"
     );
 }

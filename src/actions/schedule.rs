@@ -323,6 +323,19 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
     };
     let schedule = get("backup-schedule");
     let retention = get("backup-retention");
+    // The encryption keys: a secret that cannot be read or holds no usable key would make
+    // every backup fail (never silently write them in the clear).
+    if let Err(e) = crate::crypt::Keys::load(&settings.keys, true) {
+        let msg = format!(
+            "{}: {}",
+            crate::crypt::SECRET_OPTION,
+            crate::error::bounded(&e.to_string(), 400)
+        );
+        reporter.status("blocked", &msg);
+        return Ok(format!(
+            "the timer was left as it was: {msg}; fix it with `juju config` or `juju grant-secret`"
+        ));
+    }
     if schedule.is_empty() {
         let had = unit_dir().join(format!("{UNIT}.timer")).exists();
         let notes = uninstall()?;

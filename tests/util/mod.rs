@@ -1027,6 +1027,15 @@ impl S3 {
         out
     }
 
+    /// The archive objects of `bucket` below `prefix` (their records, `<key>.manifest.yaml`,
+    /// aside).
+    pub fn archives(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.objects(bucket, prefix)
+            .into_iter()
+            .filter(|k| !k.ends_with(".manifest.yaml"))
+            .collect()
+    }
+
     /// Settings for a standalone agent using this server.
     pub fn env(&self, agent: Agent, bucket: &str, path: &str) -> Agent {
         agent
