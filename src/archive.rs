@@ -19,9 +19,9 @@ use std::thread::JoinHandle;
 use flate2::bufread::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
+use crate::crypt::{Keys, Sealed};
 use crate::error::{human_size, Error, IoContext};
 use crate::manifest::{Manifest, SOURCE_SNAPSHOT};
-use crate::crypt::{Keys, Sealed};
 use crate::pgzip::{ParGzReader, ParGzWriter};
 use crate::store::TeeFile;
 
@@ -423,7 +423,8 @@ pub fn pack_stream<R: Read>(
         });
     }
     let mtime = crate::manifest::now_secs();
-    let sealed = Sealed::new(HashingFileWriter::new(out), encryptor).map_err(io_err("age header"))?;
+    let sealed =
+        Sealed::new(HashingFileWriter::new(out), encryptor).map_err(io_err("age header"))?;
     let gz = ParGzWriter::new(sealed, level);
     let mut tar = tar::Builder::new(gz);
 
@@ -719,7 +720,10 @@ fn scan<R: BufRead>(
         let mut plain = BufReader::with_capacity(1 << 20, keys.decrypt(buf, archive)?);
         let head = plain.fill_buf().map_err(corrupt(archive))?;
         if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
-            return Err(refuse(archive, "it is an age file, but what it holds is not a .tar.gz snapshot archive"));
+            return Err(refuse(
+                archive,
+                "it is an age file, but what it holds is not a .tar.gz snapshot archive",
+            ));
         }
         let scan = scan_archive(archive, &mut plain, dest, limits)?;
         // Read to its end: age authenticates the last chunk there (a cut file fails here).

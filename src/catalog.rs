@@ -18,9 +18,9 @@ use crate::error::{human_size, Error, IoContext};
 use crate::etcd::OfflineTool;
 use crate::fsutil::free_bytes;
 use crate::fsutil::Dir;
+use crate::manifest::{Record, RECORD_MAX, RECORD_SUFFIX};
 use crate::store::{ObjectInfo, Store};
 use crate::unit::Unit;
-use crate::manifest::{Record, RECORD_MAX, RECORD_SUFFIX};
 use crate::writer::{ENCRYPTED_EXT, PLAIN_EXT};
 
 /// An archive found and opened, not yet checked.
@@ -245,7 +245,8 @@ fn locate_id(unit: &Unit<'_>, id: &str, target: &Path) -> Result<Located, Error>
     };
     if id.ends_with(ENCRYPTED_EXT) {
         // Refused before a byte is downloaded.
-        unit.keys()?.require_identity(Path::new(&store.cfg.url(&key)))?;
+        unit.keys()?
+            .require_identity(Path::new(&store.cfg.url(&key)))?;
     }
     unit.log(&format!(
         "downloading {} ({})",
@@ -649,7 +650,11 @@ pub fn list_all(
                 ..Entry::default()
             };
             let has_record = names.contains(&format!("{name}{RECORD_SUFFIX}"));
-            match has_record.then(|| store.record(&obj.key)).transpose()?.flatten() {
+            match has_record
+                .then(|| store.record(&obj.key))
+                .transpose()?
+                .flatten()
+            {
                 Some(r) if r.size == obj.size => fill_from_record(&mut from_store, &r),
                 Some(_) => {
                     // A record of other bytes than the object's: not an archive to trust.

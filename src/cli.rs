@@ -157,7 +157,11 @@ pub struct KeyArgs {
     /// Encrypt new archives to this age recipient (`age1...`); repeat for several (an online
     /// key and an offline break-glass key). The env var takes several, separated by commas or
     /// newlines.
-    #[arg(long = "encrypt-to", value_name = "RECIPIENT", env = "ETCD_ACTIONS_ENCRYPT_TO")]
+    #[arg(
+        long = "encrypt-to",
+        value_name = "RECIPIENT",
+        env = "ETCD_ACTIONS_ENCRYPT_TO"
+    )]
     pub encrypt_to: Vec<String>,
 
     /// age identity file (as age-keygen writes it) that opens encrypted archives, for restore,

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{from_env, ArchiveArgs, Given, KeyArgs, ServiceArgs, SettingArgs, StoreArgs, ToolArgs};
+use crate::cli::{
+    from_env, ArchiveArgs, Given, KeyArgs, ServiceArgs, SettingArgs, StoreArgs, ToolArgs,
+};
 use crate::error::{Error, IoContext};
 
 /// The settings every action uses.
@@ -86,7 +88,11 @@ impl Settings {
                 credentials,
             },
             keys: crate::crypt::KeySettings {
-                recipients: keys.encrypt_to.into_iter().filter(|v| !v.trim().is_empty()).collect(),
+                recipients: keys
+                    .encrypt_to
+                    .into_iter()
+                    .filter(|v| !v.trim().is_empty())
+                    .collect(),
                 identity_file: keys.identity_file.filter(|p| !p.as_os_str().is_empty()),
             },
             client: ClientSettings {

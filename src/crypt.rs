@@ -81,10 +81,7 @@ impl Keys {
         }
         if let Some(path) = &settings.identity_file {
             let text = read_identity_file(path)?;
-            keys.add_identities(
-                &text,
-                &format!("the identity file `{}`", path.display()),
-            )?;
+            keys.add_identities(&text, &format!("the identity file `{}`", path.display()))?;
         }
         if juju {
             if let Some((uri, secret)) = juju_secret()? {
@@ -160,13 +157,9 @@ impl Keys {
         if self.recipients.is_empty() {
             return Ok(None);
         }
-        age::Encryptor::with_recipients(
-            self.recipients
-                .iter()
-                .map(|r| r as &dyn age::Recipient),
-        )
-        .map(Some)
-        .map_err(|e| Error::Internal(format!("cannot set up age encryption: {e}")))
+        age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("cannot set up age encryption: {e}")))
     }
 
     /// Refuses when there is no identity to open an encrypted archive with.
@@ -193,7 +186,9 @@ impl Keys {
             problem,
         };
         let d = age::Decryptor::new_buffered(input).map_err(|e| {
-            refused(format!("its age header cannot be read ({e}); it is damaged or not an age file"))
+            refused(format!(
+                "its age header cannot be read ({e}); it is damaged or not an age file"
+            ))
         })?;
         d.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity))
             .map_err(|e| match e {
@@ -229,14 +224,12 @@ fn read_identity_file(path: &Path) -> Result<Zeroizing<String>, Error> {
         ))
     })?;
     let mut text = Zeroizing::new(String::new());
-    f.take(1 << 20)
-        .read_to_string(&mut text)
-        .map_err(|e| {
-            key_error(format!(
-                "the identity file `{}` cannot be read: {e}",
-                path.display()
-            ))
-        })?;
+    f.take(1 << 20).read_to_string(&mut text).map_err(|e| {
+        key_error(format!(
+            "the identity file `{}` cannot be read: {e}",
+            path.display()
+        ))
+    })?;
     Ok(text)
 }
 
@@ -252,7 +245,8 @@ fn juju_secret() -> Result<Option<(String, SecretKeys)>, Error> {
     let Ok(tool) = which::which("config-get") else {
         return Ok(None);
     };
-    let out = crate::process::run_checked(Command::new(tool).args([SECRET_OPTION, "--format=json"]))?;
+    let out =
+        crate::process::run_checked(Command::new(tool).args([SECRET_OPTION, "--format=json"]))?;
     let uri = serde_json::from_str::<Option<String>>(out.stdout.trim())
         .ok()
         .flatten()
@@ -362,12 +356,16 @@ mod tests {
         let id = age::x25519::Identity::generate();
         let other = age::x25519::Identity::generate();
         let mut keys = Keys::default();
-        keys.add_recipient(&id.to_public().to_string(), "test").unwrap();
+        keys.add_recipient(&id.to_public().to_string(), "test")
+            .unwrap();
         let mut w = Sealed::new(Vec::new(), keys.encryptor().unwrap()).unwrap();
         w.write_all(b"hello etcd").unwrap();
         let sealed = w.finish().unwrap();
         assert!(is_age(&sealed));
-        assert!(keys.decrypt(&sealed[..], Path::new("x")).is_err(), "no identity");
+        assert!(
+            keys.decrypt(&sealed[..], Path::new("x")).is_err(),
+            "no identity"
+        );
         use age::secrecy::ExposeSecret;
         keys.add_identities(other.to_string().expose_secret(), "test")
             .unwrap();
@@ -375,7 +373,8 @@ mod tests {
             keys.decrypt(&sealed[..], Path::new("x")),
             Err(Error::Decrypt { .. })
         ));
-        keys.add_identities(id.to_string().expose_secret(), "test").unwrap();
+        keys.add_identities(id.to_string().expose_secret(), "test")
+            .unwrap();
         let mut plain = String::new();
         keys.decrypt(&sealed[..], Path::new("x"))
             .unwrap()

@@ -143,7 +143,10 @@ impl Record {
         // The manifest's own checks.
         Manifest::from_yaml(&serde_yaml::to_string(&r.manifest).map_err(|e| e.to_string())?)?;
         if r.archive != archive {
-            return Err(format!("it is the record of `{}`", crate::error::bounded(&r.archive, 200)));
+            return Err(format!(
+                "it is the record of `{}`",
+                crate::error::bounded(&r.archive, 200)
+            ));
         }
         if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("`sha256` is not a sha256 in hex".into());

@@ -1030,7 +1030,9 @@ fn upload_thread(
     let completed = rt.block_on(completer.complete_multipart(&path, &id, parts));
     match completed {
         Ok(_) => {}
-        Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+        Err(
+            object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. },
+        ) => {
             let _ = rt.block_on(s3.abort_multipart(&path, &id));
             // Ours already (an upload retried after its record was lost or never written)?
             if !object_is(&rt, &s3, &cfg, &key, &record)? {
@@ -1042,7 +1044,10 @@ fn upload_thread(
         }
         Err(e) => {
             let _ = rt.block_on(s3.abort_multipart(&path, &id));
-            return Err(store_err(format!("completing the upload of `{key}` failed"), e));
+            return Err(store_err(
+                format!("completing the upload of `{key}` failed"),
+                e,
+            ));
         }
     }
     crate::points::crash_point("upload-before-record");
@@ -1071,9 +1076,8 @@ async fn send_parts(
     let mut parts = BTreeMap::new();
     let mut buf: Vec<u8> = Vec::with_capacity(PART);
     let mut next = 0usize;
-    type Parts = tokio::task::JoinSet<
-        Result<(usize, object_store::multipart::PartId), object_store::Error>,
-    >;
+    type Parts =
+        tokio::task::JoinSet<Result<(usize, object_store::multipart::PartId), object_store::Error>>;
     let send = |buf: Vec<u8>, idx: usize, in_flight: &mut Parts| {
         let (s3, path, id) = (s3.clone(), path.clone(), id.to_string());
         in_flight.spawn(async move {
@@ -1106,7 +1110,11 @@ async fn send_parts(
                         parts.insert(idx, part);
                     }
                 }
-                send(std::mem::replace(&mut buf, Vec::with_capacity(PART)), next, &mut in_flight);
+                send(
+                    std::mem::replace(&mut buf, Vec::with_capacity(PART)),
+                    next,
+                    &mut in_flight,
+                );
                 next += 1;
             }
         }
@@ -1218,15 +1226,15 @@ fn write_record(
     ));
     match put {
         Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-            match read_record(rt, s3, cfg, key)? {
-                Some(r) if r.sha256 == record.sha256 && r.size == record.size => Ok(()),
-                _ => Err(Error::StoreConflict {
-                    store: cfg.describe(),
-                    key: rkey,
-                }),
-            }
-        }
+        Err(
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+        ) => match read_record(rt, s3, cfg, key)? {
+            Some(r) if r.sha256 == record.sha256 && r.size == record.size => Ok(()),
+            _ => Err(Error::StoreConflict {
+                store: cfg.describe(),
+                key: rkey,
+            }),
+        },
         Err(e) => Err(Error::Store {
             store: cfg.describe(),
             problem: bounded(
@@ -1293,9 +1301,7 @@ impl ObjectReader {
         let handle = std::thread::spawn(move || {
             let run = || -> Result<(), io::Error> {
                 let rt = runtime().map_err(|e| io::Error::other(e.to_string()))?;
-                let s3 = cfg
-                    .client()
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let s3 = cfg.client().map_err(|e| io::Error::other(e.to_string()))?;
                 rt.block_on(async {
                     let got = s3.get(&ObjectPath::from(key.as_str())).await.map_err(|e| {
                         io::Error::other(format!("download of `{key}` failed: {e}"))

@@ -49,7 +49,8 @@ impl<'a> Unit<'a> {
     /// Whether the hook tools of a Juju unit are at hand.
     fn in_juju(&self) -> bool {
         self.reporter.is_juju()
-            || (std::env::var_os("JUJU_UNIT_NAME").is_some() && which::which("relation-ids").is_ok())
+            || (std::env::var_os("JUJU_UNIT_NAME").is_some()
+                && which::which("relation-ids").is_ok())
     }
 
     /// Creates the state directory (0700) and takes the unit lock.

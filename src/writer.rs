@@ -270,7 +270,10 @@ pub fn write_archive(
                 hex_id(status.member_id),
                 human_size(status.db_size),
                 if keys.encrypts() {
-                    format!(", encrypted to {} age recipient(s)", keys.recipients().len())
+                    format!(
+                        ", encrypted to {} age recipient(s)",
+                        keys.recipients().len()
+                    )
                 } else {
                     String::new()
                 }
@@ -307,7 +310,15 @@ pub fn write_archive(
     };
     let (packed, naming, chosen) = packed;
     pause_point("archive-written");
-    let mut archive = publish(target, &tmp.dir, &naming, &chosen, &held, packed, keys.recipients())?;
+    let mut archive = publish(
+        target,
+        &tmp.dir,
+        &naming,
+        &chosen,
+        &held,
+        packed,
+        keys.recipients(),
+    )?;
     unit.log(&format!(
         "wrote {} ({})",
         archive.path.display(),
@@ -341,8 +352,18 @@ impl Naming<'_> {
             format!("-{n}")
         };
         match &self.tag {
-            Some(t) => format!("{}-{}-{t}{suffix}{}", self.kind, name_stamp(self.stamp), self.ext),
-            None => format!("{}-{}{suffix}{}", self.kind, name_stamp(self.stamp), self.ext),
+            Some(t) => format!(
+                "{}-{}-{t}{suffix}{}",
+                self.kind,
+                name_stamp(self.stamp),
+                self.ext
+            ),
+            None => format!(
+                "{}-{}{suffix}{}",
+                self.kind,
+                name_stamp(self.stamp),
+                self.ext
+            ),
         }
     }
 

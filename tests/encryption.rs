@@ -15,7 +15,10 @@ const BUCKET: &str = "etcd-backups";
 /// The stock age CLI (Debian's package `age`).
 fn age_bin(tool: &str) -> PathBuf {
     let p = PathBuf::from(format!("/usr/bin/{tool}"));
-    assert!(p.exists(), "{tool} is not installed: run scripts/install-deps");
+    assert!(
+        p.exists(),
+        "{tool} is not installed: run scripts/install-deps"
+    );
     p
 }
 
@@ -33,7 +36,10 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
         .arg(&key)
         .output()
         .unwrap();
-    (key, String::from_utf8(out.stdout).unwrap().trim().to_string())
+    (
+        key,
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    )
 }
 
 /// `age -d -i key archive`: the plaintext, or the failure.
@@ -71,7 +77,8 @@ impl LoggingProxy {
                     continue;
                 };
                 let log = shared.clone();
-                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
@@ -150,7 +157,10 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
 
     // Two recipients: one by flag, one by the env var.
     let r = via(
-        Agent::standalone(&node, &["snapshot", "--target", t, "--encrypt-to", &r_online]),
+        Agent::standalone(
+            &node,
+            &["snapshot", "--target", t, "--encrypt-to", &r_online],
+        ),
         &s3,
         &ep,
         "",
@@ -174,10 +184,14 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     let key = format!("etcd/{name}");
     let object = s3.dir.join(BUCKET).join(&key);
     assert_eq!(sha256_file(&object), sha256_file(&path));
-    let record = fs::read_to_string(s3.dir.join(BUCKET).join(format!("{key}.manifest.yaml"))).unwrap();
+    let record =
+        fs::read_to_string(s3.dir.join(BUCKET).join(format!("{key}.manifest.yaml"))).unwrap();
     assert!(record.contains("encryption: age"), "{record}");
     assert!(record.contains(&r_online), "{record}");
-    assert!(!record.contains("hunter2") && !record.contains("secret/db"), "{record}");
+    assert!(
+        !record.contains("hunter2") && !record.contains("secret/db"),
+        "{record}"
+    );
     assert_eq!(
         fs::read_to_string(target.join(format!("{name}.manifest.yaml"))).unwrap(),
         record,
@@ -205,24 +219,43 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
 
     // A second snapshot to both recipients through the env var alone.
     node.put("k/more", "1");
-    let r2 = via(Agent::standalone(&node, &["snapshot", "--target", t]), &s3, &ep, "")
-        .env("ETCD_ACTIONS_ENCRYPT_TO", format!("{r_online},{r_breakglass}"))
-        .run()
-        .success();
+    let r2 = via(
+        Agent::standalone(&node, &["snapshot", "--target", t]),
+        &s3,
+        &ep,
+        "",
+    )
+    .env(
+        "ETCD_ACTIONS_ENCRYPT_TO",
+        format!("{r_online},{r_breakglass}"),
+    )
+    .run()
+    .success();
     let path2 = PathBuf::from(r2["snapshot"]["path"].as_str().unwrap());
     assert!(age_decrypt(&online, &path2).is_ok());
-    assert!(age_decrypt(&breakglass, &path2).is_ok(), "the break-glass key opens it too");
+    assert!(
+        age_decrypt(&breakglass, &path2).is_ok(),
+        "the break-glass key opens it too"
+    );
     let name2 = path2.file_name().unwrap().to_str().unwrap().to_string();
 
     // Without the identity: list-backups, if-changed, and prune still work.
-    let list = via(Agent::standalone(&node, &["list-backups", "--target", t]), &s3, &ep, "")
-        .run()
-        .success();
+    let list = via(
+        Agent::standalone(&node, &["list-backups", "--target", t]),
+        &s3,
+        &ep,
+        "",
+    )
+    .run()
+    .success();
     let first = &list["backups"]["0"];
     assert_eq!(first["id"].as_str(), Some(name2.as_str()));
     assert_eq!(first["where"].as_str(), Some("both"));
     assert_eq!(first["encryption"].as_str(), Some("age"));
-    assert_eq!(first["revision"].as_i64(), r2["snapshot"]["revision"].as_i64());
+    assert_eq!(
+        first["revision"].as_i64(),
+        r2["snapshot"]["revision"].as_i64()
+    );
     let again = via(
         Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"]),
         &s3,
@@ -246,7 +279,10 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     .run();
     assert_eq!(no_key.code(), 3, "{}", no_key.stderr());
     let msg = no_key.failure();
-    assert!(msg.contains("encrypted") && msg.contains("--identity-file"), "{msg}");
+    assert!(
+        msg.contains("encrypted") && msg.contains("--identity-file"),
+        "{msg}"
+    );
     let wrong = via(
         Agent::standalone(&node, &["restore", "--backup-id", &name2, "--target", t]),
         &s3,
@@ -256,7 +292,11 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     .env("ETCD_ACTIONS_IDENTITY_FILE", &stranger)
     .run();
     assert_eq!(wrong.code(), 3, "{}", wrong.stderr());
-    assert!(wrong.failure().contains("cannot be decrypted"), "{}", wrong.failure());
+    assert!(
+        wrong.failure().contains("cannot be decrypted"),
+        "{}",
+        wrong.failure()
+    );
     assert!(node.running());
     assert_eq!(node.dump(), before);
 
@@ -288,7 +328,13 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     let restored = via(
         Agent::standalone(
             &node,
-            &["restore", "--backup-id", &name2, "--target", empty.to_str().unwrap()],
+            &[
+                "restore",
+                "--backup-id",
+                &name2,
+                "--target",
+                empty.to_str().unwrap(),
+            ],
         ),
         &s3,
         &ep,
@@ -308,8 +354,15 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
         .collect();
     assert_eq!(backups.len(), 1, "{:?}", files_in(&empty));
     assert!(age_decrypt(&online, &empty.join(&backups[0])).is_ok());
-    assert_eq!(node.ctl_ok(&["get", "secret/db-password", "--print-value-only"]).trim(), "hunter2-plaintext-marker");
-    assert_eq!(node.ctl_ok(&["get", "k/more", "--print-value-only"]).trim(), "1");
+    assert_eq!(
+        node.ctl_ok(&["get", "secret/db-password", "--print-value-only"])
+            .trim(),
+        "hunter2-plaintext-marker"
+    );
+    assert_eq!(
+        node.ctl_ok(&["get", "k/more", "--print-value-only"]).trim(),
+        "1"
+    );
     // No plaintext archive was left anywhere in the state dir.
     let state = node.data_dir().join(".etcd-actions");
     for f in files_in(&state) {
@@ -317,10 +370,15 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     }
 
     // verify (newest) with the identity: checked through the decrypting reader.
-    let v = via(Agent::standalone(&node, &["verify", "--target", t]), &s3, &ep, "")
-        .env("ETCD_ACTIONS_IDENTITY_FILE", &online)
-        .run()
-        .success();
+    let v = via(
+        Agent::standalone(&node, &["verify", "--target", t]),
+        &s3,
+        &ep,
+        "",
+    )
+    .env("ETCD_ACTIONS_IDENTITY_FILE", &online)
+    .run()
+    .success();
     assert!(format!("{v:?}").contains(&name2), "{v:?}");
 
     // No copy was ever asked of the server.
@@ -360,9 +418,14 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
     }
     let target = tmp.path().join("snaps");
     let t = target.to_str().unwrap();
-    let r = via(Agent::standalone(&node, &["snapshot", "--target", t]), &s3, &proxy.endpoint(), "many")
-        .run()
-        .success();
+    let r = via(
+        Agent::standalone(&node, &["snapshot", "--target", t]),
+        &s3,
+        &proxy.endpoint(),
+        "many",
+    )
+    .run()
+    .success();
     let path = PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
     let name = path.file_name().unwrap().to_str().unwrap().to_string();
     let key = format!("many/etcd/{name}");
@@ -371,10 +434,16 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
         .or_else(|| r["snapshot"]["bytes"].as_str().and_then(|b| b.parse().ok()))
         .unwrap();
     assert!(bytes > 24 << 20, "{r:?}");
-    assert_eq!(sha256_file(&s3.dir.join(BUCKET).join(&key)), sha256_file(&path));
+    assert_eq!(
+        sha256_file(&s3.dir.join(BUCKET).join(&key)),
+        sha256_file(&path)
+    );
 
     let heads = proxy.heads();
-    assert!(!heads.iter().any(|h| h.contains("x-amz-copy-source")), "no copy");
+    assert!(
+        !heads.iter().any(|h| h.contains("x-amz-copy-source")),
+        "no copy"
+    );
     // Every part went to the final key (no temp key), and there were several.
     let parts: Vec<&String> = heads
         .iter()
@@ -396,7 +465,10 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
     assert!(c.contains("if-none-match: *"), "{c}");
     assert!(c.contains("x-amz-checksum-type: full_object"), "{c}");
     let crc = crc64nvme_b64(&path).to_ascii_lowercase();
-    assert!(c.contains(&format!("x-amz-checksum-crc64nvme: {crc}")), "{c}\n{crc}");
+    assert!(
+        c.contains(&format!("x-amz-checksum-crc64nvme: {crc}")),
+        "{c}\n{crc}"
+    );
     // The record is written after the completion, and written once.
     let record_put = heads
         .iter()
@@ -404,7 +476,11 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
         .expect("a record was written");
     let completed_at = heads.iter().position(|h| std::ptr::eq(h, c)).unwrap();
     assert!(record_put > completed_at);
-    assert!(heads[record_put].contains("if-none-match: *"), "{}", heads[record_put]);
+    assert!(
+        heads[record_put].contains("if-none-match: *"),
+        "{}",
+        heads[record_put]
+    );
 }
 
 #[test]
@@ -416,7 +492,11 @@ fn incomplete_and_legacy_objects_are_told_apart() {
     let target = tmp.path().join("snaps");
     let t = target.to_str().unwrap();
     let r = s3
-        .env(Agent::standalone(&node, &["snapshot", "--target", t]), BUCKET, "")
+        .env(
+            Agent::standalone(&node, &["snapshot", "--target", t]),
+            BUCKET,
+            "",
+        )
         .run()
         .success();
     let path = PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
@@ -427,7 +507,11 @@ fn incomplete_and_legacy_objects_are_told_apart() {
     let orphan = name.replace(".tar.gz", "-9.tar.gz");
     fs::copy(folder.join(&name), folder.join(&orphan)).unwrap();
     let list = s3
-        .env(Agent::standalone(&node, &["list-backups", "--target", "/nonexistent"]), BUCKET, "")
+        .env(
+            Agent::standalone(&node, &["list-backups", "--target", "/nonexistent"]),
+            BUCKET,
+            "",
+        )
         .run()
         .success();
     let text = format!("{list:?}");
@@ -441,20 +525,37 @@ fn incomplete_and_legacy_objects_are_told_apart() {
     assert!(incomplete["incomplete"].as_str().is_some(), "{text}");
     // verify picks the newest complete archive, never the incomplete one.
     let v = s3
-        .env(Agent::standalone(&node, &["verify", "--target", "/nonexistent"]), BUCKET, "")
+        .env(
+            Agent::standalone(&node, &["verify", "--target", "/nonexistent"]),
+            BUCKET,
+            "",
+        )
         .run()
         .success();
     assert!(format!("{v:?}").contains(&name), "{v:?}");
     // Restoring it by id is refused: it has no record.
     let out = s3
         .env(
-            Agent::standalone(&node, &["restore", "--backup-id", &orphan, "--target", "/nonexistent"]),
+            Agent::standalone(
+                &node,
+                &[
+                    "restore",
+                    "--backup-id",
+                    &orphan,
+                    "--target",
+                    "/nonexistent",
+                ],
+            ),
             BUCKET,
             "",
         )
         .run();
     assert_eq!(out.code(), 3, "{}", out.stderr());
-    assert!(out.failure().contains("never finished"), "{}", out.failure());
+    assert!(
+        out.failure().contains("never finished"),
+        "{}",
+        out.failure()
+    );
     // prune keeps it while it is young, and removes it past 24 h.
     let prune = |now: Option<u64>| {
         let mut a = s3.env(
@@ -479,4 +580,100 @@ fn incomplete_and_legacy_objects_are_told_apart() {
     assert!(!folder.join(&orphan).exists());
     assert!(folder.join(&name).exists(), "the complete archive stays");
     assert!(folder.join(format!("{name}.manifest.yaml")).exists());
+}
+
+#[test]
+fn juju_reads_the_keys_from_the_configured_secret() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "jenc", &v35());
+    node.fill("k/", 10);
+    let (online, r_online) = keygen(tmp.path(), "online.txt");
+    let (breakglass, r_breakglass) = keygen(tmp.path(), "breakglass.txt");
+    let juju = Juju::new(tmp.path(), "etcd/0");
+    let uri = "secret:cs8d8k3mp25c7r5sd7eg";
+    let set_secret = |content: serde_json::Value| {
+        fs::write(
+            juju.state.join("secrets.json"),
+            serde_json::json!({ uri: content }).to_string(),
+        )
+        .unwrap();
+    };
+    fs::write(
+        juju.state.join("config.json"),
+        serde_json::json!({"backup-encryption-secret": uri}).to_string(),
+    )
+    .unwrap();
+    // A unit that only takes backups: recipients only.
+    set_secret(serde_json::json!({"recipients": format!("{r_online}\n{r_breakglass}\n")}));
+    let target = tmp.path().join("snaps");
+    juju.reset();
+    juju.params(
+        "snapshot",
+        serde_json::json!({"target": target.to_str().unwrap()}),
+    );
+    let r = Agent::juju(&node, &juju, "snapshot").run().juju_ok(&juju);
+    let path = PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
+    assert!(path.to_str().unwrap().ends_with(".tar.gz.age"), "{r:?}");
+    assert!(age_decrypt(&online, &path).is_ok());
+    assert!(age_decrypt(&breakglass, &path).is_ok());
+    let calls = juju.calls();
+    assert!(
+        calls.contains(&format!(
+            "[\"secret-get\", \"{uri}\", \"--refresh\", \"--format=json\"]"
+        )),
+        "{calls}"
+    );
+
+    // verify without an identity in the secret: refused, naming the option.
+    let verify = |juju: &Juju| {
+        juju.reset();
+        juju.params(
+            "verify",
+            serde_json::json!({"target": target.to_str().unwrap()}),
+        );
+        Agent::juju(&node, juju, "verify").run()
+    };
+    let msg = verify(&juju).juju_failed(&juju);
+    assert!(
+        msg.contains("encrypted") && msg.contains("backup-encryption-secret"),
+        "{msg}"
+    );
+
+    // With the identity in the secret: verified; the identity is in no log, result or argv.
+    let identity = fs::read_to_string(&online).unwrap();
+    set_secret(serde_json::json!({
+        "recipients": r_online,
+        "identity": identity,
+    }));
+    let v = verify(&juju).juju_ok(&juju);
+    assert_eq!(
+        v["verify"]["id"].as_str(),
+        path.file_name().unwrap().to_str()
+    );
+    let secret_line = identity
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    for (what, text) in [
+        ("results", v.to_string()),
+        ("log", juju.log()),
+        ("calls", juju.calls()),
+    ] {
+        assert!(!text.contains(secret_line), "the identity is in the {what}");
+    }
+
+    // config-changed with a secret that cannot be read: blocked, naming the option.
+    let units = tmp.path().join("units");
+    fs::create_dir_all(&units).unwrap();
+    let hook = juju.config_hook(tmp.path(), &units);
+    let (code, stderr) = hook(serde_json::json!({
+        "backup-encryption-secret": "secret:notgranted0000000000",
+        "backup-schedule": "",
+    }));
+    assert_eq!(code, Some(0), "{stderr}");
+    let statuses = juju.statuses();
+    assert!(
+        statuses.contains("blocked") && statuses.contains("backup-encryption-secret"),
+        "{statuses}"
+    );
 }

@@ -273,7 +273,11 @@ fn a_failed_upload_is_done_by_the_next_run() {
         .run();
     let msg = failed.failure();
     assert!(msg.contains("uploads it"), "{msg}");
-    assert_eq!(files_in(&snaps).len(), 3, "the local archive (and sidecars) are kept");
+    assert_eq!(
+        files_in(&snaps).len(),
+        3,
+        "the local archive (and sidecars) are kept"
+    );
     s3.restart();
     let r = run(&s3).success();
     assert!(r["snapshot"]["skipped"].as_str().is_some(), "{r:?}");

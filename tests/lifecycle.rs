@@ -304,7 +304,13 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
         backups[1].clone(),
     ]
     .into_iter()
-    .flat_map(|n| [n.clone(), format!("{n}.sha256"), format!("{n}.manifest.yaml")])
+    .flat_map(|n| {
+        [
+            n.clone(),
+            format!("{n}.sha256"),
+            format!("{n}.manifest.yaml"),
+        ]
+    })
     .collect();
     want.push("etcd-snapshot-2026-03-31-23.00.00.tar.gz".into());
     want.push("notes.txt".into());

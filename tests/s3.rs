@@ -66,7 +66,10 @@ fn round_trip_through_the_store_and_restore_by_backup_id() {
     assert_eq!(record["sha256"], r["snapshot"]["sha256"].as_str().unwrap());
     assert_eq!(record["archive"], name.as_str());
     assert_eq!(
-        record["revision"].as_i64().map(|r| r.to_string()).as_deref(),
+        record["revision"]
+            .as_i64()
+            .map(|r| r.to_string())
+            .as_deref(),
         r["snapshot"]["revision"].as_str()
     );
     assert_eq!(

@@ -79,7 +79,11 @@ pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), 
             e.time,
             e.revision.map_or("?".to_string(), |r| r.to_string()),
             human_size(e.size),
-            if e.incomplete { "INCOMPLETE" } else { e.place() },
+            if e.incomplete {
+                "INCOMPLETE"
+            } else {
+                e.place()
+            },
             e.sha256.as_deref().map_or("?", |s| &s[..s.len().min(12)])
         ));
     }

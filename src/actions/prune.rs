@@ -221,14 +221,28 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
     }
     let leftovers = remove_leftovers(unit, store.as_ref(), &entries, now, opts.dry_run)?;
     for (i, what) in leftovers.iter().enumerate() {
-        results.set(&format!("incomplete.{i}"), format!(
-            "{what}: an upload that never finished (no record), older than {} h: {}",
-            LEFTOVER_AGE_SECS / 3600,
-            if opts.dry_run { "would be removed" } else { "removed" }
-        ));
+        results.set(
+            &format!("incomplete.{i}"),
+            format!(
+                "{what}: an upload that never finished (no record), older than {} h: {}",
+                LEFTOVER_AGE_SECS / 3600,
+                if opts.dry_run {
+                    "would be removed"
+                } else {
+                    "removed"
+                }
+            ),
+        );
     }
-    for e in entries.iter().filter(|e| e.incomplete && !leftovers.contains(&e.shown())) {
-        ignored.push(format!("{} (incomplete upload, younger than {} h: kept for now)", e.shown(), LEFTOVER_AGE_SECS / 3600));
+    for e in entries
+        .iter()
+        .filter(|e| e.incomplete && !leftovers.contains(&e.shown()))
+    {
+        ignored.push(format!(
+            "{} (incomplete upload, younger than {} h: kept for now)",
+            e.shown(),
+            LEFTOVER_AGE_SECS / 3600
+        ));
     }
     for (i, what) in ignored.iter().enumerate() {
         results.set(&format!("ignored.{i}"), what);
