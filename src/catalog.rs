@@ -508,8 +508,11 @@ pub fn is_sidecar_name(name: &str) -> bool {
 pub fn local_record(dir: &Dir, name: &str) -> Option<Record> {
     if let Ok(f) = dir.open_file(&format!("{name}{RECORD_SUFFIX}")) {
         let mut text = String::new();
-        f.take(RECORD_MAX).read_to_string(&mut text).ok()?;
-        return Record::from_yaml(&text, name).ok();
+        let read = f.take(RECORD_MAX).read_to_string(&mut text);
+        if let Some(r) = read.ok().and_then(|_| Record::from_yaml(&text, name).ok()) {
+            return Some(r);
+        }
+        // An unreadable record: a plain archive still has its manifest inside.
     }
     if name.ends_with(ENCRYPTED_EXT) {
         return None;

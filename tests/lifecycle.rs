@@ -188,6 +188,8 @@ pub fn snapshot_at(node: &Node, dir: &Path, at: i64, kind: &str) -> String {
     let renamed = name.replacen("etcd-snapshot", kind, 1);
     fs::rename(&path, dir.join(&renamed)).unwrap();
     fs::remove_file(dir.join(format!("{name}.sha256"))).unwrap();
+    // (An archive of an earlier version: no record beside it; its manifest is read.)
+    fs::remove_file(dir.join(format!("{name}.manifest.yaml"))).unwrap();
     fs::write(
         dir.join(format!("{renamed}.sha256")),
         format!("{}  {renamed}\n", sha256_file(&dir.join(&renamed))),
@@ -253,7 +255,7 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
     assert!(bad.failure().contains("unknown unit"));
     assert_eq!(
         files_in(&dir).len(),
-        3 * 22 + 3,
+        3 * 20 + 2 * 2 + 3,
         "nothing deleted by refusals"
     );
 
@@ -279,7 +281,7 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
     assert_eq!(k[&backups[1]], "daily, weekly");
     assert_eq!(
         files_in(&dir).len(),
-        3 * 22 + 3,
+        3 * 20 + 2 * 2 + 3,
         "a dry run deletes nothing"
     );
 
@@ -296,22 +298,21 @@ fn prune_keeps_what_restic_keeps_and_leaves_foreign_files() {
     assert_eq!(orphans.len(), 2, "{orphans:?}");
     let r = Agent::standalone(&node, &args).run().success();
     assert_eq!(r["prune"]["removed"].as_str(), Some("16"));
-    let mut want: Vec<String> = vec![
-        snaps[0].clone(),
-        snaps[1].clone(),
-        snaps[2].clone(),
-        backups[0].clone(),
-        backups[1].clone(),
-    ]
-    .into_iter()
-    .flat_map(|n| {
-        [
-            n.clone(),
-            format!("{n}.sha256"),
-            format!("{n}.manifest.yaml"),
-        ]
-    })
-    .collect();
+    let mut want: Vec<String> = vec![snaps[0].clone(), snaps[1].clone(), snaps[2].clone()]
+        .into_iter()
+        .flat_map(|n| {
+            [
+                n.clone(),
+                format!("{n}.sha256"),
+                format!("{n}.manifest.yaml"),
+            ]
+        })
+        .chain(
+            [backups[0].clone(), backups[1].clone()]
+                .into_iter()
+                .flat_map(|n| [n.clone(), format!("{n}.sha256")]),
+        )
+        .collect();
     want.push("etcd-snapshot-2026-03-31-23.00.00.tar.gz".into());
     want.push("notes.txt".into());
     want.sort();
@@ -369,7 +370,7 @@ fn if_changed_skips_unchanged_data_and_reads_the_store() {
         .run()
         .success();
     assert!(changed["snapshot"]["skipped"].is_null());
-    assert_eq!(files_in(&snaps).len(), 4);
+    assert_eq!(files_in(&snaps).len(), 6);
 
     // Uploaded, then the local copy deleted: the store's metadata still says unchanged.
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -438,7 +439,7 @@ fn backup_snapshots_when_changed_uploads_and_prunes() {
         .env("ETCD_ACTIONS_RETENTION", "last=two")
         .run();
     assert_eq!(bad.code(), 2);
-    assert_eq!(files_in(&snaps).len(), 4);
+    assert_eq!(files_in(&snaps).len(), 6);
 }
 
 /// `systemd-analyze verify` on unit files.

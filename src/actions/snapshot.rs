@@ -179,6 +179,15 @@ fn unchanged(
     if !holds_what_etcd_holds(newest, status, &client.marks()?) {
         return Ok(None);
     }
+    if unit.keys()?.encrypts() && !newest.encrypted {
+        // Encryption was turned on since: the data is written again, encrypted.
+        unit.log(&format!(
+            "{} holds this revision but is not encrypted, and recipients are set: taking an \
+             encrypted snapshot",
+            newest.id
+        ));
+        return Ok(None);
+    }
     if let (Some(store), None, Some(path)) = (store, &newest.url, &newest.path) {
         unit.log(&format!(
             "{} is unchanged but not in the store: uploading it",
