@@ -702,7 +702,8 @@ pub fn list_all(
         }
     }
     let mut out: Vec<Entry> = entries.into_values().chain(apart).collect();
-    out.sort_by(newest_first);
+    // Newest first; uploads that never finished after every backup, never first.
+    out.sort_by(|a, b| a.incomplete.cmp(&b.incomplete).then(newest_first(a, b)));
     ignored.sort();
     Ok((out, ignored))
 }

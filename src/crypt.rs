@@ -234,8 +234,11 @@ fn read_identity_file(path: &Path) -> Result<Zeroizing<String>, Error> {
 }
 
 /// What the configured secret holds.
+#[derive(serde::Deserialize)]
 struct SecretKeys {
+    #[serde(default)]
     recipients: Option<String>,
+    #[serde(default)]
     identity: Option<Zeroizing<String>>,
 }
 
@@ -280,18 +283,11 @@ fn juju_secret() -> Result<Option<(String, SecretKeys)>, Error> {
         other => other,
     })?;
     let text = Zeroizing::new(out.stdout);
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text.trim())
-        .map_err(|_| Error::BadOutput {
-            command: "secret-get --format=json".into(),
-            problem: "not a JSON object".into(),
-        })?;
-    let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let keys = SecretKeys {
-        recipients: get("recipients"),
-        identity: get("identity").map(Zeroizing::new),
-    };
-    // The parsed map held the identity too.
-    drop(map);
+    // Parsed straight into zeroizing strings: no other copy of the identity is kept.
+    let keys: SecretKeys = serde_json::from_str(text.trim()).map_err(|_| Error::BadOutput {
+        command: "secret-get --format=json".into(),
+        problem: "not a JSON object of strings".into(),
+    })?;
     Ok(Some((uri, keys)))
 }
 

@@ -253,8 +253,8 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     assert_eq!(first["where"].as_str(), Some("both"));
     assert_eq!(first["encryption"].as_str(), Some("age"));
     assert_eq!(
-        first["revision"].as_i64(),
-        r2["snapshot"]["revision"].as_i64()
+        first["revision"].as_str(),
+        Some(r2["snapshot"]["revision"].as_str().unwrap())
     );
     let again = via(
         Agent::standalone(&node, &["snapshot", "--target", t, "--if-changed"]),
@@ -369,9 +369,9 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
         assert!(!f.ends_with(".tar.gz"), "{f} in the state dir");
     }
 
-    // verify (newest) with the identity: checked through the decrypting reader.
+    // verify (newest) with the identity, and its drill: through the decrypting reader.
     let v = via(
-        Agent::standalone(&node, &["verify", "--target", t]),
+        Agent::standalone(&node, &["verify", "--target", t, "--deep"]),
         &s3,
         &ep,
         "",
@@ -380,6 +380,7 @@ fn encrypted_archives_open_with_stock_age_and_restore_only_with_an_identity() {
     .run()
     .success();
     assert!(format!("{v:?}").contains(&name2), "{v:?}");
+    assert_eq!(v["verify"]["drill"].as_str(), Some("passed"), "{v:?}");
 
     // No copy was ever asked of the server.
     let heads = proxy.heads();
@@ -676,4 +677,95 @@ fn juju_reads_the_keys_from_the_configured_secret() {
         statuses.contains("blocked") && statuses.contains("backup-encryption-secret"),
         "{statuses}"
     );
+}
+
+#[test]
+fn objects_written_before_records_are_still_read() {
+    use object_store::{Attribute, Attributes, ObjectStore, PutOptions};
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &[BUCKET]);
+    let node = Node::single(tmp.path(), "old", &v35());
+    node.fill("k/", 15);
+    let target = tmp.path().join("snaps");
+    let r = Agent::snapshot(&node, target.to_str().unwrap())
+        .run()
+        .success();
+    let path = PathBuf::from(r["snapshot"]["path"].as_str().unwrap());
+    let name = path.file_name().unwrap().to_str().unwrap().to_string();
+    let sha = r["snapshot"]["sha256"].as_str().unwrap().to_string();
+    let revision = r["snapshot"]["revision"].as_str().unwrap().to_string();
+    let cluster = r["snapshot"]["cluster-id"].as_str().unwrap().to_string();
+    // The object as the previous version published it: the archive, its facts in the object's
+    // user metadata, and no record beside it.
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(s3.endpoint())
+        .with_bucket_name(BUCKET)
+        .with_region("us-east-1")
+        .with_access_key_id(&s3.access)
+        .with_secret_access_key(&s3.secret)
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let mut attributes = Attributes::new();
+    for (k, v) in [
+        ("format-version", "1".to_string()),
+        ("sha256", sha.clone()),
+        ("revision", revision.clone()),
+        ("cluster-id", cluster),
+        ("created", "2026-11-29T10:00:00Z".to_string()),
+        ("source", "snapshot-api".to_string()),
+        ("unit", "etcd/0".to_string()),
+    ] {
+        attributes.insert(Attribute::Metadata(k.into()), v.into());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(store.put_opts(
+        &object_store::path::Path::from(format!("etcd/{name}")),
+        fs::read(&path).unwrap().into(),
+        PutOptions {
+            attributes,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    assert_eq!(s3.objects(BUCKET, ""), vec![format!("etcd/{name}")]);
+    let list = s3
+        .env(
+            Agent::standalone(&node, &["list-backups", "--target", "/nonexistent"]),
+            BUCKET,
+            "",
+        )
+        .run()
+        .success();
+    let first = &list["backups"]["0"];
+    assert_eq!(first["id"].as_str(), Some(name.as_str()), "{list:?}");
+    assert!(first["incomplete"].is_null(), "{list:?}");
+    assert_eq!(first["sha256"].as_str(), Some(sha.as_str()));
+    assert_eq!(first["revision"].as_str(), Some(revision.as_str()));
+    // Restored by id from the store, checked against the metadata's sha256.
+    node.put("k/after", "written after the snapshot");
+    let restored = s3
+        .env(
+            Agent::standalone(
+                &node,
+                &[
+                    "restore",
+                    "--backup-id",
+                    &name,
+                    "--target",
+                    "/nonexistent",
+                    "--skip-backup",
+                ],
+            ),
+            BUCKET,
+            "",
+        )
+        .run()
+        .success();
+    assert!(format!("{restored:?}").contains("sha256"), "{restored:?}");
+    node.wait_healthy();
+    assert!(node.dump().get("k/after").is_none());
 }
