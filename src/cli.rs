@@ -59,6 +59,11 @@ pub struct SettingArgs {
         default_value_t = 600
     )]
     pub lock_timeout: u64,
+
+    /// Directory of the Prometheus textfile (`etcd_backup.prom`) written after every run;
+    /// default node_exporter's `/var/lib/prometheus/node-exporter` when it exists.
+    #[arg(long, global = true, env = "ETCD_ACTIONS_METRICS_DIR")]
+    pub metrics_dir: Option<PathBuf>,
 }
 
 /// Stopping and starting etcd's service (restore; a snapshot's crash recovery reads them from
@@ -106,7 +111,7 @@ pub struct ToolArgs {
 }
 
 /// The object store (S3) archives also go to, standalone; in Juju the `s3` relation.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 #[command(next_help_heading = "Object store")]
 pub struct StoreArgs {
     /// S3 endpoint (standalone; in Juju the `s3` relation gives it). `https://` when no scheme.
@@ -232,7 +237,7 @@ impl Command {
                 archive: Some(&a.archive),
                 keys: Some(&a.keys),
             },
-            Command::Hook { .. } => Given::default(),
+            Command::Hook { .. } | Command::Status(_) => Given::default(),
         }
     }
 }
@@ -254,6 +259,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Print (and with --install, install) a systemd service + timer running `backup`.
     Schedule(ScheduleArgs),
+    /// Backup health from what the last runs left: newest backups, last drill, schedule,
+    /// last error. Cheap: no snapshot, no store listing.
+    Status(StatusArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
@@ -372,6 +380,13 @@ pub struct ScheduleArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Directory of local archives.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     /// Directory of local archives.
     #[arg(long, default_value = DEFAULT_TARGET)]
@@ -456,7 +471,16 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
             out.extend(args.into_iter().skip(1));
             out
         }
-        Some(hook) if hook.starts_with("s3-credentials-relation-") || hook == "config-changed" => {
+        Some("backup-status") => {
+            let mut out: Vec<OsString> = vec!["etcd-actions".into(), "status".into()];
+            out.extend(args.into_iter().skip(1));
+            out
+        }
+        Some(hook)
+            if hook.starts_with("s3-credentials-relation-")
+                || hook == "config-changed"
+                || hook == "update-status" =>
+        {
             vec!["etcd-actions".into(), "hook".into(), hook.into()]
         }
         _ => settings_after_command(args),

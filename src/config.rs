@@ -33,6 +33,8 @@ pub struct Settings {
     pub client: ClientSettings,
     /// age recipients and identity file (see `crypt`).
     pub keys: crate::crypt::KeySettings,
+    /// Where the Prometheus textfile goes (see `health`).
+    pub metrics_dir: Option<PathBuf>,
 }
 
 /// `--endpoints`, `--cacert`, `--cert`, `--key` (or `ETCDCTL_*`), as etcdctl takes them.
@@ -87,6 +89,7 @@ impl Settings {
                 ca_file: store.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
                 credentials,
             },
+            metrics_dir: args.metrics_dir.filter(|p| !p.as_os_str().is_empty()),
             keys: crate::crypt::KeySettings {
                 recipients: keys
                     .encrypt_to
@@ -170,6 +173,10 @@ impl Settings {
             (
                 "ETCD_ACTIONS_IDENTITY_FILE",
                 self.keys.identity_file.as_deref().map(abs),
+            ),
+            (
+                "ETCD_ACTIONS_METRICS_DIR",
+                self.metrics_dir.as_deref().map(abs),
             ),
         ]);
         v.into_iter()

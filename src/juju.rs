@@ -392,6 +392,18 @@ pub fn default_bucket(app: &str) -> String {
     name.trim_end_matches('-').to_string()
 }
 
+/// One charm config option, as `config-get <key> --format=json` gives it: `None` when there
+/// is no `config-get` (standalone), the option is unset, or the tool fails.
+pub fn config_value(key: &str) -> Option<String> {
+    let tool = which::which("config-get").ok()?;
+    let out = run_checked(Command::new(tool).args([key, "--format=json"])).ok()?;
+    match serde_json::from_str::<serde_json::Value>(out.stdout.trim()).ok()? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
 /// Runs a relation hook of the `s3-credentials` endpoint: the leader writes `bucket` into our
 /// application databag, which is what makes the provider publish its credentials. Does
 /// nothing off the leader, and nothing when the bag already says so.

@@ -14,6 +14,7 @@ pub mod datadir;
 pub mod error;
 pub mod etcd;
 pub mod fsutil;
+pub mod health;
 pub mod juju;
 pub mod manifest;
 pub mod params;
@@ -78,6 +79,8 @@ pub fn run(args: Vec<OsString>) -> u8 {
     if let Command::Hook { name } = &args.command {
         let outcome = if name == "config-changed" {
             actions::schedule::config_changed(&settings)
+        } else if name == "update-status" {
+            health::update_status(&settings)
         } else {
             juju::s3_relation_hook(name)
         };
@@ -96,6 +99,8 @@ pub fn run(args: Vec<OsString>) -> u8 {
     }
     let reporter = Reporter::from_env();
     let mut results = Results::default();
+    let ran = health::Ran::of(&args.command);
+    let started = std::time::Instant::now();
     // A panic (a bug, or a library's) still ends in a reported failure, not a bare exit 101.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         execute(&reporter, &settings, args.command, &mut results)
@@ -108,6 +113,7 @@ pub fn run(args: Vec<OsString>) -> u8 {
             .unwrap_or_else(|| "unknown".into());
         Err(Error::Internal(error::bounded(&what, 2048)))
     });
+    health::after_run(&settings, &reporter, ran, &results, &outcome, started);
     let code = reporter.finish(&results, outcome);
     report_peak_rss();
     code
@@ -157,6 +163,16 @@ fn execute(
         Command::Backup(a) => actions::backup::run(reporter, settings, a, results),
         Command::Schedule(a) => {
             actions::schedule::run(settings, &a.on_calendar, &a.target, a.install, results)
+        }
+        Command::Status(a) => {
+            let opts = merged(
+                reporter,
+                ListOptions::from(cli::ListArgs {
+                    target: a.target,
+                    store: cli::StoreArgs::default(),
+                }),
+            )?;
+            actions::status::run(reporter, settings, &opts.target, results)
         }
         Command::Hook { .. } => Ok(()),
     }

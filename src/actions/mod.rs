@@ -8,6 +8,7 @@ pub mod prune;
 pub mod restore;
 pub mod schedule;
 pub mod snapshot;
+pub mod status;
 pub mod verify;
 
 pub use crate::points::{crash_point, pause_point};

@@ -27,6 +27,30 @@ fn unit_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from("/etc/systemd/system"), PathBuf::from)
 }
 
+/// The installed timer's `OnCalendar`, and its next run as systemd reports it (`None` when
+/// there is no timer, or systemd cannot say).
+pub fn installed() -> (Option<String>, Option<String>) {
+    let timer = unit_dir().join(format!("{UNIT}.timer"));
+    let Ok(text) = std::fs::read_to_string(&timer) else {
+        return (None, None);
+    };
+    let calendar = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("OnCalendar="))
+        .map(str::to_string);
+    let next = which::which("systemctl").ok().and_then(|tool| {
+        let out = run_checked(Command::new(tool).args([
+            "show",
+            &format!("{UNIT}.timer"),
+            "--property=NextElapseUSecRealtime",
+            "--value",
+        ]))
+        .ok()?;
+        Some(out.stdout.trim().to_string()).filter(|s| !s.is_empty() && s != "n/a")
+    });
+    (calendar, next)
+}
+
 fn env_file() -> PathBuf {
     std::env::var_os("ETCD_ACTIONS_ENV_FILE")
         .filter(|d| !d.is_empty())

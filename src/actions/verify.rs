@@ -119,6 +119,8 @@ pub fn run(unit: &Unit<'_>, opts: &VerifyOptions, results: &mut Results) -> Resu
     )?;
     unit.log(&format!("{} verified: {}", checked.id, checked.integrity));
     results.set("verify.id", &checked.id);
+    results.set("verify.origin", checked.origin);
+    results.set("verify.sha256", &checked.unpacked.sha256);
     results.set("verify.integrity", &checked.integrity);
     results.set("verify.revision", checked.revision);
     let manifest_keys = checked.unpacked.manifest.as_ref().and_then(|m| m.keys);
