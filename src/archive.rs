@@ -573,7 +573,7 @@ pub struct Expected<'a> {
 }
 
 pub fn unpack(
-    file: impl Read,
+    file: impl Read + Send,
     size: Option<u64>,
     archive: &Path,
     dest: &Path,
@@ -595,7 +595,7 @@ struct Scan {
 }
 
 fn unpack_inner(
-    file: impl Read,
+    file: impl Read + Send,
     size: Option<u64>,
     archive: &Path,
     dest: &Path,
@@ -704,7 +704,7 @@ pub fn is_bbolt(head: &[u8]) -> bool {
         && head[20..24] == 2u32.to_le_bytes()
 }
 
-fn scan<R: BufRead>(
+fn scan<R: BufRead + Send>(
     archive: &Path,
     buf: &mut R,
     size: Option<u64>,
@@ -717,18 +717,23 @@ fn scan<R: BufRead>(
         .ctx(|| format!("cannot read archive `{}`", archive.display()))?;
     if crate::crypt::is_age(head) {
         // One more reader in the nest: the plaintext is the .tar.gz, never written anywhere.
-        let mut plain = BufReader::with_capacity(1 << 20, keys.decrypt(buf, archive)?);
-        let head = plain.fill_buf().map_err(corrupt(archive))?;
-        if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
-            return Err(refuse(
-                archive,
-                "it is an age file, but what it holds is not a .tar.gz snapshot archive",
-            ));
-        }
-        let scan = scan_archive(archive, &mut plain, dest, limits)?;
-        // Read to its end: age authenticates the last chunk there (a cut file fails here).
-        io::copy(&mut plain, &mut io::sink()).map_err(corrupt(archive))?;
-        return Ok(scan);
+        // The header is read (and the identity tried) here; the payload is decrypted on a
+        // thread of its own, beside the gzip workers and the db's writer.
+        let decrypting = keys.decrypt(buf, archive)?;
+        return std::thread::scope(|s| {
+            let mut plain = BufReader::with_capacity(1 << 20, crate::crypt::ahead(s, decrypting));
+            let head = plain.fill_buf().map_err(corrupt(archive))?;
+            if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
+                return Err(refuse(
+                    archive,
+                    "it is an age file, but what it holds is not a .tar.gz snapshot archive",
+                ));
+            }
+            let scan = scan_archive(archive, &mut plain, dest, limits)?;
+            // Read to its end: age authenticates the last chunk there (a cut file fails here).
+            io::copy(&mut plain, &mut io::sink()).map_err(corrupt(archive))?;
+            Ok(scan)
+        });
     }
     if is_bbolt(head) {
         return scan_plain_db(archive, buf, size, dest, limits);

@@ -27,7 +27,7 @@ use crate::writer::{ENCRYPTED_EXT, PLAIN_EXT};
 pub struct Located {
     /// How the archive is named in results and messages: a path or an `s3://` url.
     pub shown: PathBuf,
-    pub reader: Box<dyn Read>,
+    pub reader: Box<dyn Read + Send>,
     pub size: Option<u64>,
     /// The sha256 recorded beside it (the store's metadata), checked against its bytes.
     pub recorded_sha256: Option<String>,

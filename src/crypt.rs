@@ -337,6 +337,91 @@ impl<W: Write> Write for Sealed<W> {
     }
 }
 
+/// Reads `inner` on a scoped thread of its own, up to four 1 MiB pieces ahead of the reader
+/// it returns: the decryption overlaps whatever consumes the plaintext. When the reader is
+/// dropped, the thread stops at its next piece.
+pub fn ahead<'scope, R: io::Read + Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    mut inner: R,
+) -> Ahead {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    scope.spawn(move || loop {
+        let mut piece = vec![0u8; 1 << 20];
+        let mut filled = 0;
+        // Fill the piece (age hands out at most one 64 KiB chunk a read).
+        let read = loop {
+            match inner.read(&mut piece[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == piece.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        piece.truncate(filled);
+        let last = filled < (1 << 20);
+        if filled > 0 && tx.send(Ok(piece)).is_err() {
+            return;
+        }
+        if let Err(e) = read {
+            let _ = tx.send(Err(e));
+            return;
+        }
+        if last {
+            // The end: an empty piece says so.
+            let _ = tx.send(Ok(Vec::new()));
+            return;
+        }
+    });
+    Ahead {
+        rx,
+        piece: Vec::new(),
+        pos: 0,
+        done: false,
+    }
+}
+
+/// The reading end of `ahead`.
+pub struct Ahead {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    piece: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl io::Read for Ahead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.piece.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(p)) if p.is_empty() => self.done = true,
+                Ok(Ok(p)) => {
+                    self.piece = p;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other("the decrypting thread stopped"));
+                }
+            }
+        }
+        let n = out.len().min(self.piece.len() - self.pos);
+        out[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Whether an archive's first bytes are an age header.
 pub fn is_age(head: &[u8]) -> bool {
     head.starts_with(AGE_MAGIC)

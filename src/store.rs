@@ -863,9 +863,10 @@ pub fn record_key(key: &str) -> String {
     format!("{key}{}", crate::manifest::RECORD_SUFFIX)
 }
 
-/// What the upload thread counted of the bytes it was given.
+/// What the upload thread counted of the bytes it was given: their number, and their
+/// CRC64NVME for the server to check the whole object against. (Their sha256 is the
+/// archive's, computed once in the archive pass from the same buffers.)
 struct Received {
-    sha256: sha2::Sha256,
     crc64: crc_fast::Digest,
     bytes: u64,
 }
@@ -943,7 +944,6 @@ fn upload_thread(
     decide_rx: Receiver<Decision>,
 ) -> Result<Uploaded, Error> {
     use object_store::multipart::MultipartStore;
-    use sha2::Digest;
     let store_err = |what: String, e: object_store::Error| Error::Store {
         store: cfg.describe(),
         problem: bounded(&format!("{what}: {e}"), 2048),
@@ -951,7 +951,6 @@ fn upload_thread(
     let rt = runtime()?;
     let s3 = Arc::new(cfg.client_with(Vec::new(), true)?);
     let mut received = Received {
-        sha256: sha2::Sha256::new(),
         crc64: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme),
         bytes: 0,
     };
@@ -1000,18 +999,14 @@ fn upload_thread(
             problem: "the upload was aborted".into(),
         });
     };
-    let sha = hex::encode(received.sha256.finalize());
-    if !key.ends_with(&format!("/{}", record.archive))
-        || sha != record.sha256
-        || received.bytes != record.size
-    {
+    if !key.ends_with(&format!("/{}", record.archive)) || received.bytes != record.size {
         let _ = rt.block_on(s3.abort_multipart(&path, &id));
         return Err(Error::Store {
             store: cfg.describe(),
             problem: format!(
-                "the upload of `{key}` received {} bytes with sha256 {sha}, not the archive \
-                 `{}` ({} bytes, sha256 {}); it was aborted",
-                received.bytes, record.archive, record.size, record.sha256
+                "the upload of `{key}` received {} bytes, not the archive `{}` ({} bytes); it \
+                 was aborted",
+                received.bytes, record.archive, record.size
             ),
         });
     }
@@ -1071,7 +1066,6 @@ async fn send_parts(
     received: &mut Received,
 ) -> Result<Vec<object_store::multipart::PartId>, object_store::Error> {
     use object_store::multipart::MultipartStore;
-    use sha2::Digest;
     let mut in_flight = tokio::task::JoinSet::new();
     let mut parts = BTreeMap::new();
     let mut buf: Vec<u8> = Vec::with_capacity(PART);
@@ -1095,7 +1089,6 @@ async fn send_parts(
     };
     while let Some(msg) = data_rx.recv().await {
         let Msg::Data(chunk) = msg else { continue };
-        received.sha256.update(&chunk);
         received.crc64.update(&chunk);
         received.bytes += chunk.len() as u64;
         let mut rest = &chunk[..];
