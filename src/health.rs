@@ -568,12 +568,7 @@ pub fn update_status(settings: &crate::config::Settings) -> Result<String, Error
         .unwrap_or_default();
     let max = max_age(true);
     let (state, msg) = workload_status(&health, max, now);
-    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
-    let reporter = crate::juju::Reporter::Juju {
-        app: unit.split('/').next().unwrap_or_default().to_string(),
-        unit,
-    };
-    reporter.status(state, &msg);
+    unit_reporter().status(state, &msg);
     if let Some(dir) = metrics_dir(settings, true) {
         write_metrics(&dir, &metrics(&health, max))?;
     }
@@ -640,7 +635,8 @@ pub fn after_run(
     if let Err(e) = health.save(&state) {
         reporter.log(&format!("could not record the run's health: {e}"));
     }
-    let juju = reporter.is_juju();
+    // An action, or the backup timer's run through `juju-exec` (hook tools on PATH).
+    let juju = reporter.is_juju() || juju_context();
     let max = max_age(juju);
     if let Some(dir) = metrics_dir(settings, juju) {
         if let Err(e) = write_metrics(&dir, &metrics(&health, max)) {
@@ -649,7 +645,21 @@ pub fn after_run(
     }
     if juju {
         let (state, msg) = workload_status(&health, max, now);
-        reporter.status(state, &msg);
+        unit_reporter().status(state, &msg);
+    }
+}
+
+/// Whether this runs on a Juju unit with its hook tools (an action, a hook, or `juju-exec`).
+fn juju_context() -> bool {
+    std::env::var_os("JUJU_UNIT_NAME").is_some() && which::which("status-set").is_ok()
+}
+
+/// A reporter that sets this unit's status.
+fn unit_reporter() -> crate::juju::Reporter {
+    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    crate::juju::Reporter::Juju {
+        app: unit.split('/').next().unwrap_or_default().to_string(),
+        unit,
     }
 }
 
