@@ -769,3 +769,74 @@ fn objects_written_before_records_are_still_read() {
     node.wait_healthy();
     assert!(!node.dump().contains_key("k/after"));
 }
+
+#[test]
+fn an_upload_killed_before_its_record_is_finished_by_the_next_run() {
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &[BUCKET]);
+    let node = Node::single(tmp.path(), "killed", &v35());
+    node.fill("k/", 10);
+    let target = tmp.path().join("snaps");
+    let t = target.to_str().unwrap();
+    let snapshot = |extra: &[&str]| {
+        let mut args = vec!["snapshot", "--target", t];
+        args.extend_from_slice(extra);
+        s3.env(Agent::standalone(&node, &args), BUCKET, "")
+    };
+    // Killed (abort, no cleanup) after the object was completed, before its record.
+    let crashed = snapshot(&[])
+        .env("FAILPOINTS", "upload-before-record=return")
+        .run();
+    assert_ne!(crashed.code(), 0);
+    let objects = s3.objects(BUCKET, "");
+    assert_eq!(objects.len(), 1, "the object, no record: {objects:?}");
+    let name = objects[0].rsplit('/').next().unwrap().to_string();
+    assert!(
+        target.join(&name).exists(),
+        "the local archive was published first"
+    );
+    let list = s3
+        .env(
+            Agent::standalone(&node, &["list-backups", "--target", t]),
+            BUCKET,
+            "",
+        )
+        .run()
+        .success();
+    let text = format!("{list:?}");
+    assert_eq!(
+        list["backups"]["0"]["where"].as_str(),
+        Some("local"),
+        "{text}"
+    );
+    assert!(
+        list["backups"]["1"]["incomplete"].as_str().is_some(),
+        "{text}"
+    );
+    // The next if-changed run finds the object is this archive (by its bytes) and writes the
+    // record: nothing is uploaded twice, nothing is left incomplete.
+    let r = snapshot(&["--if-changed"]).run().success();
+    assert!(r["snapshot"]["skipped"].as_str().is_some(), "{r:?}");
+    assert!(
+        r["upload"]["url"].as_str().unwrap().ends_with(&name),
+        "{r:?}"
+    );
+    assert_eq!(
+        s3.objects(BUCKET, ""),
+        vec![objects[0].clone(), format!("{}.manifest.yaml", objects[0])]
+    );
+    let list = s3
+        .env(
+            Agent::standalone(&node, &["list-backups", "--target", t]),
+            BUCKET,
+            "",
+        )
+        .run()
+        .success();
+    assert_eq!(
+        list["backups"]["0"]["where"].as_str(),
+        Some("both"),
+        "{list:?}"
+    );
+    assert_eq!(list["count"].as_str(), Some("1"), "{list:?}");
+}
