@@ -179,13 +179,13 @@ impl Keys {
         &self,
         input: R,
         archive: &Path,
-    ) -> Result<age::stream::StreamReader<R>, Error> {
+    ) -> Result<age::stream::StreamReader<HeaderBound<R>>, Error> {
         self.require_identity(archive)?;
         let refused = |problem: String| Error::BadArchive {
             path: archive.to_path_buf(),
             problem,
         };
-        let d = age::Decryptor::new_buffered(input).map_err(|e| {
+        let d = age::Decryptor::new_buffered(HeaderBound::new(input)).map_err(|e| {
             refused(format!(
                 "its age header cannot be read ({e}); it is damaged or not an age file"
             ))
@@ -203,6 +203,79 @@ impl Keys {
                     problem: format!("its age header is damaged ({other})"),
                 },
             })
+    }
+}
+
+/// Largest age header read: a header with dozens of recipients is a few KiB. A hostile
+/// file's endless header line is refused here, not read into memory.
+const HEADER_MAX: u64 = 64 << 10;
+
+/// Lets at most `HEADER_MAX` bytes through until the header's last line (`--- <mac>`) has
+/// been consumed; after it, everything.
+pub struct HeaderBound<R> {
+    inner: R,
+    consumed: u64,
+    /// The last bytes consumed, to find `\n---` across reads.
+    tail: [u8; 4],
+    open: bool,
+}
+
+impl<R> HeaderBound<R> {
+    fn new(inner: R) -> Self {
+        HeaderBound {
+            inner,
+            consumed: 0,
+            tail: [0; 4],
+            open: false,
+        }
+    }
+}
+
+impl<R: BufRead> io::Read for HeaderBound<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let buf = self.fill_buf()?;
+            let n = buf.len().min(out.len());
+            out[..n].copy_from_slice(&buf[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for HeaderBound<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        let open = self.open;
+        let left = HEADER_MAX.saturating_sub(self.consumed);
+        let buf = self.inner.fill_buf()?;
+        if open {
+            return Ok(buf);
+        }
+        if left == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the age header is longer than {} KiB", HEADER_MAX >> 10),
+            ));
+        }
+        let n = buf.len().min(left as usize);
+        Ok(&buf[..n])
+    }
+
+    fn consume(&mut self, n: usize) {
+        if !self.open {
+            if let Ok(buf) = self.inner.fill_buf() {
+                for &b in &buf[..n.min(buf.len())] {
+                    self.tail = [self.tail[1], self.tail[2], self.tail[3], b];
+                    if &self.tail == b"\n---" {
+                        // The MAC line: the header ends with it.
+                        self.open = true;
+                    }
+                }
+            }
+            self.consumed += n as u64;
+        }
+        self.inner.consume(n);
     }
 }
 
@@ -463,6 +536,16 @@ mod tests {
             .unwrap();
         assert_eq!(plain, "hello etcd");
         // A truncated file is refused at its end.
+        // An endless header line is refused, not read.
+        let mut endless = b"age-encryption.org/v1\n-> X25519 ".to_vec();
+        endless.extend(std::iter::repeat_n(b'A', 1 << 20));
+        let mut cursor = std::io::Cursor::new(&endless[..]);
+        assert!(keys.decrypt(&mut cursor, Path::new("x")).is_err());
+        assert!(
+            cursor.position() <= HEADER_MAX,
+            "read {}",
+            cursor.position()
+        );
         let cut = &sealed[..sealed.len() - 5];
         let mut out = Vec::new();
         assert!(keys
