@@ -575,13 +575,14 @@ pub fn list_all(
     let mut ignored = Vec::new();
     if let Ok(dir) = Dir::open(target) {
         let names = dir.names();
+        let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         for name in &names {
             if !is_archive_name(name) {
+                let archive_of = name
+                    .strip_suffix(".sha256")
+                    .or_else(|| name.strip_suffix(RECORD_SUFFIX));
                 let orphan_sidecar = is_sidecar_name(name)
-                    && !names.iter().any(|n| {
-                        name.strip_prefix(n.as_str())
-                            .is_some_and(|rest| rest == ".sha256" || rest == RECORD_SUFFIX)
-                    });
+                    && !archive_of.is_some_and(|a| present.contains(a));
                 if (!is_sidecar_name(name) || orphan_sidecar)
                     && !name.starts_with(".etcd-actions-tmp-")
                 {
