@@ -581,8 +581,8 @@ pub fn list_all(
                 let archive_of = name
                     .strip_suffix(".sha256")
                     .or_else(|| name.strip_suffix(RECORD_SUFFIX));
-                let orphan_sidecar = is_sidecar_name(name)
-                    && !archive_of.is_some_and(|a| present.contains(a));
+                let orphan_sidecar =
+                    is_sidecar_name(name) && !archive_of.is_some_and(|a| present.contains(a));
                 if (!is_sidecar_name(name) || orphan_sidecar)
                     && !name.starts_with(".etcd-actions-tmp-")
                 {

@@ -1,5 +1,6 @@
-//! Backup health that operators can see: what every run leaves behind (`health.json` in the
-//! unit's state dir), the Prometheus textfile written from it after every run (node_exporter's
+//! Backup health that operators can see: what every run leaves behind (a small JSON file
+//! beside etcd's data dir, `.etcd-actions-health-<data-dir name>.json`: outside the data dir
+//! and its state dir, which restores and their recovery own), the Prometheus textfile written from it after every run (node_exporter's
 //! textfile collector reads it), the charm's workload status, and the `status` command.
 //!
 //! Everything here reads the state the last runs left: no snapshot, no listing of the store.
@@ -16,8 +17,6 @@ use crate::error::Error;
 use crate::juju::Results;
 use crate::manifest::now_secs;
 
-/// The state file, in the unit's state dir.
-pub const STATE_FILE: &str = "health.json";
 /// Where node_exporter's textfile collector reads by default on Debian and Ubuntu
 /// (`prometheus-node-exporter`'s `--collector.textfile.directory`).
 pub const DEFAULT_METRICS_DIR: &str = "/var/lib/prometheus/node-exporter";
@@ -94,17 +93,17 @@ pub struct Health {
 }
 
 impl Health {
-    /// The state in `state_dir`, or an empty one.
-    pub fn load(state_dir: &Path) -> Health {
-        std::fs::read(state_dir.join(STATE_FILE))
+    /// The state in `file`, or an empty one.
+    pub fn load(file: &Path) -> Health {
+        std::fs::read(file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
 
-    fn save(&self, state_dir: &Path) -> Result<(), Error> {
+    fn save(&self, file: &Path) -> Result<(), Error> {
         let text = serde_json::to_vec_pretty(self).expect("health serializes");
-        crate::fsutil::write_atomic(&state_dir.join(STATE_FILE), &text)
+        crate::fsutil::write_atomic(file, &text)
     }
 
     fn op(&mut self, operation: &str, location: &str) -> &mut Operation {
@@ -150,6 +149,23 @@ impl Health {
         self.operations
             .get("upload/store")
             .filter(|o| o.last_failure > o.last_success)
+    }
+
+    /// Whether a restore failed after the last successful snapshot: the restore then set the
+    /// unit's status itself (what it left, and what to do), and backup health leaves it.
+    pub fn restore_status_stands(&self) -> bool {
+        let failed = self
+            .operations
+            .iter()
+            .filter(|(k, _)| k.starts_with("restore/"))
+            .map(|(_, o)| o.last_failure)
+            .max()
+            .unwrap_or(0);
+        let backed_up = self
+            .operations
+            .get("snapshot/local")
+            .map_or(0, |o| o.last_success);
+        failed > 0 && failed >= backed_up
     }
 
     /// Whether the last scheduled run (`backup`) failed.
@@ -536,13 +552,15 @@ pub fn workload_status(health: &Health, max_age: Option<u64>, now: u64) -> (&'st
     ("active", msg)
 }
 
-/// Where the state lives for these settings: the unit's state dir, when its data dir exists.
-pub fn state_dir(settings: &crate::config::Settings) -> Option<PathBuf> {
+/// Where the state lives for these settings: beside etcd's data dir (when its parent
+/// exists), `.etcd-actions-health-<data-dir name>.json`.
+pub fn state_file(settings: &crate::config::Settings) -> Option<PathBuf> {
     let config = crate::config::EtcdConfig::resolve(settings).ok()?;
-    config
-        .data_dir
-        .exists()
-        .then(|| config.data_dir.join(".etcd-actions"))
+    let parent = config.data_dir.parent()?;
+    let name = config.data_dir.file_name()?.to_string_lossy().into_owned();
+    parent
+        .is_dir()
+        .then(|| parent.join(format!(".etcd-actions-health-{name}.json")))
 }
 
 /// The metrics directory: the setting (under Juju, the `metrics-dir` option), else
@@ -563,15 +581,21 @@ pub fn metrics_dir(settings: &crate::config::Settings, juju: bool) -> Option<Pat
 /// textfile again, so that its max age follows the config). Cheap: reads two small files.
 pub fn update_status(settings: &crate::config::Settings) -> Result<String, Error> {
     let now = now_secs();
-    let health = state_dir(settings)
-        .map(|d| Health::load(&d))
+    let health = state_file(settings)
+        .map(|f| Health::load(&f))
         .unwrap_or_default();
     let max = max_age(true);
+    // Only once something was recorded: a unit that never ran an action writes nothing.
+    if health != Health::default() {
+        if let Some(dir) = metrics_dir(settings, true) {
+            write_metrics(&dir, &metrics(&health, max))?;
+        }
+    }
+    if health.restore_status_stands() {
+        return Ok("update-status: a failed restore's status stands".into());
+    }
     let (state, msg) = workload_status(&health, max, now);
     unit_reporter().status(state, &msg);
-    if let Some(dir) = metrics_dir(settings, true) {
-        write_metrics(&dir, &metrics(&health, max))?;
-    }
     Ok(format!("update-status: {state}: {msg}"))
 }
 
@@ -616,12 +640,9 @@ pub fn after_run(
     if ran == Ran::Other {
         return;
     }
-    let Some(state) = state_dir(settings) else {
+    let Some(state) = state_file(settings) else {
         return;
     };
-    if !state.is_dir() && std::fs::create_dir_all(&state).is_err() {
-        return;
-    }
     let now = now_secs();
     let mut health = Health::load(&state);
     record(
@@ -643,7 +664,8 @@ pub fn after_run(
             reporter.log(&format!("could not write the metrics textfile: {e}"));
         }
     }
-    if juju {
+    // A restore sets the unit's status itself.
+    if juju && ran != Ran::Restore && !health.restore_status_stands() {
         let (state, msg) = workload_status(&health, max, now);
         unit_reporter().status(state, &msg);
     }
@@ -720,6 +742,20 @@ mod tests {
         ));
         assert!(text.contains("etcd_backup_max_age_seconds 3600"));
         assert!(!text.contains("/b/"), "no paths as labels");
+        // A failed restore's own status stands until the next successful snapshot.
+        assert!(!h.restore_status_stands());
+        let refused = Err(Error::Refused("scaled".into()));
+        record(
+            &mut h,
+            Ran::Restore,
+            &Results::default(),
+            &refused,
+            1.0,
+            4000,
+        );
+        assert!(h.restore_status_stands());
+        record(&mut h, Ran::Snapshot, &ok, &Ok(()), 1.0, 4100);
+        assert!(!h.restore_status_stands());
     }
 
     #[test]

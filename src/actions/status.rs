@@ -17,8 +17,8 @@ pub fn run(
     results: &mut Results,
 ) -> Result<(), Error> {
     let now = now_secs();
-    let health = crate::health::state_dir(settings)
-        .map(|d| Health::load(&d))
+    let health = crate::health::state_file(settings)
+        .map(|f| Health::load(&f))
         .unwrap_or_default();
     let max = max_age(reporter.is_juju());
     let (state, message) = workload_status(&health, max, now);
