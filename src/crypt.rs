@@ -416,7 +416,7 @@ impl<W: Write> Write for Sealed<W> {
 pub fn ahead<'scope, R: io::Read + Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     mut inner: R,
-) -> Ahead {
+) -> crate::pipe::PieceReader {
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
     scope.spawn(move || loop {
         let mut piece = vec![0u8; 1 << 20];
@@ -450,49 +450,7 @@ pub fn ahead<'scope, R: io::Read + Send + 'scope>(
             return;
         }
     });
-    Ahead {
-        rx,
-        piece: Vec::new(),
-        pos: 0,
-        done: false,
-    }
-}
-
-/// The reading end of `ahead`.
-pub struct Ahead {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    piece: Vec<u8>,
-    pos: usize,
-    done: bool,
-}
-
-impl io::Read for Ahead {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.piece.len() {
-            if self.done {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Ok(p)) if p.is_empty() => self.done = true,
-                Ok(Ok(p)) => {
-                    self.piece = p;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.done = true;
-                    return Err(io::Error::other("the decrypting thread stopped"));
-                }
-            }
-        }
-        let n = out.len().min(self.piece.len() - self.pos);
-        out[..n].copy_from_slice(&self.piece[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+    crate::pipe::PieceReader::new(rx, false, "decrypting thread")
 }
 
 /// Whether an archive's first bytes are an age header.

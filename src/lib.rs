@@ -19,6 +19,7 @@ pub mod juju;
 pub mod manifest;
 pub mod params;
 pub mod pgzip;
+pub mod pipe;
 pub mod points;
 pub mod process;
 pub mod progress;

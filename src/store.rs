@@ -1282,10 +1282,7 @@ impl UploadTee {
 
 /// Reads an object as a stream on a thread of its own: bounded memory whatever its size.
 pub struct ObjectReader {
-    rx: Receiver<io::Result<Vec<u8>>>,
-    buf: Vec<u8>,
-    pos: usize,
-    done: bool,
+    pieces: crate::pipe::PieceReader,
     _handle: JoinHandle<()>,
 }
 
@@ -1305,7 +1302,8 @@ impl ObjectReader {
                         let piece = piece.map_err(|e| {
                             io::Error::other(format!("download of `{key}` broke off: {e}"))
                         })?;
-                        if tx.send(Ok(piece.to_vec())).is_err() {
+                        // (An empty piece would say the stream ended.)
+                        if !piece.is_empty() && tx.send(Ok(piece.to_vec())).is_err() {
                             return Ok(());
                         }
                     }
@@ -1317,10 +1315,8 @@ impl ObjectReader {
             }
         });
         ObjectReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-            done: false,
+            // The download thread ends when the object has all been sent.
+            pieces: crate::pipe::PieceReader::new(rx, true, "download"),
             _handle: handle,
         }
     }
@@ -1328,29 +1324,7 @@ impl ObjectReader {
 
 impl Read for ObjectReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() {
-            if self.done {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Ok(piece)) => {
-                    self.buf = piece;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.done = true;
-                    return Ok(0);
-                }
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        self.pieces.read(out)
     }
 }
 
