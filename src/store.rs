@@ -1058,7 +1058,30 @@ fn upload_thread(
     })
 }
 
-/// Sends the archive's bytes as parts of 8 MiB, two in flight, hashing them as they pass.
+/// A part's buffer, lent to the request that sends it: when the request is done with it (the
+/// last `Bytes` of it dropped), it goes back to the upload for the next part. An upload
+/// allocates three buffers in all (one filling, two in flight), not one per part.
+struct PartBuf {
+    data: Vec<u8>,
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for PartBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        let _ = self.home.send(data);
+    }
+}
+
+/// Sends the archive's bytes as parts of `PART`, two in flight, counting and checksumming them
+/// as they pass.
 async fn send_parts(
     s3: &Arc<AmazonS3>,
     path: &ObjectPath,
@@ -1073,10 +1096,20 @@ async fn send_parts(
     let mut next = 0usize;
     type Parts =
         tokio::task::JoinSet<Result<(usize, object_store::multipart::PartId), object_store::Error>>;
-    let send = |buf: Vec<u8>, idx: usize, in_flight: &mut Parts| {
+    let (home, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+    let fresh = || {
+        returned
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(PART))
+    };
+    let send = |data: Vec<u8>, idx: usize, in_flight: &mut Parts| {
         let (s3, path, id) = (s3.clone(), path.clone(), id.to_string());
+        let payload = bytes::Bytes::from_owner(PartBuf {
+            data,
+            home: home.clone(),
+        });
         in_flight.spawn(async move {
-            let part = s3.put_part(&path, &id, idx, buf.into()).await?;
+            let part = s3.put_part(&path, &id, idx, payload.into()).await?;
             Ok((idx, part))
         });
     };
@@ -1104,11 +1137,7 @@ async fn send_parts(
                         parts.insert(idx, part);
                     }
                 }
-                send(
-                    std::mem::replace(&mut buf, Vec::with_capacity(PART)),
-                    next,
-                    &mut in_flight,
-                );
+                send(std::mem::replace(&mut buf, fresh()), next, &mut in_flight);
                 next += 1;
             }
         }
