@@ -331,6 +331,71 @@ pub fn write_archive(
     Ok(archive)
 }
 
+/// The archive under the next name `<stem>-N<ext>` that is free both in `target` and in the
+/// store folder: for an upload whose key another unit of this cluster took in the same second.
+/// The new name's sidecars are written first, then the archive is renamed (never over
+/// anything), then the old sidecars go: a crash between the steps leaves orphan sidecars, which
+/// prune tidies, never an archive without its own.
+pub fn renamed_for_store(
+    target: &Dir,
+    archive: &Archive,
+    store: &Store,
+    folder: &str,
+) -> Result<Archive, Error> {
+    let name = archive.name();
+    let ext = if name.ends_with(ENCRYPTED_EXT) {
+        ENCRYPTED_EXT
+    } else {
+        PLAIN_EXT
+    };
+    let stem = name.trim_end_matches(ext);
+    // `<stamp>-<cluster-id>-N`: the N a name taken in the same second got, if any.
+    let base = match stem.rsplit_once('-') {
+        Some((b, n))
+            if (1..=3).contains(&n.len())
+                && n.bytes().all(|c| c.is_ascii_digit())
+                && b.len() > "etcd-snapshot-YYYY-MM-DD-HH.MM.SS".len() =>
+        {
+            b
+        }
+        _ => stem,
+    };
+    for n in 1..1000 {
+        let candidate = format!("{base}-{n}{ext}");
+        if candidate == name
+            || Naming::taken(target, &candidate)?
+            || store.head(&format!("{folder}/{candidate}"))?.is_some()
+        {
+            continue;
+        }
+        let mut renamed = archive.clone();
+        renamed.path = target.join(&candidate);
+        let line = format!("{}  {candidate}\n", archive.sha256);
+        if !write_sidecar(target, &format!("{candidate}.sha256"), line.as_bytes())? {
+            continue;
+        }
+        let record = renamed.record().to_yaml();
+        if !write_sidecar(
+            target,
+            &format!("{candidate}{RECORD_SUFFIX}"),
+            record.as_bytes(),
+        )? || !target.rename_noreplace(&name, target, &candidate)?
+        {
+            let _ = target.unlink(&format!("{candidate}.sha256"));
+            let _ = target.unlink(&format!("{candidate}{RECORD_SUFFIX}"));
+            continue;
+        }
+        target.unlink(&format!("{name}.sha256"))?;
+        target.unlink(&format!("{name}{RECORD_SUFFIX}"))?;
+        target.sync()?;
+        return Ok(renamed);
+    }
+    Err(Error::Target {
+        path: target.path().to_path_buf(),
+        problem: format!("has no free name left for `{name}` in it and in the store"),
+    })
+}
+
 /// What an archive's name ends in.
 pub const PLAIN_EXT: &str = ".tar.gz";
 pub const ENCRYPTED_EXT: &str = ".tar.gz.age";

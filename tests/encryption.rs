@@ -840,3 +840,59 @@ fn an_upload_killed_before_its_record_is_finished_by_the_next_run() {
     );
     assert_eq!(list["count"].as_str(), Some("1"), "{list:?}");
 }
+
+#[test]
+fn two_units_of_one_cluster_in_the_same_second_both_upload() {
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &[BUCKET]);
+    let nodes = cluster(tmp.path(), "same", &v35());
+    nodes[0].put("k", "v");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    // Every unit's timer fires at once: the same cluster, the same second, one folder.
+    let snap = |node: &Node, dir: &str| {
+        let target = tmp.path().join(dir);
+        let r = s3
+            .env(
+                Agent::standalone(node, &["snapshot", "--target", target.to_str().unwrap()]),
+                BUCKET,
+                "",
+            )
+            .env("ETCD_ACTIONS_TEST_NOW", &now)
+            .run()
+            .success();
+        (target, r)
+    };
+    let (_, first) = snap(&nodes[0], "u0");
+    let (t1, second) = snap(&nodes[1], "u1");
+    let p0 = PathBuf::from(first["snapshot"]["path"].as_str().unwrap());
+    let p1 = PathBuf::from(second["snapshot"]["path"].as_str().unwrap());
+    let (n0, n1) = (
+        p0.file_name().unwrap().to_str().unwrap().to_string(),
+        p1.file_name().unwrap().to_str().unwrap().to_string(),
+    );
+    assert_eq!(n1, n0.replace(".tar.gz", "-1.tar.gz"), "{second:?}");
+    assert!(second["upload"]["url"].as_str().unwrap().ends_with(&n1));
+    // The renamed archive is whole, with its own sidecars; nothing else is left.
+    assert_sidecar_ok(&p1);
+    assert_eq!(
+        files_in(&t1),
+        vec![
+            n1.clone(),
+            format!("{n1}.manifest.yaml"),
+            format!("{n1}.sha256")
+        ]
+    );
+    let record = fs::read_to_string(t1.join(format!("{n1}.manifest.yaml"))).unwrap();
+    assert!(record.contains(&format!("archive: {n1}")), "{record}");
+    let mut both = vec![format!("etcd/{n0}"), format!("etcd/{n1}")];
+    both.sort();
+    assert_eq!(s3.archives(BUCKET, ""), both);
+    assert_eq!(
+        sha256_file(&s3.dir.join(BUCKET).join("etcd").join(&n1)),
+        sha256_file(&p1)
+    );
+}

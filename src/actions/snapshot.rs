@@ -102,7 +102,7 @@ pub fn run(
             }
             upload = again;
         }
-        commit(unit, folder, upload, &archive, results)?;
+        commit(unit, (store, &target, folder), upload, &archive, results)?;
     }
     Ok(archive.name())
 }
@@ -123,29 +123,65 @@ fn holds_what_etcd_holds(e: &Entry, status: &Status, now: &Marks) -> bool {
     }
 }
 
-/// Completes an upload of `archive` under its own name, and reports it.
+/// Completes an upload of `archive` under its own name, and reports it. When another unit of
+/// this cluster took that key in the same second (every unit's timer fires at once), the
+/// archive takes the next name free here and in the store, and is uploaded under it.
 fn commit(
     unit: &Unit<'_>,
-    folder: &str,
+    (store, target, folder): (&Store, &Dir, &str),
     upload: crate::store::Upload,
     archive: &Archive,
     results: &mut Results,
 ) -> Result<(), Error> {
     let key = format!("{folder}/{}", archive.name());
-    let done = upload
-        .commit(&key, &archive.record())
-        .map_err(|e| match e {
-            Error::Store { store, problem } => Error::Store {
-                store,
-                problem: format!(
-                    "the upload of `{key}` failed ({problem}); the local archive `{}` is complete \
+    let mut done = upload.commit(&key, &archive.record());
+    let mut current = archive.clone();
+    for _ in 0..3 {
+        if !matches!(done, Err(Error::StoreConflict { .. })) {
+            break;
+        }
+        let renamed = crate::writer::renamed_for_store(target, &current, store, folder)?;
+        unit.log(&format!(
+            "`{key}` was taken by another archive (another unit of this cluster, in the same \
+             second): uploading this one as `{}`",
+            renamed.name()
+        ));
+        let (again, sha, _) = upload_file(store, folder, &renamed.path)?;
+        if sha != renamed.sha256 {
+            return Err(changed_under_us(&renamed.path, &renamed.sha256, sha));
+        }
+        if results.get("snapshot.path").is_some() && results.get("snapshot.skipped").is_none() {
+            renamed.report(results, "snapshot");
+            results.set("copy.cmd", unit.reporter.copy_command(&renamed.path));
+        } else if results.get("snapshot.path").is_some() {
+            results.set("snapshot.path", renamed.path.display());
+        }
+        done = again.commit(&format!("{folder}/{}", renamed.name()), &renamed.record());
+        current = renamed;
+        if done.is_ok() {
+            return report_upload(unit, done?, results);
+        }
+    }
+    let done = done.map_err(|e| match e {
+        Error::Store { store, problem } => Error::Store {
+            store,
+            problem: format!(
+                "the upload of `{key}` failed ({problem}); the local archive `{}` is complete \
                      and verified, nothing was left under that key, and the next `snapshot \
                      --if-changed` (or `backup`) uploads it",
-                    archive.path.display()
-                ),
-            },
-            other => other,
-        })?;
+                archive.path.display()
+            ),
+        },
+        other => other,
+    })?;
+    report_upload(unit, done, results)
+}
+
+fn report_upload(
+    unit: &Unit<'_>,
+    done: crate::store::Uploaded,
+    results: &mut Results,
+) -> Result<(), Error> {
     results.set("upload.url", &done.url);
     results.set("upload.etag", &done.etag);
     results.set("upload.size", done.size);
@@ -253,5 +289,5 @@ fn upload_existing(
         uploaded: true,
         recipients: record.recipients,
     };
-    commit(unit, &folder, upload, &archive, results)
+    commit(unit, (store, target, &folder), upload, &archive, results)
 }
