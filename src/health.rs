@@ -37,6 +37,8 @@ pub struct Operation {
     pub failures: u64,
     /// The last failure's message.
     pub last_error: Option<String>,
+    /// Whether the last run succeeded (times are in seconds: two runs can share one).
+    pub last_ok: Option<bool>,
 }
 
 /// The newest archive at a location.
@@ -117,6 +119,7 @@ impl Health {
         op.last_success = now;
         op.last_duration_seconds = seconds;
         op.successes += 1;
+        op.last_ok = Some(true);
     }
 
     fn failed(&mut self, operation: &str, location: &str, now: u64, seconds: f64, e: &str) {
@@ -124,6 +127,7 @@ impl Health {
         op.last_failure = now;
         op.last_duration_seconds = seconds;
         op.failures += 1;
+        op.last_ok = Some(false);
         op.last_error = Some(crate::error::bounded(e, 400));
         self.last_error = Some(LastError {
             at: now,
@@ -137,7 +141,8 @@ impl Health {
         let local = self.newest.get("local");
         let store = self.newest.get("store");
         match (local, store) {
-            (Some(l), Some(s)) if s.at >= l.at => Some((s, "s3")),
+            // The same archive, uploaded; or one uploaded after the newest local one.
+            (Some(l), Some(s)) if s.id == l.id || s.at > l.at => Some((s, "s3")),
             (Some(l), _) => Some((l, "local")),
             (None, Some(s)) => Some((s, "s3")),
             (None, None) => None,
@@ -148,7 +153,7 @@ impl Health {
     pub fn upload_failed(&self) -> Option<&Operation> {
         self.operations
             .get("upload/store")
-            .filter(|o| o.last_failure > o.last_success)
+            .filter(|o| o.last_ok == Some(false))
     }
 
     /// Whether a restore failed after the last successful snapshot: the restore then set the
@@ -175,7 +180,7 @@ impl Health {
             .filter(|(k, _)| k.starts_with("backup/"))
             .map(|(_, o)| o)
             .max_by_key(|o| o.last_success.max(o.last_failure))
-            .filter(|o| o.last_failure > o.last_success)
+            .filter(|o| o.last_ok == Some(false))
     }
 }
 
@@ -724,8 +729,9 @@ mod tests {
             store: "s3".into(),
             problem: "down".into(),
         });
-        record(&mut h, Ran::Snapshot, &local_only, &failed, 1.0, 2000);
-        let (state, msg) = workload_status(&h, None, 2060);
+        // (In the very second of the last success: the facts still say which came last.)
+        record(&mut h, Ran::Snapshot, &local_only, &failed, 1.0, 1000);
+        let (state, msg) = workload_status(&h, None, 1060);
         assert_eq!(state, "active");
         assert!(
             msg.contains("revision 4300, local") && msg.contains("upload failed"),
