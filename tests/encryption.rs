@@ -408,14 +408,10 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
     fs::write(&file, &value).unwrap();
     for i in 0..50 {
         // A different value each time: etcdctl put reads it from stdin.
-        let mut c = node.ctl();
-        c.args(["put", &format!("big/{i}")]);
-        c.stdin(std::process::Stdio::piped());
-        let mut child = c.spawn().unwrap();
         let mut v = value.clone();
         v.replace_range(0..8, &format!("{i:08}"));
-        child.stdin.take().unwrap().write_all(v.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
+        let out = run_with_stdin(node.ctl().args(["put", &format!("big/{i}")]), v.as_bytes());
+        assert!(out.status.success(), "{out:?}");
     }
     let target = tmp.path().join("snaps");
     let t = target.to_str().unwrap();

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::util::*;
 
@@ -21,21 +21,9 @@ fn promtool() -> PathBuf {
 
 /// `promtool check metrics` on a textfile: its complaints, or nothing.
 fn check_metrics(file: &Path) -> Result<(), String> {
-    let mut child = Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&fs::read(file).unwrap())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = Command::new(promtool());
+    cmd.args(["check", "metrics"]);
+    let out = run_with_stdin(&mut cmd, &fs::read(file).unwrap());
     if out.status.success() {
         Ok(())
     } else {

@@ -96,11 +96,7 @@ pub fn run(
     if let (Some(store), Some(folder), Some(mut upload)) = (&store, &folder, upload) {
         if !archive.uploaded {
             drop(upload);
-            let (again, sha, _) = upload_file(store, folder, &archive.path)?;
-            if sha != archive.sha256 {
-                return Err(changed_under_us(&archive.path, &archive.sha256, sha));
-            }
-            upload = again;
+            upload = upload_again(store, folder, &archive)?;
         }
         commit(unit, (store, &target, folder), upload, &archive, results)?;
     }
@@ -146,10 +142,7 @@ fn commit(
              second): uploading this one as `{}`",
             renamed.name()
         ));
-        let (again, sha, _) = upload_file(store, folder, &renamed.path)?;
-        if sha != renamed.sha256 {
-            return Err(changed_under_us(&renamed.path, &renamed.sha256, sha));
-        }
+        let again = upload_again(store, folder, &renamed)?;
         if results.get("snapshot.path").is_some() && results.get("snapshot.skipped").is_none() {
             renamed.report(results, "snapshot");
             results.set("copy.cmd", unit.reporter.copy_command(&renamed.path));
@@ -175,6 +168,20 @@ fn commit(
         other => other,
     })?;
     report_upload(unit, done, results)
+}
+
+/// Uploads a published archive by reading it again; the upload may be completed only when the
+/// bytes read are the archive's.
+fn upload_again(
+    store: &Store,
+    folder: &str,
+    archive: &Archive,
+) -> Result<crate::store::Upload, Error> {
+    let (upload, sha, _) = upload_file(store, folder, &archive.path)?;
+    if sha != archive.sha256 {
+        return Err(changed_under_us(&archive.path, &archive.sha256, sha));
+    }
+    Ok(upload)
 }
 
 fn report_upload(

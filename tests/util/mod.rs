@@ -321,21 +321,8 @@ impl Node {
                 .collect();
             // No compares, the puts as the success branch, no failure branch.
             let ops = format!("\n{puts}\n\n");
-            let mut child = self
-                .ctl()
-                .arg("txn")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(ops.as_bytes())
-                .unwrap();
-            assert!(child.wait().unwrap().success());
+            let out = run_with_stdin(self.ctl().arg("txn"), ops.as_bytes());
+            assert!(out.status.success(), "{out:?}");
         }
     }
 
@@ -837,6 +824,19 @@ impl Run {
         juju.failure()
             .unwrap_or_else(|| panic!("expected action-fail: {}", self.describe()))
     }
+}
+
+/// Runs `cmd` with `input` on its stdin; its output, captured.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 pub fn sha256_file(p: &Path) -> String {
