@@ -237,6 +237,12 @@ impl Command {
                 archive: Some(&a.archive),
                 keys: Some(&a.keys),
             },
+            Command::Follow(a) => Given {
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+                keys: Some(&a.keys),
+                ..Given::default()
+            },
             Command::Hook { .. } | Command::Status(_) => Given::default(),
         }
     }
@@ -262,6 +268,9 @@ pub enum Command {
     /// Backup health from what the last runs left: newest backups, last drill, schedule,
     /// last error. Cheap: no snapshot, no store listing.
     Status(StatusArgs),
+    /// Record every change from etcd's watch stream into change segments (the history a
+    /// restore to a revision or a time replays); runs until SIGTERM, as a service runs it.
+    Follow(FollowArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
@@ -380,6 +389,32 @@ pub struct ScheduleArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct FollowArgs {
+    /// Directory of the full snapshots; the history goes to its `changes/` folder.
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    /// Seconds after its first change within which a segment is durable (fsync'd); also
+    /// written at 8 MiB of changes.
+    #[arg(long, env = "ETCD_ACTIONS_FLUSH_INTERVAL", default_value_t = 5)]
+    pub flush_interval: u64,
+
+    /// A new full snapshot when the changes since the last one pass an age or a size:
+    /// `1h`, `256MiB`, or both (`1h,256MiB`). Bounds a restore's replay.
+    #[arg(long, env = "ETCD_ACTIONS_FULL_EVERY", default_value = crate::actions::follow::FULL_EVERY_DEFAULT)]
+    pub full_every: String,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Directory of local archives.
     #[arg(long, default_value = DEFAULT_TARGET)]
@@ -439,6 +474,16 @@ pub struct RestoreArgs {
     /// Expected sha256 of the archive (hex).
     #[arg(long)]
     pub sha256: Option<String>,
+
+    /// Restore to this revision: the newest full snapshot at or below it (in --target or the
+    /// store) with the change history `follow` recorded replayed up to it.
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_time"])]
+    pub to_revision: Option<i64>,
+
+    /// Restore to the last revision received at or before this time (RFC 3339, e.g.
+    /// `2026-11-30T14:05:00Z`).
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id"])]
+    pub to_time: Option<String>,
 
     #[command(flatten)]
     pub service: ServiceArgs,

@@ -134,6 +134,13 @@ pub enum Error {
     #[error("internal error (a bug in etcd-actions: please report it): {0}; nothing after the failing step ran")]
     Internal(String),
 
+    #[error("etcd has compacted its history up to revision {0}: the changes before it are gone")]
+    Compacted(i64),
+
+    /// A point in time outside the recorded change history, or a history with a hole.
+    #[error("{0}")]
+    History(String),
+
     #[error("restore failed: {detail}; {outcome}")]
     RestoreFailed { detail: String, outcome: String },
 }
@@ -201,6 +208,7 @@ impl Error {
             | Error::Declined(_)
             | Error::Encrypted { .. }
             | Error::Decrypt { .. }
+            | Error::History(_)
             | Error::BadArchive { .. }
             | Error::NoSnapshot { .. }
             | Error::StoreNotReady(_)

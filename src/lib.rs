@@ -15,6 +15,7 @@ pub mod error;
 pub mod etcd;
 pub mod fsutil;
 pub mod health;
+pub mod history;
 pub mod juju;
 pub mod manifest;
 pub mod params;
@@ -24,6 +25,7 @@ pub mod points;
 pub mod process;
 pub mod progress;
 pub mod recovery;
+pub mod replay;
 pub mod retention;
 pub mod revision;
 pub mod store;
@@ -174,6 +176,10 @@ fn execute(
                 }),
             )?;
             actions::status::run(reporter, settings, &opts.target, results)
+        }
+        Command::Follow(a) => {
+            let opts = actions::follow::FollowOptions::try_from(a)?;
+            actions::follow::run(&unit()?, &opts)
         }
         Command::Hook { .. } => Ok(()),
     }

@@ -335,6 +335,20 @@ impl Guarded {
     pub fn id(&self) -> u32 {
         self.child.id()
     }
+
+    /// Asks the child to stop (SIGTERM) and waits up to `timeout` for it to exit; whether it
+    /// did. It is killed either way when this is dropped.
+    pub fn terminate(mut self, timeout: Duration) -> bool {
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 }
 
 impl Drop for Guarded {

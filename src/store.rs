@@ -818,10 +818,94 @@ impl Store {
         read_record(&self.rt, &self.s3, &self.cfg, key)
     }
 
+    /// Writes a small object (a change segment) once: an object already at `key` is fine
+    /// only when it holds the same bytes.
+    pub fn put_once(&self, key: &str, bytes: Vec<u8>) -> Result<(), Error> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let same = bytes.clone();
+        let put = self
+            .rt
+            .block_on(self.s3.put_opts(&ObjectPath::from(key), bytes.into(), opts));
+        match put {
+            Ok(_) => Ok(()),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => match self.get_bytes(key, same.len() as u64)? {
+                Some(there) if there == same => Ok(()),
+                _ => Err(Error::StoreConflict {
+                    store: self.cfg.describe(),
+                    key: key.to_string(),
+                }),
+            },
+            Err(e) => Err(self.fail(&format!("cannot write `{key}`"), e)),
+        }
+    }
+
+    /// The object at `key` when it is at most `max` bytes; `None` when absent or larger.
+    pub fn get_bytes(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, Error> {
+        self.rt.block_on(async {
+            let got = match self.s3.get(&ObjectPath::from(key)).await {
+                Ok(g) => g,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.fail(&format!("cannot read `{key}`"), e)),
+            };
+            if got.meta.size > max {
+                return Ok(None);
+            }
+            let mut stream = got.into_stream();
+            let mut out = Vec::with_capacity(got_size(max));
+            while let Some(piece) = stream.next().await {
+                out.extend_from_slice(
+                    &piece.map_err(|e| self.fail(&format!("cannot read `{key}`"), e))?,
+                );
+                if out.len() as u64 > max {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(out))
+        })
+    }
+
+    /// Every key under `prefix` (recursively), bounded by `LIST_KEYS_MAX`.
+    pub fn keys_under(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let path = ObjectPath::from(prefix);
+        let listed = self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut stream = self.s3.list(Some(&path));
+            while let Some(item) = stream.next().await {
+                out.push(item.map_err(|e| e.to_string())?.location.to_string());
+                if out.len() >= LIST_KEYS_MAX {
+                    break;
+                }
+            }
+            Ok::<_, String>(out)
+        });
+        listed.map_err(|e| self.fail(&format!("cannot list `{prefix}/`"), e))
+    }
+
+    /// The names of the objects directly in `folder` (keys and sizes), for folders of
+    /// small objects such as the change history.
+    pub fn names(&self, folder: &str) -> Result<Vec<(String, u64)>, Error> {
+        Ok(self
+            .list(folder)?
+            .objects
+            .into_iter()
+            .map(|o| (o.name().to_string(), o.size))
+            .collect())
+    }
+
     /// A reader of the object at `key`, streamed with bounded memory.
     pub fn reader(&self, key: &str) -> ObjectReader {
         ObjectReader::start(self.cfg.clone(), key.to_string())
     }
+}
+
+fn got_size(max: u64) -> usize {
+    usize::try_from(max.min(1 << 20)).unwrap_or(1 << 20)
 }
 
 /// What a completed upload left in the store.

@@ -14,6 +14,7 @@ mod hooktools;
 mod hostile;
 mod lifecycle;
 mod matrix;
+mod pitr;
 mod progress;
 mod restore;
 mod revision;

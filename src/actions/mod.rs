@@ -3,6 +3,7 @@
 //! (`crate::catalog`), crash recovery (`crate::recovery`).
 
 pub mod backup;
+pub mod follow;
 pub mod list_backups;
 pub mod prune;
 pub mod restore;

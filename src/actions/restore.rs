@@ -47,6 +47,11 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     pub skip_backup: bool,
     pub sha256: Option<String>,
+    /// Restore to this revision: the newest full snapshot at or below it, and the change
+    /// history replayed up to it.
+    pub to_revision: Option<i64>,
+    /// Restore to the last revision received at or before this time (RFC 3339).
+    pub to_time: Option<String>,
 }
 
 impl From<crate::cli::RestoreArgs> for RestoreOptions {
@@ -57,6 +62,8 @@ impl From<crate::cli::RestoreArgs> for RestoreOptions {
             target: a.target,
             skip_backup: a.skip_backup,
             sha256: a.sha256,
+            to_revision: a.to_revision,
+            to_time: a.to_time,
         }
     }
 }
@@ -69,6 +76,13 @@ impl TakesParams for RestoreOptions {
         }
         if let Some(b) = params.boolean("skip-backup")? {
             self.skip_backup = b;
+        }
+        if let Some(r) = params.integer("to-revision")? {
+            // Juju's schema gives 0 as the default: no point.
+            self.to_revision = Some(r).filter(|r| *r != 0);
+        }
+        if let Some(t) = params.string("to-time")? {
+            self.to_time = Some(t).filter(|t| !t.trim().is_empty());
         }
         Ok(())
     }
@@ -552,6 +566,8 @@ struct Plan {
     reserve: u64,
     /// Revisions added by the restore tool (0: none).
     bump: u64,
+    /// A restore to a point: the changes replayed onto the full snapshot.
+    point: Option<crate::replay::Point>,
     /// Held from the plan to the end, and released last (fields drop in order): no other run
     /// of the agent touches the unit meanwhile.
     _lock: UnitLock,
@@ -588,11 +604,15 @@ fn plan(
 
     unit.reporter
         .status("maintenance", "restore: checking the snapshot");
+    let point = resolve_point(unit, opts)?;
     let located = crate::catalog::locate(
         unit,
         &crate::catalog::Wanted {
             snapshot: opts.snapshot.as_deref(),
-            backup_id: opts.backup_id.as_deref(),
+            backup_id: point
+                .as_ref()
+                .map(|p| p.base.id.as_str())
+                .or(opts.backup_id.as_deref()),
             target: &opts.target,
         },
     )?;
@@ -663,8 +683,57 @@ fn plan(
         target,
         reserve,
         bump,
+        point,
         _lock: lock,
     })
+}
+
+/// The point of a restore to a revision or a time, when one is asked for: refuses a point
+/// together with an archive (the point picks its full snapshot), and a point outside the
+/// recorded history.
+fn resolve_point(
+    unit: &Unit<'_>,
+    opts: &RestoreOptions,
+) -> Result<Option<crate::replay::Point>, Error> {
+    use crate::replay::Wanted;
+    let wanted = match (opts.to_revision, opts.to_time.as_deref()) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(Error::usage(
+                "to-revision and to-time both given: give one point",
+            ))
+        }
+        (Some(r), None) if r < 1 => {
+            return Err(Error::usage(format!(
+                "to-revision {r} is not a revision: revisions start at 1"
+            )))
+        }
+        (Some(r), None) => Wanted::Revision(r),
+        (None, Some(t)) => match crate::replay::parse_rfc3339_ms(t) {
+            Some(ms) => Wanted::Time(ms, t.trim().to_string()),
+            None => {
+                return Err(Error::usage(format!(
+                    "to-time `{}` is not an RFC 3339 time; write it as `2026-11-30T14:05:00Z`                      (or with an offset, `+01:00`)",
+                    crate::error::bounded(t, 100)
+                )))
+            }
+        },
+    };
+    if opts.snapshot.is_some() || opts.backup_id.is_some() {
+        return Err(Error::usage(
+            "to-revision and to-time pick the full snapshot themselves: leave snapshot and              backup-id empty",
+        ));
+    }
+    let store = unit.store()?;
+    let point = crate::replay::resolve(unit, &opts.target, store.as_ref(), &wanted)?;
+    unit.log(&format!(
+        "restoring to {}: the full snapshot {} at revision {}, then {} change segment(s)",
+        point.asked,
+        point.base.id,
+        point.base_revision,
+        point.segments.len()
+    ));
+    Ok(Some(point))
 }
 
 /// The backup `back_up` took, or the raw copy it left for `swap` (etcd is stopped then).
@@ -717,6 +786,8 @@ struct Staged {
     guard: TempPath,
     new_inode: u64,
     old_inode: Option<u64>,
+    /// What a replay to a point did.
+    replayed: Option<crate::replay::Replayed>,
 }
 
 /// Builds the restored member dir beside the live one with the restore tool, if the data
@@ -725,7 +796,9 @@ fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
     let (p, offline) = (&plan.p, &plan.offline);
     unit.reporter
         .status("maintenance", "restore: building the restored data");
-    let need = plan.unpacked.db.size + WAL_SEGMENT + plan.reserve;
+    // A replay builds the member twice: once to replay into, once with the bump.
+    let copies = if plan.point.is_some() { 2 } else { 1 };
+    let need = copies * (plan.unpacked.db.size + WAL_SEGMENT) + plan.reserve;
     let free = free_bytes(&unit.state)?;
     if free < need {
         return Err(Error::NoSpace {
@@ -747,13 +820,20 @@ fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
     // previous data and is handled explicitly.
     let guard = TempPath::new(p.staging.clone());
     let build_dir = p.staging.join("build");
+    let (db, replayed) = match &plan.point {
+        Some(point) => {
+            let (db, r) = replay(unit, plan, point, &token)?;
+            (db, Some(r))
+        }
+        None => (p.incoming_db.clone(), None),
+    };
     unit.log(&format!(
         "{} {} snapshot restore into staging",
         offline.name, offline.version
     ));
     offline
         .restore(&RestoreRequest {
-            db: &p.incoming_db,
+            db: &db,
             data_dir: &build_dir,
             name: &unit.config.name,
             peer_urls: &unit.config.peer_urls,
@@ -774,13 +854,55 @@ fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
     fs::rename(build_dir.join("member"), &p.staged_member)
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
+    remove_any(&p.staging.join("replay"))?;
     remove_any(&p.incoming_db)?;
     crash_point("restore-after-build");
     Ok(Staged {
         guard,
         new_inode: inode(&p.staged_member).expect("just built"),
         old_inode: inode(&p.member),
+        replayed,
     })
+}
+
+/// The replay stage of a restore to a point: the full snapshot restored without a bump into
+/// `staging/replay`, the changes replayed there by a throwaway etcd on loopback, and the db
+/// it leaves handed to the restore tool (which applies the bump after the replay, so the
+/// replayed revisions keep their numbers). Returns that db.
+fn replay(
+    unit: &Unit<'_>,
+    plan: &Plan,
+    point: &crate::replay::Point,
+    token: &str,
+) -> Result<(PathBuf, crate::replay::Replayed), Error> {
+    let (p, offline) = (&plan.p, &plan.offline);
+    let dir = p.staging.join("replay");
+    unit.reporter.status(
+        "maintenance",
+        &format!("restore: replaying changes to {}", point.asked),
+    );
+    offline
+        .restore(&RestoreRequest {
+            db: &p.incoming_db,
+            data_dir: &dir,
+            name: &unit.config.name,
+            peer_urls: &unit.config.peer_urls,
+            token,
+            bump: 0,
+        })
+        .map_err(|e| Error::BadArchive {
+            path: plan.archive.clone(),
+            problem: format!("{} cannot restore its db: {e}", offline.name),
+        })?;
+    remove_any(&p.incoming_db)?;
+    let store = unit.store()?;
+    let r = crate::replay::replay(unit, offline, &dir, point, store.as_ref())?;
+    unit.log(&format!(
+        "replayed {} revisions ({} changes, {} leases) to revision {} in {:.1}s",
+        r.revisions, r.events, r.leases, point.revision, r.seconds
+    ));
+    crash_point("restore-after-replay");
+    Ok((crate::replay::replayed_db(&dir), r))
 }
 
 /// Before the swap a failure restarts the service (when it was stopped) and removes the
@@ -803,6 +925,7 @@ struct Swapped {
     old_inode: Option<u64>,
     down_since: Instant,
     backup: Option<Archive>,
+    replayed: Option<crate::replay::Replayed>,
 }
 
 /// Journals the restore, stops etcd (syncing the staged data meanwhile), confirms it is gone,
@@ -884,6 +1007,7 @@ fn swap(
         old_inode: staged.old_inode,
         down_since,
         backup: taken,
+        replayed: staged.replayed,
     })
 }
 
@@ -893,10 +1017,15 @@ fn confirm(unit: &Unit<'_>, plan: &Plan, swapped: &Swapped) -> Result<(Status, u
     let p = &plan.p;
     let manifest = plan.unpacked.manifest.as_ref();
     let want = Expected {
-        revision: manifest
-            .and_then(|m| m.revision)
-            .map(|rev| rev + plan.bump as i64),
-        keys: manifest.and_then(|m| m.keys),
+        revision: match &plan.point {
+            Some(point) => Some(point.revision),
+            None => manifest.and_then(|m| m.revision),
+        }
+        .map(|rev| rev + plan.bump as i64),
+        keys: match &swapped.replayed {
+            Some(r) => Some(r.keys),
+            None => manifest.and_then(|m| m.keys),
+        },
         old_cluster: plan.status.as_ref().map(|s| s.cluster_id),
     };
     let started = sync_dir(&unit.config.data_dir)
@@ -966,6 +1095,14 @@ fn commit(
     results.set("restore.origin", plan.origin);
     results.set("restore.sha256", &plan.unpacked.sha256);
     results.set("restore.revision", new_status.revision);
+    if let (Some(point), Some(r)) = (&plan.point, &swapped.replayed) {
+        results.set("restore.point", &point.asked);
+        results.set("restore.point-revision", point.revision);
+        results.set("restore.base-revision", point.base_revision);
+        results.set("restore.replayed-revisions", r.revisions);
+        results.set("restore.replayed-changes", r.events);
+        results.set("restore.replay-seconds", format!("{:.1}", r.seconds));
+    }
     results.set("restore.keys", keys);
     results.set("restore.cluster-id", hex_id(new_status.cluster_id));
     results.set("restore.member", &unit.config.name);

@@ -1,0 +1,724 @@
+//! `follow`: the continuous change history. A long-running command (a systemd service runs
+//! it) that watches every key from the revision after the newest full snapshot and writes
+//! change segments (`crate::history`), each durable at most `--flush-interval` seconds after
+//! the first change it holds, uploaded when a store is configured, encrypted when
+//! recipients are set. A pipeline of stages: `plan` (where the history resumes, a full
+//! snapshot first when there is none), `record` (watch, group by revision, flush), with
+//! `full` (a new full snapshot in a child process) and `gap` (a compaction that outran it,
+//! recorded explicitly) where they are needed.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Unit;
+use crate::error::{human_size, Error, IoContext};
+use crate::etcd::{hex_id, Change, Client, Watched};
+use crate::history::{self, Ev, Head, Named, Pending, Rev};
+use crate::manifest::now_secs;
+
+/// A segment is flushed at this many bytes of changes, whatever the interval.
+const SEGMENT_BYTES: usize = 8 << 20;
+/// Name of the lock (in `<target>/changes/`) that keeps a second follow out.
+const LOCK: &str = ".follow.lock";
+/// The state follow leaves for status, health and restores to a time: how far it has
+/// recorded and when it last knew that.
+pub const STATE: &str = "follow.json";
+
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    pub target: PathBuf,
+    pub flush_interval: Duration,
+    pub full_every: FullEvery,
+}
+
+/// When a new full snapshot starts: the changes since the last one pass an age or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FullEvery {
+    pub age: Duration,
+    pub bytes: u64,
+}
+
+pub const FULL_EVERY_DEFAULT: &str = "1h,256MiB";
+
+impl FullEvery {
+    /// `6h`, `512MiB`, or both separated by a comma.
+    pub fn parse(text: &str) -> Result<FullEvery, Error> {
+        let mut out = FullEvery {
+            age: Duration::MAX,
+            bytes: u64::MAX,
+        };
+        let bad = |why: &str| {
+            Error::usage(format!(
+                "--full-every `{}` {why}; give an age (`1h`, `30m`), a size (`256MiB`, `1GiB`) or \
+                 both (`1h,256MiB`)",
+                crate::error::bounded(text, 100)
+            ))
+        };
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            let n: u64 = digits
+                .parse()
+                .map_err(|_| bad("does not start with a number"))?;
+            if n == 0 {
+                return Err(bad("is zero"));
+            }
+            let unit = part[digits.len()..].trim().to_ascii_lowercase();
+            let secs = |m: u64| Duration::from_secs(n.saturating_mul(m));
+            match unit.as_str() {
+                "s" => out.age = secs(1),
+                "m" => out.age = secs(60),
+                "h" => out.age = secs(3600),
+                "d" => out.age = secs(86400),
+                "kib" | "k" => out.bytes = n << 10,
+                "mib" | "mb" => out.bytes = n << 20,
+                "gib" | "gb" => out.bytes = n << 30,
+                _ => return Err(bad(&format!("has the unknown unit `{unit}`"))),
+            }
+        }
+        if out.age == Duration::MAX && out.bytes == u64::MAX {
+            return Err(bad("is empty"));
+        }
+        Ok(out)
+    }
+}
+
+impl TryFrom<crate::cli::FollowArgs> for FollowOptions {
+    type Error = Error;
+    fn try_from(a: crate::cli::FollowArgs) -> Result<FollowOptions, Error> {
+        if a.flush_interval == 0 || a.flush_interval > 3600 {
+            return Err(Error::usage(format!(
+                "--flush-interval {} is out of range: give 1 to 3600 seconds",
+                a.flush_interval
+            )));
+        }
+        Ok(FollowOptions {
+            target: a.target,
+            flush_interval: Duration::from_secs(a.flush_interval),
+            full_every: FullEvery::parse(&a.full_every)?,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where the history resumes.
+struct Plan {
+    cluster_id: u64,
+    dir: PathBuf,
+    /// The next revision to record.
+    next: i64,
+    prev_sha256: Option<String>,
+    /// Bytes of segments since the newest full snapshot, and when that was taken.
+    since_full: (u64, Instant),
+    _lock: crate::fsutil::UnitLock,
+}
+
+pub fn run(unit: &Unit<'_>, opts: &FollowOptions) -> Result<(), Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .ctx(|| "cannot handle SIGTERM".to_string())?;
+    }
+    let plan = plan(unit, opts, &stop)?;
+    record(unit, opts, plan, &stop)
+}
+
+/// Refuses a second follow on the target, finds where the history resumes (the last durable
+/// segment, else the newest full snapshot), and takes a full snapshot when there is none.
+fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan, Error> {
+    let client = Client::new(&unit.config);
+    let target = super::open_target(unit, &opts.target)?;
+    unit.keys()?;
+    let store = unit.store()?;
+    let root = target.path().join(history::DIR);
+    mkdir_private(&root)?;
+    let lock = crate::fsutil::UnitLock::acquire(&root.join(LOCK), Duration::ZERO, "follow")
+        .map_err(|e| match e {
+            Error::Busy { holder, .. } => Error::Declined(format!(
+                "another follow already records the history of `{}`{holder}; one follow per \
+                 target: stop it first (systemctl stop {})",
+                opts.target.display(),
+                SERVICE
+            )),
+            other => other,
+        })?;
+    let status = client.status()?;
+    let cluster = hex_id(status.cluster_id);
+    let dir = history::local_dir(target.path(), &cluster);
+    mkdir_private(&dir)?;
+    clean_temps(&dir);
+    let mine = history::list(target.path(), None)?
+        .into_iter()
+        .find(|h| h.cluster_id == cluster)
+        .unwrap_or_default();
+    let base = newest_full(unit, target.path(), store.as_ref(), &cluster)?;
+    let (next, prev) = match mine.newest() {
+        Some(f) => {
+            let bytes = history::read(f, None)?;
+            // A segment that cannot be read is not chained onto: the history restarts at a
+            // full snapshot instead.
+            match history::decode(&bytes, &f.named, unit.keys()?) {
+                Ok(_) => (f.named.last + 1, Some(history::sha256(&bytes))),
+                Err(e) if f.named.encrypted => {
+                    // Follow holds no identity: trust the name, chain on the bytes.
+                    let _ = e;
+                    (f.named.last + 1, Some(history::sha256(&bytes)))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        None => {
+            let rev = match base {
+                Some(r) => r,
+                None => {
+                    unit.log("no full snapshot of this cluster yet: taking one first");
+                    full_snapshot(unit, &opts.target, stop)?
+                }
+            };
+            // An empty db records revision 0; etcd serves it at revision 1.
+            (rev.max(1) + 1, None)
+        }
+    };
+    let since: u64 = mine
+        .segments
+        .iter()
+        .filter(|f| base.is_some_and(|b| f.named.first > b))
+        .map(|f| f.size)
+        .sum();
+    unit.log(&format!(
+        "follow: recording cluster {cluster} from revision {next} into `{}`{}",
+        dir.display(),
+        if store.is_some() {
+            " and the store"
+        } else {
+            ""
+        }
+    ));
+    Ok(Plan {
+        cluster_id: status.cluster_id,
+        dir,
+        next,
+        prev_sha256: prev,
+        since_full: (since, Instant::now()),
+        _lock: lock,
+    })
+}
+
+fn mkdir_private(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot create `{}`", dir.display()), e)),
+    }
+}
+
+/// Removes the temp files of a follow that was killed while writing.
+fn clean_temps(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// The revision of the newest complete full snapshot of `cluster`, in the target or the store.
+fn newest_full(
+    unit: &Unit<'_>,
+    target: &Path,
+    store: Option<&crate::store::Store>,
+    cluster: &str,
+) -> Result<Option<i64>, Error> {
+    Ok(crate::catalog::list(unit, target, store)?
+        .into_iter()
+        .filter(|e| {
+            !e.incomplete
+                && e.ours
+                && crate::catalog::is_archive_name(&e.id)
+                && e.cluster_id.as_deref() == Some(cluster)
+        })
+        .filter_map(|e| e.revision)
+        .max())
+}
+
+/// Takes a full snapshot with this program's `snapshot` in a child process (the settings in
+/// force passed in its environment), and returns its revision.
+fn full_snapshot(unit: &Unit<'_>, target: &Path, stop: &AtomicBool) -> Result<i64, Error> {
+    let mut child = spawn_full(unit, target)?;
+    loop {
+        if let Some(done) = child
+            .try_wait()
+            .ctx(|| "cannot wait for the snapshot".into())?
+        {
+            let mut out = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                use std::io::Read;
+                let _ = o.read_to_string(&mut out);
+            }
+            if !done.success() {
+                return Err(Error::Declined(format!(
+                    "the full snapshot follow needs failed ({done}); see its output above, fix \
+                     it, and start follow again"
+                )));
+            }
+            return snapshot_revision(&out);
+        }
+        if stop.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Declined(
+                "stopped while taking a full snapshot".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_full(unit: &Unit<'_>, target: &Path) -> Result<std::process::Child, Error> {
+    let exe = std::env::current_exe().ctx(|| "cannot find this program's path".into())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["snapshot", "--target"]).arg(target);
+    for (k, v) in unit.settings.env_pairs() {
+        cmd.env(k, v);
+    }
+    for (k, v) in unit.settings.s3.credentials.env_pairs() {
+        cmd.env(k, v);
+    }
+    // The child reports in YAML on stdout; its errors go to follow's stderr (the journal).
+    cmd.env_remove("JUJU_ACTION_NAME")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    cmd.spawn().map_err(|e| Error::CommandInvoke {
+        command: crate::process::display(&cmd),
+        source: e,
+    })
+}
+
+fn snapshot_revision(yaml: &str) -> Result<i64, Error> {
+    let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap_or_default();
+    v.get("results")
+        .and_then(|r| r.get("snapshot"))
+        .and_then(|s| s.get("revision"))
+        .and_then(|r| {
+            r.as_i64()
+                .or_else(|| r.as_str().and_then(|s| s.parse().ok()))
+        })
+        .ok_or_else(|| Error::BadOutput {
+            command: "etcd-actions snapshot".into(),
+            problem: "no snapshot.revision in its results".into(),
+        })
+}
+
+/// The recorder: pending changes, the chain, the uploads.
+struct Recorder<'a> {
+    unit: &'a Unit<'a>,
+    cluster: String,
+    dir: PathBuf,
+    /// The last revision made durable.
+    flushed_to: i64,
+    prev_sha256: Option<String>,
+    pending: Pending,
+    first_at: Option<Instant>,
+    uploads: Option<std::sync::mpsc::Sender<PathBuf>>,
+    since_full: (u64, Instant),
+    segments: u64,
+}
+
+impl Recorder<'_> {
+    fn received(&self) -> i64 {
+        self.pending.revs.last().map_or(self.flushed_to, |r| r.r)
+    }
+
+    /// Writes the pending changes as one durable segment (nothing when there are none).
+    fn flush(&mut self) -> Result<(), Error> {
+        let Some(last) = self.pending.revs.last().map(|r| r.r) else {
+            return Ok(());
+        };
+        let first = self.flushed_to + 1;
+        let revs = std::mem::take(&mut self.pending.revs);
+        self.pending.bytes = 0;
+        let keys = self.unit.keys()?;
+        let head = Head {
+            format: history::FORMAT.into(),
+            cluster_id: self.cluster.clone(),
+            first,
+            last,
+            prev_sha256: self.prev_sha256.clone(),
+            gap: false,
+            revisions: revs.len() as u64,
+            events: revs.iter().map(|r| r.ev.len() as u64).sum(),
+        };
+        let ms = (revs[0].t, revs[revs.len() - 1].t);
+        let named = Named::new(&self.cluster, first, last, ms, false, keys.encrypts());
+        let bytes = history::encode(&head, &revs, keys)?;
+        if let Err(e) = self.publish(&named, &bytes) {
+            // Kept for the next try: nothing is lost while the process lives.
+            self.pending.revs = revs;
+            return Err(e);
+        }
+        crate::points::crash_point("follow-after-segment");
+        let lag = now_ms().saturating_sub(ms.0);
+        eprintln!(
+            "etcd-actions follow: segment {first}..{last} ({} revisions, {}) durable, {:.1}s after \
+             its first change",
+            head.revisions,
+            human_size(bytes.len() as u64),
+            lag as f64 / 1000.0
+        );
+        self.since_full.0 += bytes.len() as u64;
+        self.segments += 1;
+        self.prev_sha256 = Some(history::sha256(&bytes));
+        self.flushed_to = last;
+        self.first_at = None;
+        self.write_state(lag);
+        Ok(())
+    }
+
+    fn publish(&mut self, named: &Named, bytes: &[u8]) -> Result<(), Error> {
+        history::publish(&self.dir, &named.name, bytes).map_err(|e| match e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Error::NoSpace {
+                    path: self.dir.clone(),
+                    action: "writing the next change segment".into(),
+                    need: human_size(bytes.len() as u64),
+                    available: crate::fsutil::free_bytes(&self.dir)
+                        .map(human_size)
+                        .unwrap_or_else(|_| "unknown".into()),
+                }
+            }
+            other => other,
+        })?;
+        if let Some(u) = &self.uploads {
+            let _ = u.send(self.dir.join(&named.name));
+        }
+        Ok(())
+    }
+
+    /// Records revisions `first..=last` as lost, chained like any segment.
+    fn gap(&mut self, last: i64) -> Result<(), Error> {
+        self.flush()?;
+        let first = self.flushed_to + 1;
+        if last < first {
+            return Ok(());
+        }
+        let keys = self.unit.keys()?;
+        let head = Head {
+            format: history::FORMAT.into(),
+            cluster_id: self.cluster.clone(),
+            first,
+            last,
+            prev_sha256: self.prev_sha256.clone(),
+            gap: true,
+            revisions: 0,
+            events: 0,
+        };
+        let t = now_ms();
+        let named = Named::new(&self.cluster, first, last, (t, t), true, keys.encrypts());
+        let bytes = history::encode(&head, &[], keys)?;
+        self.publish(&named, &bytes)?;
+        eprintln!(
+            "etcd-actions follow: revisions {first}..{last} were compacted before they were \
+             recorded: recorded as a gap; the full snapshot at {last} continues the history"
+        );
+        self.prev_sha256 = Some(history::sha256(&bytes));
+        self.flushed_to = last;
+        Ok(())
+    }
+
+    /// Adds a watch message's changes, one `Rev` per revision.
+    fn add(
+        &mut self,
+        changes: Vec<Change>,
+        watch: &mut crate::etcd::Watch,
+        leases: &mut HashSet<i64>,
+    ) -> Result<(), Error> {
+        let t = now_ms();
+        for c in changes {
+            if c.mod_revision <= self.received()
+                && self.pending.revs.last().map(|r| r.r) != Some(c.mod_revision)
+            {
+                // Already recorded (never expected: the watch resumes after the last one).
+                continue;
+            }
+            let mut lease = None;
+            if c.lease != 0 && leases.insert(c.lease) {
+                // The watch carries no lease grants: the TTL is asked for once per lease.
+                let ttl = watch.lease_ttl(c.lease)?.unwrap_or(0);
+                lease = Some((c.lease, ttl));
+            }
+            match self.pending.revs.last_mut() {
+                Some(r) if r.r == c.mod_revision => {
+                    r.ev.push(Ev::of(&c));
+                    r.leases.extend(lease);
+                }
+                _ => {
+                    self.pending.push(Rev {
+                        r: c.mod_revision,
+                        t,
+                        ev: vec![Ev::of(&c)],
+                        leases: lease.into_iter().collect(),
+                    });
+                    continue;
+                }
+            }
+            self.pending.bytes += c.key.len() + c.value.len() + 64;
+        }
+        if leases.len() > 1_000_000 {
+            leases.clear();
+        }
+        if self.first_at.is_none() && !self.pending.is_empty() {
+            self.first_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The state file: how far the history goes and when that was known.
+    fn write_state(&self, lag_ms: u64) {
+        let state = serde_json::json!({
+            "pid": std::process::id(),
+            "cluster_id": self.cluster,
+            "through_revision": self.flushed_to,
+            "through_ms": now_ms(),
+            "segments_written": self.segments,
+            "last_flush_lag_ms": lag_ms,
+        });
+        let _ = crate::fsutil::write_atomic(&self.dir.join(STATE), state.to_string().as_bytes());
+    }
+}
+
+/// Uploads published segments in the background (the store's pace never holds up the
+/// watch); a failed upload is tried again with the next one, and at the next start.
+fn uploader(
+    unit: &Unit<'_>,
+    dir: &Path,
+    cluster: &str,
+) -> Result<Option<std::sync::mpsc::Sender<PathBuf>>, Error> {
+    let Some(store) = unit.store()? else {
+        return Ok(None);
+    };
+    let folder = history::store_folder(&unit.store_folder(&store), cluster);
+    let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+    // What the store lacks from an earlier run.
+    let there: HashSet<String> = store.names(&folder)?.into_iter().map(|(n, _)| n).collect();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut missing: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| Named::parse(n).is_some() && !there.contains(n))
+            })
+            .collect();
+        missing.sort();
+        for p in missing {
+            let _ = tx.send(p);
+        }
+    }
+    std::thread::Builder::new()
+        .name("segment-upload".into())
+        .spawn(move || {
+            let mut retry: Vec<PathBuf> = Vec::new();
+            while let Ok(p) = rx.recv() {
+                retry.push(p);
+                retry.retain(|p| {
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let Ok(bytes) = std::fs::read(p) else {
+                        return false;
+                    };
+                    match store.put_once(&format!("{folder}/{name}"), bytes) {
+                        Ok(()) => false,
+                        Err(e) => {
+                            eprintln!("etcd-actions follow: upload of {name} failed, tried again with the next segment: {e}");
+                            true
+                        }
+                    }
+                });
+            }
+        })
+        .ctx(|| "cannot start the segment uploader".into())?;
+    Ok(Some(tx))
+}
+
+pub const SERVICE: &str = "etcd-actions-follow";
+
+/// Watches and records until SIGTERM (flush, exit 0) or a failure (flushed first).
+fn record(
+    unit: &Unit<'_>,
+    opts: &FollowOptions,
+    plan: Plan,
+    stop: &AtomicBool,
+) -> Result<(), Error> {
+    let client = Client::new(&unit.config);
+    let cluster = hex_id(plan.cluster_id);
+    let uploads = uploader(unit, &plan.dir, &cluster)?;
+    let mut rec = Recorder {
+        unit,
+        cluster: cluster.clone(),
+        dir: plan.dir.clone(),
+        flushed_to: plan.next - 1,
+        prev_sha256: plan.prev_sha256.clone(),
+        pending: Pending::default(),
+        first_at: None,
+        uploads,
+        since_full: plan.since_full,
+        segments: 0,
+    };
+    rec.write_state(0);
+    let mut leases = HashSet::new();
+    let mut backoff = Duration::from_millis(200);
+    let mut full: Option<std::process::Child> = None;
+    let mut last_progress = Instant::now();
+    'connect: loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let from = rec.received() + 1;
+        let mut watch = match client.watch(from) {
+            Ok(w) => w,
+            Err(Error::Compacted(c)) => {
+                unit.log(&format!(
+                    "follow: etcd compacted up to {c}, past revision {from}: taking a full \
+                     snapshot"
+                ));
+                rec.flush()?;
+                let rev = full_snapshot(unit, &opts.target, stop)?;
+                rec.gap(rev)?;
+                rec.since_full = (0, Instant::now());
+                continue;
+            }
+            Err(e) => {
+                // etcd restarting, a leader change, a network blip: keep what is pending
+                // (flushed on time) and resume after the last change received.
+                eprintln!(
+                    "etcd-actions follow: {e}; reconnecting in {:.1}s",
+                    backoff.as_secs_f64()
+                );
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    if due(&rec, opts) {
+                        rec.flush()?;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if watch.cluster_id != plan.cluster_id && watch.cluster_id != 0 {
+            rec.flush()?;
+            return Err(Error::Declined(format!(
+                "etcd now serves cluster {} instead of {cluster} (a restore?): this history \
+                 ends here; start follow again to record the new cluster from a full snapshot",
+                hex_id(watch.cluster_id)
+            )));
+        }
+        backoff = Duration::from_millis(200);
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break 'connect;
+            }
+            let wait = match rec.first_at {
+                Some(t) => opts.flush_interval.saturating_sub(t.elapsed()),
+                None => Duration::from_millis(500),
+            }
+            .clamp(Duration::from_millis(10), Duration::from_millis(500));
+            match watch.next(wait) {
+                Ok(Some(Watched::Changes(cs))) => rec.add(cs, &mut watch, &mut leases)?,
+                Ok(Some(Watched::Progress(_))) | Ok(None) => {}
+                Ok(Some(Watched::Compacted(_))) => continue 'connect,
+                Err(e) => {
+                    eprintln!(
+                        "etcd-actions follow: {e}; resuming after revision {}",
+                        rec.received()
+                    );
+                    continue 'connect;
+                }
+            }
+            if due(&rec, opts) {
+                rec.flush()?;
+            }
+            if rec.pending.is_empty() && last_progress.elapsed() >= opts.flush_interval {
+                // Nothing pending: everything received is durable; say so with the time.
+                last_progress = Instant::now();
+                watch.progress();
+                rec.write_state(0);
+            }
+            // A new full snapshot bounds the replay: after an age or a size of changes.
+            match full.as_mut().map(std::process::Child::try_wait) {
+                Some(Ok(Some(st))) => {
+                    if !st.success() {
+                        eprintln!("etcd-actions follow: the periodic full snapshot failed ({st}); trying again later");
+                    }
+                    full = None;
+                    rec.since_full = (0, Instant::now());
+                }
+                Some(_) => {}
+                None => {
+                    let (bytes, at) = rec.since_full;
+                    if bytes >= opts.full_every.bytes || at.elapsed() >= opts.full_every.age {
+                        eprintln!(
+                            "etcd-actions follow: {} of changes in {:.0}s since the last full \
+                             snapshot: taking a new one",
+                            human_size(bytes),
+                            at.elapsed().as_secs_f64()
+                        );
+                        let mut child = spawn_full(unit, &opts.target)?;
+                        // Its results are not needed here; the catalog lists the archive.
+                        drop(child.stdout.take());
+                        full = Some(child);
+                        rec.since_full = (0, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+    rec.flush()?;
+    if let Some(mut c) = full {
+        let _ = c.wait();
+    }
+    eprintln!(
+        "etcd-actions follow: stopped; the history is durable up to revision {} ({} segments this run, {})",
+        rec.flushed_to,
+        rec.segments,
+        crate::manifest::rfc3339(now_secs())
+    );
+    rec.write_state(0);
+    Ok(())
+}
+
+fn due(rec: &Recorder<'_>, opts: &FollowOptions) -> bool {
+    rec.pending.bytes >= SEGMENT_BYTES
+        || rec
+            .first_at
+            .is_some_and(|t| t.elapsed() + Duration::from_millis(50) >= opts.flush_interval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_every_parses() {
+        let f = FullEvery::parse(FULL_EVERY_DEFAULT).unwrap();
+        assert_eq!(f.age, Duration::from_secs(3600));
+        assert_eq!(f.bytes, 256 << 20);
+        assert_eq!(FullEvery::parse("30m").unwrap().bytes, u64::MAX);
+        for bad in ["", "0h", "1x", "h"] {
+            assert!(FullEvery::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The change history: what `follow` records from etcd's watch stream between full
+//! snapshots, and what a restore to a point replays.
+//!
+//! A **segment** holds every change of a contiguous revision range `first..=last`, the
+//! changes of one revision together (a txn is one revision), each revision with the time it
+//! was received, and the TTL of each lease first seen on a key. Its file is JSON lines (a
+//! head, then one line per revision), gzip-compressed, and age-encrypted when recipients are
+//! set. Segments are chained: each head names the cluster and the sha256 of the previous
+//! segment's file. A **gap** segment marks revisions that were lost (etcd compacted them
+//! before they were recorded); the next full snapshot is at or after its end.
+//!
+//! Names carry the range and the time range, so a listing (local or in the store) tells the
+//! coverage without reading a file:
+//! `etcd-changes-<cluster>-<first>-<last>-<first ms>-<last ms>[-gap].jsonl.gz[.age]`.
+//! Files live in `<target>/changes/<cluster>/`, objects in `<folder>/changes/<cluster>/`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::crypt::Keys;
+use crate::error::{Error, IoContext};
+use crate::etcd::Change;
+
+pub const DIR: &str = "changes";
+pub const FORMAT: &str = "etcd-actions-changes/1";
+const PREFIX: &str = "etcd-changes-";
+/// Largest segment file read back: a segment is flushed at 8 MiB of changes.
+pub const FILE_MAX: u64 = 256 << 20;
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+/// The first line of a segment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Head {
+    pub format: String,
+    pub cluster_id: String,
+    pub first: i64,
+    pub last: i64,
+    /// sha256 of the previous segment's file; `None` when the chain starts here (right after
+    /// a full snapshot at `first - 1`).
+    pub prev_sha256: Option<String>,
+    /// Revisions `first..=last` were lost (compacted before they were recorded).
+    #[serde(default)]
+    pub gap: bool,
+    pub revisions: u64,
+    pub events: u64,
+}
+
+/// One revision: its changes and when it was received.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rev {
+    pub r: i64,
+    /// Unix time in milliseconds when follow received it.
+    pub t: u64,
+    pub ev: Vec<Ev>,
+    /// Leases first seen in this revision: `[id, granted TTL seconds]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<(i64, i64)>,
+}
+
+/// One change, with the key and value in base64.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ev {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub del: bool,
+    pub k: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub v: String,
+    pub c: i64,
+    pub m: i64,
+    pub ver: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub l: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl Ev {
+    pub fn of(c: &Change) -> Ev {
+        Ev {
+            del: c.delete,
+            k: b64().encode(&c.key),
+            v: b64().encode(&c.value),
+            c: c.create_revision,
+            m: c.mod_revision,
+            ver: c.version,
+            l: c.lease,
+        }
+    }
+
+    pub fn change(&self) -> Result<Change, String> {
+        let d = |s: &str| b64().decode(s).map_err(|e| format!("bad base64: {e}"));
+        Ok(Change {
+            delete: self.del,
+            key: d(&self.k)?,
+            value: d(&self.v)?,
+            create_revision: self.c,
+            mod_revision: self.m,
+            version: self.ver,
+            lease: self.l,
+        })
+    }
+}
+
+/// What a segment's name says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub cluster_id: String,
+    pub first: i64,
+    pub last: i64,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub gap: bool,
+    pub encrypted: bool,
+}
+
+impl Named {
+    pub fn new(
+        cluster_id: &str,
+        first: i64,
+        last: i64,
+        ms: (u64, u64),
+        gap: bool,
+        enc: bool,
+    ) -> Named {
+        let name = format!(
+            "{PREFIX}{cluster_id}-{first:019}-{last:019}-{:013}-{:013}{}.jsonl.gz{}",
+            ms.0,
+            ms.1,
+            if gap { "-gap" } else { "" },
+            if enc { ".age" } else { "" }
+        );
+        Named {
+            name,
+            cluster_id: cluster_id.to_string(),
+            first,
+            last,
+            first_ms: ms.0,
+            last_ms: ms.1,
+            gap,
+            encrypted: enc,
+        }
+    }
+
+    /// Parses a segment name; `None` for any other name.
+    pub fn parse(name: &str) -> Option<Named> {
+        let rest = name.strip_prefix(PREFIX)?;
+        let (rest, encrypted) = match rest.strip_suffix(".age") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let rest = rest.strip_suffix(".jsonl.gz")?;
+        let (rest, gap) = match rest.strip_suffix("-gap") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let parts: Vec<&str> = rest.split('-').collect();
+        let [cluster, first, last, t0, t1] = parts.as_slice() else {
+            return None;
+        };
+        if cluster.is_empty() || !cluster.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let n = Named::new(
+            cluster,
+            first.parse().ok()?,
+            last.parse().ok()?,
+            (t0.parse().ok()?, t1.parse().ok()?),
+            gap,
+            encrypted,
+        );
+        (n.name == name && n.first <= n.last && n.first > 0).then_some(n)
+    }
+}
+
+/// A segment in memory, before it is written.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub revs: Vec<Rev>,
+    /// Bytes of keys and values held (the flush threshold).
+    pub bytes: usize,
+}
+
+impl Pending {
+    pub fn push(&mut self, rev: Rev) {
+        self.bytes += rev
+            .ev
+            .iter()
+            .map(|e| e.k.len() + e.v.len() + 64)
+            .sum::<usize>();
+        self.revs.push(rev);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.revs.is_empty()
+    }
+}
+
+/// Encodes a segment: JSON lines, gzip, and age when `keys` has recipients.
+pub fn encode(head: &Head, revs: &[Rev], keys: &Keys) -> Result<Vec<u8>, Error> {
+    let io = |e: std::io::Error| Error::io("cannot encode a change segment", e);
+    let enc = keys.encryptor()?;
+    let sealed = crate::crypt::Sealed::new(Vec::new(), enc).map_err(io)?;
+    let mut gz = flate2::write::GzEncoder::new(sealed, flate2::Compression::new(1));
+    let mut line = serde_json::to_vec(head).map_err(|e| Error::Internal(e.to_string()))?;
+    line.push(b'\n');
+    gz.write_all(&line).map_err(io)?;
+    for r in revs {
+        line.clear();
+        serde_json::to_writer(&mut line, r).map_err(|e| Error::Internal(e.to_string()))?;
+        line.push(b'\n');
+        gz.write_all(&line).map_err(io)?;
+    }
+    gz.finish().map_err(io)?.finish().map_err(io)
+}
+
+/// Decodes a segment file's bytes; checks the head against the name.
+pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev>), Error> {
+    let bad = |problem: String| {
+        Error::History(format!(
+        "change segment `{}` is damaged: {problem}; restore to a point before it, or from a full \
+         snapshot",
+        named.name
+    ))
+    };
+    let plain: Box<dyn Read + '_> = if named.encrypted {
+        Box::new(keys.decrypt(std::io::BufReader::new(bytes), Path::new(&named.name))?)
+    } else {
+        Box::new(bytes)
+    };
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(plain.take(FILE_MAX * 8))
+        .read_to_string(&mut text)
+        .map_err(|e| bad(format!("cannot decompress it ({e})")))?;
+    let mut lines = text.lines();
+    let head: Head = serde_json::from_str(lines.next().unwrap_or_default())
+        .map_err(|e| bad(format!("its head is not readable ({e})")))?;
+    if head.format != FORMAT {
+        return Err(bad(format!(
+            "its format is `{}`, not `{FORMAT}`",
+            head.format
+        )));
+    }
+    if head.first != named.first
+        || head.last != named.last
+        || head.cluster_id != named.cluster_id
+        || head.gap != named.gap
+    {
+        return Err(bad("its head does not match its name".into()));
+    }
+    let mut revs = Vec::new();
+    let mut prev = head.first - 1;
+    for l in lines {
+        let r: Rev =
+            serde_json::from_str(l).map_err(|e| bad(format!("a line is not readable ({e})")))?;
+        if r.r <= prev || r.r > head.last || r.ev.is_empty() {
+            return Err(bad(format!("revision {} is out of order or empty", r.r)));
+        }
+        if r.ev.iter().any(|e| e.m != r.r) {
+            return Err(bad(format!(
+                "revision {} holds a change of another revision",
+                r.r
+            )));
+        }
+        prev = r.r;
+        revs.push(r);
+    }
+    if revs.len() as u64 != head.revisions {
+        return Err(bad(format!(
+            "it holds {} revisions, its head says {}",
+            revs.len(),
+            head.revisions
+        )));
+    }
+    Ok((head, revs))
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The local directory of a cluster's history in `target`.
+pub fn local_dir(target: &Path, cluster_id: &str) -> PathBuf {
+    target.join(DIR).join(cluster_id)
+}
+
+/// The store folder of a cluster's history.
+pub fn store_folder(folder: &str, cluster_id: &str) -> String {
+    format!("{folder}/{DIR}/{cluster_id}")
+}
+
+/// Writes a segment durably: a temp file, fsync, a rename that never replaces, fsync of the
+/// directory. Returns false when a segment of that name already exists (with other bytes:
+/// an error).
+pub fn publish(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = crate::fsutil::create_private(&tmp)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .ctx(|| format!("cannot write `{}`", tmp.display()))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let dest = dir.join(name);
+    let placed = crate::fsutil::rename_noreplace(&tmp, &dest);
+    let _ = std::fs::remove_file(&tmp);
+    if !placed? {
+        let there = std::fs::read(&dest).ctx(|| format!("cannot read `{}`", dest.display()))?;
+        if there != bytes {
+            return Err(Error::History(format!(
+                "`{}` already exists with other changes; another follow writes to this target",
+                dest.display()
+            )));
+        }
+    }
+    crate::fsutil::sync_dir(dir)
+}
+
+/// Where a segment can be read from.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub named: Named,
+    pub path: Option<PathBuf>,
+    pub key: Option<String>,
+    pub size: u64,
+}
+
+/// A cluster's segments, local and in the store, sorted by first revision.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub cluster_id: String,
+    pub segments: Vec<Found>,
+}
+
+/// Every cluster's history in `target` and in the store's `folder`.
+pub fn list(
+    target: &Path,
+    store: Option<(&crate::store::Store, &str)>,
+) -> Result<Vec<History>, Error> {
+    let mut all: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Found>> =
+        Default::default();
+    let root = target.join(DIR);
+    if let Ok(clusters) = std::fs::read_dir(&root) {
+        for c in clusters.flatten() {
+            let Ok(files) = std::fs::read_dir(c.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(named) = Named::parse(&name) else {
+                    continue;
+                };
+                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                all.entry(named.cluster_id.clone()).or_default().insert(
+                    name,
+                    Found {
+                        path: Some(f.path()),
+                        key: None,
+                        size,
+                        named,
+                    },
+                );
+            }
+        }
+    }
+    if let Some((store, folder)) = store {
+        let base = format!("{folder}/{DIR}");
+        let clusters: std::collections::BTreeSet<String> = all.keys().cloned().collect();
+        // Clusters are folders: list the parent's keys through one listing of each known
+        // cluster plus a walk of the prefix for others.
+        let mut seen = clusters.clone();
+        for key in store.keys_under(&base)? {
+            if let Some((c, _)) = key
+                .strip_prefix(&format!("{base}/"))
+                .and_then(|r| r.split_once('/'))
+            {
+                seen.insert(c.to_string());
+            }
+        }
+        for c in seen {
+            for (name, size) in store.names(&store_folder(folder, &c))? {
+                let Some(named) = Named::parse(&name) else {
+                    continue;
+                };
+                if named.cluster_id != c {
+                    continue;
+                }
+                let key = format!("{}/{name}", store_folder(folder, &c));
+                let e = all.entry(c.clone()).or_default();
+                match e.get_mut(&name) {
+                    Some(f) => f.key = Some(key),
+                    None => {
+                        e.insert(
+                            name,
+                            Found {
+                                path: None,
+                                key: Some(key),
+                                size,
+                                named,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(all
+        .into_iter()
+        .map(|(cluster_id, m)| {
+            let mut segments: Vec<Found> = m.into_values().collect();
+            segments.sort_by_key(|f| (f.named.first, f.named.last));
+            History {
+                cluster_id,
+                segments,
+            }
+        })
+        .collect())
+}
+
+/// A run of revisions the history holds without a hole: `from..=to`, received between the
+/// two times (ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub from: i64,
+    pub to: i64,
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl History {
+    /// The contiguous runs the segments cover (a gap segment or a missing range ends one),
+    /// and the gaps (revision ranges lost).
+    pub fn spans(&self) -> (Vec<Span>, Vec<(i64, i64)>) {
+        let mut spans: Vec<Span> = Vec::new();
+        let mut gaps = Vec::new();
+        let mut last_end: Option<i64> = None;
+        for f in &self.segments {
+            let n = &f.named;
+            if n.gap {
+                gaps.push((n.first, n.last));
+                last_end = Some(n.last);
+                spans.push(Span {
+                    from: n.last + 1,
+                    to: n.last,
+                    from_ms: n.last_ms,
+                    to_ms: n.last_ms,
+                });
+                continue;
+            }
+            match (spans.last_mut(), last_end) {
+                (Some(s), Some(end)) if end + 1 == n.first => {
+                    s.to = n.last;
+                    s.to_ms = n.last_ms;
+                }
+                (_, end) => {
+                    if let Some(end) = end {
+                        if n.first > end + 1 {
+                            gaps.push((end + 1, n.first - 1));
+                        }
+                    }
+                    spans.push(Span {
+                        from: n.first,
+                        to: n.last,
+                        from_ms: n.first_ms,
+                        to_ms: n.last_ms,
+                    });
+                }
+            }
+            last_end = Some(last_end.map_or(n.last, |e| e.max(n.last)));
+        }
+        spans.retain(|s| s.from <= s.to);
+        (spans, gaps)
+    }
+
+    /// The segments that cover `from..=to` in chain order, or why they cannot.
+    pub fn chain(&self, from: i64, to: i64) -> Result<Vec<&Found>, String> {
+        let mut out = Vec::new();
+        let mut next = from;
+        while next <= to {
+            let Some(f) = self
+                .segments
+                .iter()
+                .filter(|f| f.named.first <= next && next <= f.named.last)
+                .max_by_key(|f| f.named.last)
+            else {
+                return Err(format!("no recorded changes hold revision {next}"));
+            };
+            if f.named.gap {
+                return Err(format!(
+                    "revisions {}–{} were lost (etcd compacted them before follow recorded \
+                     them)",
+                    f.named.first, f.named.last
+                ));
+            }
+            out.push(f);
+            next = f.named.last + 1;
+        }
+        Ok(out)
+    }
+
+    /// The newest segment (by last revision), if any.
+    pub fn newest(&self) -> Option<&Found> {
+        self.segments.iter().max_by_key(|f| f.named.last)
+    }
+}
+
+/// Reads one segment's bytes (bounded), from its file or the store.
+pub fn read(found: &Found, store: Option<&crate::store::Store>) -> Result<Vec<u8>, Error> {
+    if let Some(p) = &found.path {
+        let f = crate::fsutil::open_regular_path(p)?;
+        let mut out = Vec::new();
+        f.take(FILE_MAX + 1)
+            .read_to_end(&mut out)
+            .ctx(|| format!("cannot read `{}`", p.display()))?;
+        if out.len() as u64 > FILE_MAX {
+            return Err(Error::History(format!(
+                "`{}` is larger than any segment",
+                p.display()
+            )));
+        }
+        return Ok(out);
+    }
+    match (&found.key, store) {
+        (Some(key), Some(s)) => s.get_bytes(key, FILE_MAX)?.ok_or_else(|| {
+            Error::History(format!(
+                "the store no longer holds `{key}` (or it is too large)"
+            ))
+        }),
+        _ => Err(Error::History(format!(
+            "segment `{}` is only in the store, and no store is configured",
+            found.named.name
+        ))),
+    }
+}
+
+/// A revision chosen from a time: the last revision received at or before `ms`, among
+/// `revs`.
+pub fn last_at_or_before(revs: &[Rev], ms: u64) -> Option<i64> {
+    revs.iter().take_while(|r| r.t <= ms).last().map(|r| r.r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_refuse_others() {
+        let n = Named::new("ab12", 5, 19, (1000, 2000), false, true);
+        assert_eq!(Named::parse(&n.name), Some(n.clone()));
+        let g = Named::new("ab12", 20, 30, (1, 2), true, false);
+        assert_eq!(Named::parse(&g.name), Some(g));
+        for bad in ["etcd-changes-zz-1-2-3-4.jsonl.gz", "x", "etcd-changes-ab-0000000000000000002-0000000000000000001-0000000000001-0000000000002.jsonl.gz"] {
+            assert_eq!(Named::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn spans_and_chains() {
+        let seg = |a, b, gap| Found {
+            named: Named::new("c", a, b, (a as u64, b as u64), gap, false),
+            path: None,
+            key: None,
+            size: 0,
+        };
+        let h = History {
+            cluster_id: "c".into(),
+            segments: vec![
+                seg(5, 9, false),
+                seg(10, 12, false),
+                seg(13, 20, true),
+                seg(21, 25, false),
+            ],
+        };
+        let (spans, gaps) = h.spans();
+        assert_eq!(
+            spans.iter().map(|s| (s.from, s.to)).collect::<Vec<_>>(),
+            vec![(5, 12), (21, 25)]
+        );
+        assert_eq!(gaps, vec![(13, 20)]);
+        assert_eq!(h.chain(7, 11).unwrap().len(), 2);
+        assert!(h.chain(11, 22).unwrap_err().contains("13–20"));
+        assert!(h.chain(26, 27).is_err());
+        assert!(h.chain(8, 7).unwrap().is_empty());
+    }
+
+    #[test]
+    fn segments_round_trip() {
+        let keys = Keys::default();
+        let rev = Rev {
+            r: 7,
+            t: 99,
+            ev: vec![Ev::of(&Change {
+                delete: false,
+                key: b"k".to_vec(),
+                value: b"\x00v".to_vec(),
+                create_revision: 7,
+                mod_revision: 7,
+                version: 1,
+                lease: 0,
+            })],
+            leases: vec![],
+        };
+        let head = Head {
+            format: FORMAT.into(),
+            cluster_id: "c".into(),
+            first: 6,
+            last: 7,
+            prev_sha256: None,
+            gap: false,
+            revisions: 1,
+            events: 1,
+        };
+        let bytes = encode(&head, std::slice::from_ref(&rev), &keys).unwrap();
+        let named = Named::new("c", 6, 7, (99, 99), false, false);
+        let (h2, revs) = decode(&bytes, &named, &keys).unwrap();
+        assert_eq!((h2, revs), (head, vec![rev]));
+        let other = Named::new("c", 6, 8, (99, 99), false, false);
+        assert!(decode(&bytes, &other, &keys).is_err());
+    }
+}

@@ -1,0 +1,522 @@
+//! A restore to a point: which full snapshot and which change segments reach it (`resolve`),
+//! and the replay of those changes into a throwaway etcd on the staged data (`replay`),
+//! before anything of the live etcd is stopped.
+//!
+//! Each recorded revision is applied as one txn, so every key's create revision, mod
+//! revision and version come out as they were; the revision etcd gives each txn is checked
+//! against the recorded one, so a replay that would diverge stops instead. Leases first seen
+//! in the history are granted with their recorded ids and TTLs, and every lease is kept
+//! alive while the replay runs, so that none expires and deletes keys at a revision of its
+//! own.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::catalog::Entry;
+use crate::config::ClientTls;
+use crate::error::{Error, IoContext};
+use crate::etcd::{Client, OfflineTool};
+use crate::history::{self, Found, History};
+use crate::process::{end_recorded, Guarded};
+use crate::unit::Unit;
+
+/// Where the replay's throwaway etcd is recorded while it runs.
+pub const RECORD: &str = "replay.pid";
+
+/// The point asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    Revision(i64),
+    /// Unix milliseconds, and the text given.
+    Time(i64, String),
+}
+
+/// What `resolve` chose.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub cluster_id: String,
+    pub revision: i64,
+    /// The full snapshot the replay starts from.
+    pub base: Entry,
+    pub base_revision: i64,
+    /// The segments that hold `base_revision + 1 ..= revision`, in chain order.
+    pub segments: Vec<Found>,
+    /// How the point was asked for, for messages and results.
+    pub asked: String,
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into Unix milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let secs = crate::retention::parse_time(&s[..19])?;
+    let mut rest = &s[19..];
+    let mut ms = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
+        if digits.is_empty() {
+            return None;
+        }
+        let padded = format!("{digits:0<3}");
+        ms = padded[..3].parse().ok()?;
+        rest = &frac[digits.len()..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let (h, m) = rest[1..].split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
+        }
+    };
+    Some((secs - offset) * 1000 + ms)
+}
+
+/// A time in milliseconds as RFC 3339 with milliseconds.
+pub fn show_ms(ms: u64) -> String {
+    let base = crate::manifest::rfc3339(ms / 1000);
+    format!("{}.{:03}Z", base.trim_end_matches('Z'), ms % 1000)
+}
+
+/// How far follow's state file says the history of `cluster` goes: (revision, ms).
+fn follow_state(target: &Path, cluster: &str) -> Option<(i64, u64)> {
+    let text = std::fs::read_to_string(
+        history::local_dir(target, cluster).join(crate::actions::follow::STATE),
+    )
+    .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((v["through_revision"].as_i64()?, v["through_ms"].as_u64()?))
+}
+
+/// Describes what a history covers, for a refusal.
+fn coverage(h: &History, fulls: &[&Entry]) -> String {
+    let (spans, gaps) = h.spans();
+    let mut parts: Vec<String> = spans
+        .iter()
+        .map(|s| {
+            format!(
+                "revisions {}–{} ({} – {})",
+                s.from,
+                s.to,
+                show_ms(s.from_ms),
+                show_ms(s.to_ms)
+            )
+        })
+        .collect();
+    if let Some(oldest) = fulls.iter().filter_map(|e| e.revision).min() {
+        parts.push(format!("full snapshots from revision {oldest}"));
+    }
+    for (a, b) in gaps {
+        parts.push(format!("lost revisions {a}–{b}"));
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// Chooses the cluster, the revision, the newest full snapshot at or below it and the
+/// segments from there, and checks the chain is continuous by the names. Refuses a point
+/// outside the recorded history, naming what it covers.
+pub fn resolve(
+    unit: &Unit<'_>,
+    target: &Path,
+    store: Option<&crate::store::Store>,
+    wanted: &Wanted,
+) -> Result<Point, Error> {
+    let folder = store.map(|s| unit.store_folder(s));
+    let histories = history::list(target, store.zip(folder.as_deref()))?;
+    let entries = crate::catalog::list(unit, target, store)?;
+    let live = Client::new(&unit.config)
+        .status()
+        .ok()
+        .map(|s| crate::etcd::hex_id(s.cluster_id));
+    // The live cluster's history first, then the one recorded last.
+    let mut order: Vec<&History> = histories.iter().collect();
+    order.sort_by_key(|h| {
+        (
+            Some(&h.cluster_id) != live.as_ref(),
+            std::cmp::Reverse(h.newest().map_or(0, |f| f.named.last_ms)),
+        )
+    });
+    if order.is_empty() {
+        return Err(Error::History(format!(
+            "there is no change history in `{}`{}: `etcd-actions follow` (the charm's \
+             continuous-backup option) records it; without it, restore a full snapshot by \
+             backup-id",
+            target.join(history::DIR).display(),
+            if store.is_some() {
+                " nor in the store"
+            } else {
+                ""
+            }
+        )));
+    }
+    let mut refusals = Vec::new();
+    for h in order {
+        let fulls: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| {
+                !e.incomplete
+                    && e.ours
+                    && crate::catalog::is_archive_name(&e.id)
+                    && e.cluster_id.as_deref() == Some(h.cluster_id.as_str())
+                    && e.revision.is_some()
+            })
+            .collect();
+        let read = |f: &Found| -> Result<Vec<history::Rev>, Error> {
+            let bytes = history::read(f, store)?;
+            Ok(history::decode(&bytes, &f.named, unit.keys()?)?.1)
+        };
+        match point_in(h, &fulls, wanted, target, &read)? {
+            Ok(p) => return Ok(p),
+            Err(why) => refusals.push(format!(
+                "cluster {}: {why}; the history covers {}",
+                h.cluster_id,
+                coverage(h, &fulls)
+            )),
+        }
+    }
+    let asked = match wanted {
+        Wanted::Revision(r) => format!("revision {r}"),
+        Wanted::Time(_, t) => format!("time {t}"),
+    };
+    Err(Error::History(format!(
+        "{asked} is outside the recorded history, nothing was changed: {}. Pick a point inside \
+         it (list-backups shows the history)",
+        refusals.join("; ")
+    )))
+}
+
+fn point_in(
+    h: &History,
+    fulls: &[&Entry],
+    wanted: &Wanted,
+    target: &Path,
+    read: &dyn Fn(&Found) -> Result<Vec<history::Rev>, Error>,
+) -> Result<Result<Point, String>, Error> {
+    let newest = h.newest().map(|f| (f.named.last, f.named.last_ms));
+    let (revision, asked) = match wanted {
+        Wanted::Revision(r) => (*r, format!("revision {r}")),
+        Wanted::Time(ms, text) => {
+            let Ok(ms) = u64::try_from(*ms) else {
+                return Ok(Err("the time is before 1970".to_string()));
+            };
+            // The last revision received at or before the time.
+            let candidate = h
+                .segments
+                .iter()
+                .filter(|f| !f.named.gap && f.named.first_ms <= ms)
+                .max_by_key(|f| f.named.first);
+            let rev = match candidate {
+                Some(f) => {
+                    if ms > f.named.last_ms && Some(f.named.last) == newest.map(|n| n.0) {
+                        // After the last change recorded: only when follow said it had
+                        // recorded everything until at least then.
+                        let through = follow_state(target, &h.cluster_id)
+                            .filter(|(r, _)| *r >= f.named.last)
+                            .map_or(f.named.last_ms, |(_, t)| t);
+                        if ms > through {
+                            return Ok(Err(format!(
+                                "{text} is after the history's end ({}, revision {})",
+                                show_ms(through),
+                                f.named.last
+                            )));
+                        }
+                    }
+                    if ms >= f.named.last_ms {
+                        f.named.last
+                    } else {
+                        // Inside this segment: its revisions' times say.
+                        let revs = read(f)?;
+                        match history::last_at_or_before(&revs, ms) {
+                            Some(r) => r,
+                            None => {
+                                return Ok(Err(format!(
+                                    "`{}` has no revision before {text}",
+                                    f.named.name
+                                )))
+                            }
+                        }
+                    }
+                }
+                None => {
+                    // Before the first recorded change: a full snapshot taken by then.
+                    return Ok(Err(format!("{text} is before the first recorded change")));
+                }
+            };
+            (rev, format!("time {text} (revision {rev})"))
+        }
+    };
+    let mut bases: Vec<&&Entry> = fulls
+        .iter()
+        .filter(|e| e.revision.is_some_and(|r| r <= revision))
+        .collect();
+    bases.sort_by_key(|e| std::cmp::Reverse(e.revision));
+    let mut last_err = format!("no full snapshot at or below revision {revision}");
+    for base in bases {
+        // An empty db records revision 0; etcd serves it at revision 1.
+        let r = base.revision.expect("filtered").max(1);
+        match h.chain(r + 1, revision) {
+            Ok(chain) => {
+                return Ok(Ok(Point {
+                    cluster_id: h.cluster_id.clone(),
+                    revision,
+                    base: (*base).clone(),
+                    base_revision: r,
+                    segments: chain.into_iter().cloned().collect(),
+                    asked,
+                }))
+            }
+            Err(e) => last_err = format!("from the full snapshot at revision {r}: {e}"),
+        }
+    }
+    Ok(Err(last_err))
+}
+
+/// Whether this etcd server takes `--unsafe-no-fsync` (3.5 and later).
+fn takes_no_fsync(etcd: &Path) -> bool {
+    std::process::Command::new(etcd)
+        .arg("--help")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).contains("--unsafe-no-fsync")
+                || String::from_utf8_lossy(&o.stderr).contains("--unsafe-no-fsync")
+        })
+        .unwrap_or(false)
+}
+
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ctx(|| "cannot find a free loopback port".to_string())
+}
+
+/// What the replay did.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    pub revisions: u64,
+    pub events: u64,
+    pub leases: u64,
+    pub keys: u64,
+    pub seconds: f64,
+}
+
+/// Replays the point's changes into a throwaway etcd serving `data_dir` (a restored member
+/// dir of the base snapshot, no revision bump), then stops it cleanly so that its db holds
+/// every change. Nothing of the live etcd is touched.
+pub fn replay(
+    unit: &Unit<'_>,
+    offline: &OfflineTool,
+    data_dir: &Path,
+    point: &Point,
+    store: Option<&crate::store::Store>,
+) -> Result<Replayed, Error> {
+    let started = Instant::now();
+    let fail = |detail: String| {
+        Error::History(format!(
+            "the replay of the change history to {} failed: {detail}; nothing was changed",
+            point.asked
+        ))
+    };
+    let etcd = offline.server_binary()?;
+    let record = unit.state.join(RECORD);
+    end_recorded(&record);
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let data_arg = format!("--data-dir={}", data_dir.display());
+    let name = &unit.config.name;
+    let mut args = vec![
+        format!("--name={name}"),
+        data_arg.clone(),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster={name}={peer_url}"),
+        "--log-level=error".to_string(),
+        // The replayed data is taken from this etcd's db once it stopped cleanly, and the
+        // restore tool then builds the member that is swapped in (and synced): its own
+        // fsyncs would only slow the replay.
+    ];
+    if takes_no_fsync(&etcd) {
+        args.push("--unsafe-no-fsync".into());
+    }
+    let log_path = data_dir.with_extension("log");
+    let log = std::fs::File::create(&log_path)
+        .ctx(|| format!("cannot create `{}`", log_path.display()))?;
+    let cleanup_dir = data_dir.to_path_buf();
+    let child = Guarded::spawn(
+        &etcd,
+        &args,
+        &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        &log,
+        &record,
+        &data_arg,
+        move || {
+            let _ = std::fs::remove_dir_all(&cleanup_dir);
+        },
+    )?;
+    unit.log(&format!(
+        "replay: throwaway etcd (pid {}) on {client_url}, from revision {} to {}",
+        child.id(),
+        point.base_revision,
+        point.revision
+    ));
+    crate::points::pause_point("replay-started");
+    let ctl = Client::with_tls(&client_url, ClientTls::default());
+    let deadline = Instant::now() + unit.settings.start_timeout;
+    let status = loop {
+        match ctl.listening().and_then(|up| {
+            if up {
+                ctl.status()
+            } else {
+                Err(Error::usage("not yet"))
+            }
+        }) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(fail(format!(
+                    "the throwaway etcd did not become healthy: {e}\n{}",
+                    crate::error::bounded(&log, 2000)
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    if status.revision != point.base_revision {
+        return Err(fail(format!(
+            "the full snapshot restored at revision {} where its manifest says {}",
+            status.revision, point.base_revision
+        )));
+    }
+    let mut session = ctl.session()?;
+    for id in session.leases()? {
+        session.keep_alive(id);
+    }
+    let keys = unit.keys()?;
+    let (mut revisions, mut events, mut leases) = (0u64, 0u64, 0u64);
+    let mut prev_sha: Option<String> = None;
+    let mut current = point.base_revision;
+    for f in &point.segments {
+        let bytes = history::read(f, store)?;
+        let (head, revs) = history::decode(&bytes, &f.named, keys)?;
+        if let (Some(want), Some(_)) = (&prev_sha, &head.prev_sha256) {
+            if head.prev_sha256.as_ref() != Some(want) {
+                return Err(fail(format!(
+                    "the chain is broken at `{}`: it follows a segment other than the one \
+                     before it",
+                    f.named.name
+                )));
+            }
+        } else if prev_sha.is_some() {
+            return Err(fail(format!(
+                "the chain is broken at `{}`: it starts a new chain",
+                f.named.name
+            )));
+        }
+        prev_sha = Some(history::sha256(&bytes));
+        for rev in revs {
+            if rev.r <= current {
+                continue;
+            }
+            if rev.r > point.revision {
+                break;
+            }
+            for &(id, ttl) in &rev.leases {
+                // A lease gone when it was recorded: its keys are deleted by a later
+                // revision, or were live only briefly; it gets a minute.
+                session.grant(id, if ttl > 0 { ttl } else { 60 })?;
+                leases += 1;
+            }
+            let changes = rev
+                .ev
+                .iter()
+                .map(history::Ev::change)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(format!("`{}`: {e}", f.named.name)))?;
+            let got = session.apply(&changes)?;
+            if got != rev.r {
+                return Err(fail(format!(
+                    "revision {} was applied as revision {got}: the history does not continue \
+                     the full snapshot exactly",
+                    rev.r
+                )));
+            }
+            current = got;
+            revisions += 1;
+            events += changes.len() as u64;
+        }
+    }
+    if current != point.revision {
+        return Err(fail(format!(
+            "the history ends at revision {current}, short of {}",
+            point.revision
+        )));
+    }
+    let count = ctl.key_count(current)?;
+    drop(session);
+    // A clean stop commits the backend: its db then holds every replayed change.
+    if !child.terminate(Duration::from_secs(60)) {
+        return Err(fail("the throwaway etcd did not stop within 60s".into()));
+    }
+    let _ = std::fs::remove_file(&log_path);
+    Ok(Replayed {
+        revisions,
+        events,
+        leases,
+        keys: count,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The db a replay left, for the restore tool.
+pub fn replayed_db(data_dir: &Path) -> PathBuf {
+    data_dir.join("member/snap/db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T01:00:01+01:00"), Some(1000));
+        assert_eq!(
+            parse_rfc3339_ms("1970-01-01T00:00:01.123456-00:30"),
+            Some(1_801_123)
+        );
+        for bad in [
+            "",
+            "1970-01-01",
+            "1970-01-01T00:00:01",
+            "1970-01-01T00:00:01+1",
+            "x970-01-01T00:00:01Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+        assert_eq!(show_ms(1500), "1970-01-01T00:00:01.500Z");
+    }
+}

@@ -1,0 +1,386 @@
+//! Point-in-time recovery: `follow` records the change history from etcd's watch stream and
+//! `restore --to-revision/--to-time` replays it onto a full snapshot. Real etcd 3.5.30 (its
+//! etcdutl has the revision bump).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use etcd_actions::history::{self, Named};
+
+use crate::util::*;
+
+/// Every key at `rev` (0: now) with its value, create and mod revisions and version, as
+/// etcd's own Range gives them.
+fn range(node: &Node, rev: i64) -> BTreeMap<String, (String, i64, i64, i64, i64)> {
+    let mut args = vec!["get", "", "--prefix", "-w", "json"];
+    let r = format!("--rev={rev}");
+    if rev > 0 {
+        args.push(&r);
+    }
+    let out: serde_json::Value = serde_json::from_str(&node.ctl_ok(&args)).unwrap();
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap_or_default())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    out["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| {
+                    (
+                        b64(&kv["key"]),
+                        (
+                            b64(&kv["value"]),
+                            kv["create_revision"].as_i64().unwrap(),
+                            kv["mod_revision"].as_i64().unwrap(),
+                            kv["version"].as_i64().unwrap(),
+                            kv["lease"].as_i64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The same without leases (a restore keeps lease ids; compared separately).
+fn no_leases(
+    m: BTreeMap<String, (String, i64, i64, i64, i64)>,
+) -> BTreeMap<String, (String, i64, i64, i64)> {
+    m.into_iter()
+        .map(|(k, (v, c, m, ver, _))| (k, (v, c, m, ver)))
+        .collect()
+}
+
+fn follow(node: &Node, target: &Path) -> Child {
+    Agent::standalone(
+        node,
+        &[
+            "follow",
+            "--target",
+            target.to_str().unwrap(),
+            "--flush-interval",
+            "1",
+        ],
+    )
+    .spawn()
+}
+
+/// Waits until follow's state says it has made `rev` durable.
+fn wait_recorded(target: &Path, node: &Node, rev: i64) {
+    let state = target
+        .join("changes")
+        .join(format!("{:x}", node.cluster_id()))
+        .join("follow.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let through = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["through_revision"].as_i64());
+        if through.is_some_and(|t| t >= rev) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follow never recorded revision {rev} (state: {through:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sigterm(mut child: Child) -> std::process::Output {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "follow did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Every segment of the node's cluster in `target`, in order, decoded.
+fn segments(target: &Path, cluster: u64) -> Vec<(Named, history::Head, Vec<history::Rev>)> {
+    let dir = target.join("changes").join(format!("{cluster:x}"));
+    let mut names: Vec<Named> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| Named::parse(&e.file_name().to_string_lossy()))
+        .collect();
+    names.sort_by_key(|n| n.first);
+    names
+        .into_iter()
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n.name)).unwrap();
+            let (h, revs) =
+                history::decode(&bytes, &n, &etcd_actions::crypt::Keys::default()).unwrap();
+            (n, h, revs)
+        })
+        .collect()
+}
+
+fn txn(node: &Node, ops: &str) {
+    let out = run_with_stdin(node.ctl().arg("txn"), format!("\n{ops}\n\n\n").as_bytes());
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn restore_to_a_revision_equals_the_source_at_that_revision() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p0", &v3530());
+    let target = tmp.path().join("backups");
+    node.fill("base/", 50);
+    // No full snapshot yet: follow takes one first.
+    let f = follow(&node, &target);
+    let base_rev = node.revision();
+    wait_recorded(&target, &node, base_rev);
+    assert_eq!(
+        std::fs::read_dir(&target)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
+            .count(),
+        1,
+        "follow took a full snapshot first"
+    );
+    // Overwrites, deletes, a multi-key txn, a leased key, a prefix delete.
+    node.put("a", "1");
+    node.put("a", "2");
+    node.put("b", "x");
+    txn(&node, "put t1 one\nput t2 two\ndel b");
+    let lease_out = node.ctl_ok(&["lease", "grant", "600"]);
+    let lease = lease_out.split_whitespace().nth(1).unwrap().to_string();
+    node.ctl_ok(&["put", "leased", "v", "--lease", &lease]);
+    node.put("a", "3");
+    let mid = node.revision();
+    let at_mid = range(&node, mid);
+    node.ctl_ok(&["del", "base/00", "--prefix"]);
+    node.put("a", "4");
+    node.put("late", "z");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    let out = sigterm(f);
+    assert!(
+        out.status.success(),
+        "SIGTERM ends follow with 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The txn is one revision in the history.
+    let segs = segments(&target, node.cluster_id());
+    let txn_rev = segs
+        .iter()
+        .flat_map(|s| s.2.iter())
+        .find(|r| r.ev.len() == 3)
+        .expect("the txn's revision holds its three changes");
+    assert!(txn_rev.ev.iter().any(|e| e.del));
+
+    let cluster_before = node.cluster_id();
+    let r = Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-revision",
+            &mid.to_string(),
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    )
+    .run()
+    .success();
+    assert_eq!(
+        r["restore"]["point-revision"].as_str(),
+        Some(&*mid.to_string())
+    );
+    assert_eq!(
+        r["restore"]["base-revision"].as_str(),
+        Some(&*base_rev.to_string())
+    );
+    assert_ne!(node.cluster_id(), cluster_before, "a new cluster");
+    let restored = range(&node, 0);
+    assert_eq!(
+        no_leases(restored.clone()),
+        no_leases(at_mid.clone()),
+        "keys, values, create/mod revisions and versions as at revision {mid}"
+    );
+    // The multi-key txn's keys share its revision.
+    assert_eq!(restored["t1"].2, restored["t2"].2);
+    assert!(!restored.contains_key("b"));
+    // The leased key is on a live lease with its id.
+    let (_, _, _, _, lease_id) = restored["leased"];
+    assert_eq!(format!("{lease_id:x}"), lease, "the recorded lease id");
+    let ttl = node.ctl_ok(&["lease", "timetolive", &lease]);
+    assert!(
+        ttl.contains("remaining") && !ttl.contains("already expired"),
+        "the lease is alive: {ttl}"
+    );
+    // The numbering goes on after the bump.
+    assert!(
+        node.revision() > mid + 900_000_000,
+        "bumped after the replay"
+    );
+}
+
+#[test]
+fn restore_to_a_time_and_refusals_outside_the_history() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p1", &v3530());
+    let target = tmp.path().join("backups");
+    node.put("before", "0");
+    Agent::snapshot(&node, target.to_str().unwrap())
+        .run()
+        .success();
+    let f = follow(&node, &target);
+    node.put("first", "1");
+    node.put("second", "2");
+    let first_rev = node.revision();
+    wait_recorded(&target, &node, first_rev);
+    std::thread::sleep(Duration::from_millis(1200));
+    let between = etcd_actions::manifest::rfc3339(etcd_actions::manifest::now_secs());
+    std::thread::sleep(Duration::from_millis(1200));
+    node.put("third", "3");
+    node.put("first", "changed");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    sigterm(f);
+    let at_first = no_leases(range(&node, first_rev));
+
+    // Outside the history: refused, exit 3, the range named, nothing changed.
+    let before = range(&node, 0);
+    let cluster = node.cluster_id();
+    let run = Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-revision",
+            &(end + 1000).to_string(),
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    )
+    .run();
+    assert_eq!(run.code(), 3, "{}", run.stderr());
+    let msg = run.failure();
+    assert!(msg.contains("outside the recorded history"), "{msg}");
+    assert!(
+        msg.contains(&format!("–{end}")),
+        "names the covered range: {msg}"
+    );
+    let run = Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-time",
+            "2001-01-01T00:00:00Z",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    )
+    .run();
+    assert_eq!(run.code(), 3, "{}", run.stderr());
+    assert_eq!(range(&node, 0), before, "nothing changed");
+    assert_eq!(node.cluster_id(), cluster);
+    let run = Agent::standalone(&node, &["restore", "--to-time", "yesterday"]).run();
+    assert_eq!(run.code(), 2);
+    assert!(run.failure().contains("RFC 3339"));
+
+    // To a time between the writes: the last revision received at or before it.
+    Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-time",
+            &between,
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    )
+    .run()
+    .success();
+    assert_eq!(no_leases(range(&node, 0)), at_first);
+}
+
+#[test]
+fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p2", &v3530());
+    let target = tmp.path().join("backups");
+    Agent::snapshot(&node, target.to_str().unwrap())
+        .run()
+        .success();
+    let base = node.revision();
+    let mut f = follow(&node, &target);
+    node.put("k1", "acknowledged");
+    let k1 = node.revision();
+    // A second follow on the same target is refused while the first runs.
+    wait_recorded(&target, &node, base);
+    let second = Agent::standalone(&node, &["follow", "--target", target.to_str().unwrap()]).run();
+    assert_ne!(second.code(), 0);
+    assert!(
+        second.stderr().contains("another follow"),
+        "{}",
+        second.stderr()
+    );
+    // Older than the flush interval, then kill -9.
+    std::thread::sleep(Duration::from_millis(2500));
+    f.kill().unwrap();
+    f.wait().unwrap();
+    node.fill("while-down/", 30);
+    node.put("k1", "after");
+    let f = follow(&node, &target);
+    node.put("k2", "v");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    sigterm(f);
+
+    let segs = segments(&target, node.cluster_id());
+    let mut next = base + 1;
+    let mut prev_sha: Option<String> = None;
+    let dir = target
+        .join("changes")
+        .join(format!("{:x}", node.cluster_id()));
+    let mut seen = Vec::new();
+    for (n, h, revs) in &segs {
+        assert_eq!(n.first, next, "contiguous: {}", n.name);
+        if let Some(p) = &prev_sha {
+            assert_eq!(h.prev_sha256.as_ref(), Some(p), "chained: {}", n.name);
+        }
+        prev_sha = Some(sha256_file(&dir.join(&n.name)));
+        seen.extend(revs.iter().map(|r| r.r));
+        next = n.last + 1;
+    }
+    assert_eq!(next, end + 1, "up to the last write");
+    assert_eq!(
+        seen,
+        (base + 1..=end).collect::<Vec<_>>(),
+        "every revision once"
+    );
+
+    // The write acknowledged before the kill is restorable.
+    let want = no_leases(range(&node, k1));
+    Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-revision",
+            &k1.to_string(),
+            "--target",
+            target.to_str().unwrap(),
+            "--skip-backup",
+        ],
+    )
+    .run()
+    .success();
+    assert_eq!(no_leases(range(&node, 0)), want);
+}
