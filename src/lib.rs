@@ -85,7 +85,12 @@ pub fn run(args: Vec<OsString>) -> u8 {
         } else if name == "update-status" {
             health::update_status(&settings)
         } else {
-            juju::s3_relation_hook(name)
+            juju::s3_relation_hook(name).map(|msg| {
+                match actions::schedule::refresh_follow(&settings) {
+                    Ok(note) => format!("{msg}; {note}"),
+                    Err(e) => format!("{msg}; the follow service was not updated: {e}"),
+                }
+            })
         };
         return match outcome {
             Ok(msg) => {

@@ -338,6 +338,38 @@ impl StoreConfig {
         }))
     }
 
+    /// The standalone settings that reach this store (for a service that runs outside a hook:
+    /// `follow` under the charm): public settings, and the secrets apart. The CA chain, when
+    /// there is one, is written by the caller to `ca_file`.
+    pub fn env_pairs(
+        &self,
+        ca_file: Option<&std::path::Path>,
+    ) -> (Vec<(String, String)>, Vec<(String, String)>) {
+        let mut public = vec![("ETCD_ACTIONS_S3_BUCKET".to_string(), self.bucket.clone())];
+        if let Some(e) = &self.endpoint {
+            public.push(("ETCD_ACTIONS_S3_ENDPOINT".into(), e.clone()));
+        }
+        if !self.prefix.is_empty() {
+            public.push(("ETCD_ACTIONS_S3_PATH".into(), self.prefix.clone()));
+        }
+        public.push(("ETCD_ACTIONS_S3_REGION".into(), self.region.clone()));
+        public.push((
+            "ETCD_ACTIONS_S3_URI_STYLE".into(),
+            if self.host_style { "host" } else { "path" }.into(),
+        ));
+        if let Some(f) = ca_file.filter(|_| !self.ca_pems.is_empty()) {
+            public.push(("ETCD_ACTIONS_S3_CA_FILE".into(), f.display().to_string()));
+        }
+        let mut secret = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".to_string(), self.secret_key.clone()),
+        ];
+        if let Some(t) = &self.session_token {
+            secret.push(("AWS_SESSION_TOKEN".into(), t.clone()));
+        }
+        (public, secret)
+    }
+
     /// How the store is named in messages: endpoint and bucket, never a credential.
     pub fn describe(&self) -> String {
         format!(

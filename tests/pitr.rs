@@ -384,3 +384,44 @@ fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
     .success();
     assert_eq!(no_leases(range(&node, 0)), want);
 }
+
+#[test]
+fn the_charm_option_installs_a_follow_service_that_verifies() {
+    let tmp = tempdir();
+    let juju = Juju::new(tmp.path(), "etcd/0");
+    let units = tmp.path().join("charm-units");
+    let run_hook = juju.config_hook(tmp.path(), &units);
+    let service = units.join("etcd-actions-follow.service");
+    let (code, err) = run_hook(serde_json::json!({
+        "backup-schedule": "", "continuous-backup": true,
+        "backup-target": "/var/backups/etcd history"
+    }));
+    assert_eq!(code, Some(0), "{err}");
+    let text = std::fs::read_to_string(&service).unwrap();
+    assert!(
+        text.contains("\"follow\" \"--target\" \"/var/backups/etcd history\""),
+        "{text}"
+    );
+    assert!(text.contains("Restart=always") && text.contains("JUJU_UNIT_NAME=etcd/0"));
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&service)
+        .output()
+        .expect("systemd-analyze (scripts/install-deps installs systemd)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = tmp.path().join("follow.env");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&env).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Off again: the service goes, the history stays where it is.
+    let (code, err) =
+        run_hook(serde_json::json!({"backup-schedule": "", "continuous-backup": false}));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!service.exists() && !env.exists());
+}

@@ -305,6 +305,10 @@ pub fn run(
     Ok(())
 }
 
+fn juju_log_note(note: &str) {
+    crate::juju::juju_log(note);
+}
+
 fn note_key(note: &str) -> &'static str {
     if note.contains("daemon-reload") {
         "reload"
@@ -319,6 +323,160 @@ fn env_text(retention: &str) -> Result<String, Error> {
         "# Written by etcd-actions; read by {UNIT}.service.\nETCD_ACTIONS_RETENTION={}\n",
         quote_env(retention)
     ))
+}
+
+/// The follow service's unit: `etcd-actions follow` for as long as the machine runs,
+/// restarted when it ends, stopped with SIGTERM (it flushes and exits 0).
+pub fn follow_unit(exec: &[String], env: &[(String, String)]) -> Result<String, Error> {
+    for a in exec {
+        one_line("a command-line argument of the follow service", a)?;
+    }
+    for (k, v) in env {
+        one_line(&format!("the setting {k}"), v)?;
+    }
+    let mut service = String::from(
+        "[Unit]\n\
+         Description=Record etcd's change history for point-in-time restores (etcd-actions follow)\n\
+         After=network-online.target\n\
+         Wants=network-online.target\n\
+         StartLimitIntervalSec=0\n\
+         \n\
+         [Service]\n\
+         Type=simple\n",
+    );
+    service.push_str(&format!(
+        "ExecStart={}\n",
+        exec.iter()
+            .map(|a| quote_exec(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    for (k, v) in env {
+        service.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
+    }
+    service.push_str(&format!(
+        "EnvironmentFile=-{}\n\
+         Restart=always\n\
+         RestartSec=5\n\
+         KillSignal=SIGTERM\n\
+         TimeoutStopSec=60\n\
+         Nice=5\n\
+         StandardOutput=journal\n\
+         StandardError=journal\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        follow_env_file().display()
+    ));
+    Ok(service)
+}
+
+fn follow_env_file() -> PathBuf {
+    env_file().with_file_name("follow.env")
+}
+
+/// Installs (or, with `on` false, removes) the follow service of the charm's
+/// `continuous-backup` option. The service runs outside any hook, so what a hook would read
+/// (the s3 relation, the encryption recipients) goes into its 0600 environment file; the s3
+/// relation hooks call this again when the relation changes.
+pub fn sync_follow(
+    settings: &crate::config::Settings,
+    on: bool,
+    target: &str,
+) -> Result<String, Error> {
+    let dir = unit_dir();
+    let service_path = dir.join(format!("{}.service", crate::actions::follow::SERVICE));
+    let name = format!("{}.service", crate::actions::follow::SERVICE);
+    if !on {
+        if !service_path.exists() {
+            return Ok("continuous-backup is off".into());
+        }
+        let mut notes = vec![systemctl(&["disable", "--now", &name])];
+        crate::fsutil::remove_any(&service_path)?;
+        crate::fsutil::remove_any(&follow_env_file())?;
+        crate::fsutil::remove_any(&follow_env_file().with_extension("ca.pem"))?;
+        notes.push(systemctl(&["daemon-reload"]));
+        return Ok(format!(
+            "continuous-backup is off: removed the follow service ({})",
+            notes.join("; ")
+        ));
+    }
+    let mut env = current_settings(settings);
+    let (model, _) = crate::unit::juju_identity();
+    let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+    // The unit and model, so that follow's archives and history are this application's.
+    env.retain(|(k, _)| !k.starts_with("ETCD_ACTIONS_S3_") && k != "ETCD_ACTIONS_ENCRYPT_TO");
+    env.push(("JUJU_UNIT_NAME".into(), unit));
+    if let Some(m) = model {
+        env.push(("JUJU_MODEL_UUID".into(), m));
+    }
+    let mut text = format!("# Written by etcd-actions; read by {name}.\n");
+    let keys = crate::crypt::Keys::load(&settings.keys, true)?;
+    if keys.encrypts() {
+        text.push_str(&format!(
+            "ETCD_ACTIONS_ENCRYPT_TO={}\n",
+            quote_env(&keys.recipients().join(","))
+        ));
+    }
+    let reporter = crate::juju::Reporter::Juju {
+        unit: String::new(),
+        app: String::new(),
+    };
+    let store_note = match reporter.s3_relation() {
+        Ok(Some(bag)) => match crate::store::StoreConfig::from_relation_bag(&bag) {
+            Ok(cfg) => {
+                let ca = follow_env_file().with_extension("ca.pem");
+                if !cfg.ca_pems.is_empty() {
+                    write_file(&ca, &cfg.ca_pems.join("\n"), 0o600)?;
+                }
+                let (public, secret) = cfg.env_pairs(Some(&ca));
+                for (k, v) in public.iter().chain(&secret) {
+                    one_line(k, v)?;
+                    text.push_str(&format!("{k}={}\n", quote_env(v)));
+                }
+                format!("segments go to {} too", cfg.describe())
+            }
+            Err(e) => format!("segments stay local: {e}"),
+        },
+        Ok(None) => "segments stay local (no s3 relation)".into(),
+        Err(e) => format!("segments stay local: {e}"),
+    };
+    let exec = vec![
+        self_exe()?,
+        "follow".to_string(),
+        "--target".to_string(),
+        target.to_string(),
+    ];
+    let service = follow_unit(&exec, &env)?;
+    write_file(&service_path, &service, 0o644)?;
+    write_file(&follow_env_file(), &text, 0o600)?;
+    let notes = [
+        systemctl(&["daemon-reload"]),
+        systemctl(&["enable", &name]),
+        // A running follow picks up new settings by a restart (it resumes without a gap).
+        systemctl(&["restart", &name]),
+    ];
+    Ok(format!(
+        "continuous-backup: follow service installed in {} ({store_note}; {})",
+        dir.display(),
+        notes.join("; ")
+    ))
+}
+
+/// After an s3 relation hook: an installed follow service gets the relation's store now.
+pub fn refresh_follow(settings: &crate::config::Settings) -> Result<String, Error> {
+    let service = unit_dir().join(format!("{}.service", crate::actions::follow::SERVICE));
+    let Ok(text) = fs::read_to_string(&service) else {
+        return Ok("no follow service".into());
+    };
+    // The target it was installed with: ExecStart's last argument.
+    let target = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|t| t.trim_matches('"').replace("$$", "$").replace("%%", "%"))
+        .unwrap_or_else(|| crate::cli::DEFAULT_TARGET.to_string());
+    sync_follow(settings, true, &target)
 }
 
 /// The charm's `config-changed` hook: installs, updates or removes the timer from the
@@ -360,6 +518,26 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
             "the timer was left as it was: {msg}; fix it with `juju config` or `juju grant-secret`"
         ));
     }
+    let target = config
+        .get("backup-target")
+        .and_then(|v| v.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(crate::cli::DEFAULT_TARGET)
+        .to_string();
+    let continuous = config
+        .get("continuous-backup")
+        .and_then(|v| v.as_bool().or_else(|| v.as_str().map(|s| s == "true")))
+        .unwrap_or(false);
+    let follow_note = if continuous
+        && (one_line("backup-target", &target).is_err() || !Path::new(&target).is_absolute())
+    {
+        let msg = "backup-target: not an absolute directory; continuous-backup needs one";
+        reporter.status("blocked", msg);
+        return Ok(format!("the follow service was left as it was: {msg}"));
+    } else {
+        sync_follow(settings, continuous, &target)?
+    };
+    juju_log_note(&follow_note);
     if schedule.is_empty() {
         let had = unit_dir().join(format!("{UNIT}.timer")).exists();
         let notes = uninstall()?;
@@ -373,12 +551,6 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
             "backup-schedule is empty: no timer".to_string()
         });
     }
-    let target = config
-        .get("backup-target")
-        .and_then(|v| v.as_str())
-        .filter(|t| !t.is_empty())
-        .unwrap_or(crate::cli::DEFAULT_TARGET)
-        .to_string();
     let checked = check_options(&schedule, &retention, &target);
     if let Err((option, e)) = checked {
         let msg = format!("{option}: {}", crate::error::bounded(&e.to_string(), 400));
