@@ -91,6 +91,9 @@ pub struct StoreSettings {
     pub credentials: Credentials,
 }
 
+/// Environment settings: names and values.
+pub type EnvPairs = Vec<(String, String)>;
+
 /// Where archives go: a bucket, a key prefix, and how to reach it.
 #[derive(Clone)]
 pub struct StoreConfig {
@@ -341,10 +344,7 @@ impl StoreConfig {
     /// The standalone settings that reach this store (for a service that runs outside a hook:
     /// `follow` under the charm): public settings, and the secrets apart. The CA chain, when
     /// there is one, is written by the caller to `ca_file`.
-    pub fn env_pairs(
-        &self,
-        ca_file: Option<&std::path::Path>,
-    ) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    pub fn env_pairs(&self, ca_file: Option<&std::path::Path>) -> (EnvPairs, EnvPairs) {
         let mut public = vec![("ETCD_ACTIONS_S3_BUCKET".to_string(), self.bucket.clone())];
         if let Some(e) = &self.endpoint {
             public.push(("ETCD_ACTIONS_S3_ENDPOINT".into(), e.clone()));
