@@ -583,8 +583,10 @@ pub fn list_all(
                     .or_else(|| name.strip_suffix(RECORD_SUFFIX));
                 let orphan_sidecar =
                     is_sidecar_name(name) && !archive_of.is_some_and(|a| present.contains(a));
+                // The change history's folder is ours too (listed apart).
                 if (!is_sidecar_name(name) || orphan_sidecar)
                     && !name.starts_with(".etcd-actions-tmp-")
+                    && name != crate::history::DIR
                 {
                     ignored.push(dir.join(name).display().to_string());
                 }

@@ -59,7 +59,7 @@ fn no_leases(
         .collect()
 }
 
-fn follow(node: &Node, target: &Path) -> Child {
+fn follow_agent(node: &Node, target: &Path) -> Agent {
     Agent::standalone(
         node,
         &[
@@ -70,7 +70,10 @@ fn follow(node: &Node, target: &Path) -> Child {
             "1",
         ],
     )
-    .spawn()
+}
+
+fn follow(node: &Node, target: &Path) -> Child {
+    follow_agent(node, target).spawn()
 }
 
 /// Waits until follow's state says it has made `rev` durable.
@@ -424,4 +427,207 @@ fn the_charm_option_installs_a_follow_service_that_verifies() {
         run_hook(serde_json::json!({"backup-schedule": "", "continuous-backup": false}));
     assert_eq!(code, Some(0), "{err}");
     assert!(!service.exists() && !env.exists());
+}
+
+#[test]
+fn history_is_listed_verified_pruned_and_a_compaction_is_an_explicit_gap() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p3", &v3530());
+    let target = tmp.path().join("backups");
+    let t = target.to_str().unwrap();
+    node.put("a", "1");
+    Agent::snapshot(&node, t).run().success();
+    let f = follow(&node, &target);
+    node.fill("one/", 20);
+    let recorded = node.revision();
+    wait_recorded(&target, &node, recorded);
+    sigterm(f);
+    // Written while follow is down, then compacted away.
+    node.fill("lost/", 20);
+    node.put("lost-last", "x");
+    let compacted = node.revision();
+    node.ctl_ok(&["compact", &compacted.to_string()]);
+    let f = follow(&node, &target);
+    // The gap is recorded once follow's full snapshot is taken.
+    wait_recorded(&target, &node, compacted);
+    node.put("after", "1");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    sigterm(f);
+
+    let segs = segments(&target, node.cluster_id());
+    let gap = segs
+        .iter()
+        .find(|s| s.0.gap)
+        .expect("an explicit gap segment");
+    assert_eq!(gap.0.first, recorded + 1);
+    assert!(gap.0.last >= compacted, "{:?}", gap.0);
+    let r = Agent::standalone(&node, &["list-backups", "--target", t])
+        .run()
+        .success();
+    let gaps = r["history"]["0"]["gaps"].as_str().unwrap().to_string();
+    assert!(gaps.starts_with(&format!("{}–", recorded + 1)), "{gaps}");
+    assert!(r["table"].as_str().unwrap().contains("history of cluster"));
+    // A point inside the gap is refused, naming it.
+    let run = Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-revision",
+            &(recorded + 1).to_string(),
+            "--target",
+            t,
+        ],
+    )
+    .run();
+    assert_eq!(run.code(), 3, "{}", run.stderr());
+    assert!(run.failure().contains("lost"));
+
+    // verify reads the chain; --deep replays it to its end in a drill.
+    let r = Agent::standalone(&node, &["verify", "--target", t, "--deep"])
+        .run()
+        .success();
+    assert!(
+        r["verify"]["history"]["0"]["chain"]
+            .as_str()
+            .unwrap()
+            .starts_with("continuous"),
+        "{r:?}"
+    );
+    assert!(
+        r["verify"]["history-drill"]
+            .as_str()
+            .unwrap()
+            .starts_with("passed"),
+        "{r:?}"
+    );
+    // A damaged segment fails verify.
+    let dir = target
+        .join("changes")
+        .join(format!("{:x}", node.cluster_id()));
+    let victim = dir.join(&segs[0].0.name);
+    let good = std::fs::read(&victim).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x55;
+    std::fs::write(&victim, &bad).unwrap();
+    let run = Agent::standalone(&node, &["verify", "--target", t]).run();
+    assert_ne!(run.code(), 0);
+    assert!(run.failure().contains("damaged"), "{}", run.stderr());
+    std::fs::write(&victim, &good).unwrap();
+
+    // prune keeps the segments the kept snapshots need: keep-last 1 keeps the snapshot follow
+    // took after the gap, so everything up to it goes.
+    let r = Agent::standalone(&node, &["prune", "--target", t, "--keep-last", "1"])
+        .run()
+        .success();
+    assert_eq!(
+        r["history"]["removed"].as_str().map(str::to_string),
+        Some((segs.len() - 1).to_string()),
+        "{r:?}"
+    );
+    let left = segments(&target, node.cluster_id());
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.last, end);
+    Agent::standalone(
+        &node,
+        &[
+            "restore",
+            "--to-revision",
+            &end.to_string(),
+            "--target",
+            t,
+            "--skip-backup",
+        ],
+    )
+    .run()
+    .success();
+    assert!(node.dump().contains_key("after"));
+}
+
+#[test]
+fn encrypted_history_in_the_store_restores_with_no_local_files() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p4", &v3530());
+    let s3 = S3::start(tmp.path(), &["hist"]);
+    let target = tmp.path().join("backups");
+    let key = tmp.path().join("key.txt");
+    let out = std::process::Command::new("/usr/bin/age-keygen")
+        .arg("-o")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let recipient = String::from_utf8(
+        std::process::Command::new("/usr/bin/age-keygen")
+            .arg("-y")
+            .arg(&key)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let f = s3
+        .env(follow_agent(&node, &target), "hist", "pitr")
+        .env("ETCD_ACTIONS_ENCRYPT_TO", &recipient)
+        .spawn();
+    node.fill("k/", 10);
+    let mid = node.revision();
+    let want = no_leases(range(&node, mid));
+    node.put("k/0001", "later");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    sigterm(f);
+    let cluster = format!("{:x}", node.cluster_id());
+    let objects = s3.objects("hist", &format!("pitr/etcd/changes/{cluster}"));
+    assert!(!objects.is_empty());
+    assert!(
+        objects.iter().all(|o| o.ends_with(".jsonl.gz.age")),
+        "{objects:?}"
+    );
+    // The stock age opens a segment: gzip inside.
+    let local = target.join("changes").join(&cluster);
+    let first = std::fs::read_dir(&local)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".age"))
+        .unwrap()
+        .path();
+    let plain = std::process::Command::new("/usr/bin/age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&key)
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(plain.status.success() && plain.stdout.starts_with(&[0x1f, 0x8b]));
+    // Only the store: the local target is gone.
+    std::fs::remove_dir_all(&target).unwrap();
+    let empty = tmp.path().join("elsewhere");
+    let t = empty.to_str().unwrap();
+    let run = s3
+        .env(
+            Agent::standalone(
+                &node,
+                &["restore", "--to-revision", &mid.to_string(), "--target", t],
+            ),
+            "hist",
+            "pitr",
+        )
+        .run();
+    assert_eq!(run.code(), 3, "no identity: {}", run.stderr());
+    s3.env(
+        Agent::standalone(
+            &node,
+            &["restore", "--to-revision", &mid.to_string(), "--target", t],
+        ),
+        "hist",
+        "pitr",
+    )
+    .env("ETCD_ACTIONS_IDENTITY_FILE", &key)
+    .run()
+    .success();
+    assert_eq!(no_leases(range(&node, 0)), want);
 }

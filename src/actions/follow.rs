@@ -332,7 +332,7 @@ struct Recorder<'a> {
     prev_sha256: Option<String>,
     pending: Pending,
     first_at: Option<Instant>,
-    uploads: Option<std::sync::mpsc::Sender<PathBuf>>,
+    uploads: Option<Uploader>,
     since_full: (u64, Instant),
     segments: u64,
 }
@@ -402,7 +402,7 @@ impl Recorder<'_> {
             other => other,
         })?;
         if let Some(u) = &self.uploads {
-            let _ = u.send(self.dir.join(&named.name));
+            let _ = u.tx.send(self.dir.join(&named.name));
         }
         Ok(())
     }
@@ -435,6 +435,7 @@ impl Recorder<'_> {
         );
         self.prev_sha256 = Some(history::sha256(&bytes));
         self.flushed_to = last;
+        self.write_state(0);
         Ok(())
     }
 
@@ -499,13 +500,22 @@ impl Recorder<'_> {
     }
 }
 
+/// The background uploader: segments to upload go in; `finish` waits for the last.
+struct Uploader {
+    tx: std::sync::mpsc::Sender<PathBuf>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Uploader {
+    fn finish(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
 /// Uploads published segments in the background (the store's pace never holds up the
 /// watch); a failed upload is tried again with the next one, and at the next start.
-fn uploader(
-    unit: &Unit<'_>,
-    dir: &Path,
-    cluster: &str,
-) -> Result<Option<std::sync::mpsc::Sender<PathBuf>>, Error> {
+fn uploader(unit: &Unit<'_>, dir: &Path, cluster: &str) -> Result<Option<Uploader>, Error> {
     let Some(store) = unit.store()? else {
         return Ok(None);
     };
@@ -528,7 +538,7 @@ fn uploader(
             let _ = tx.send(p);
         }
     }
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("segment-upload".into())
         .spawn(move || {
             let mut retry: Vec<PathBuf> = Vec::new();
@@ -548,9 +558,16 @@ fn uploader(
                     }
                 });
             }
+            if !retry.is_empty() {
+                eprintln!(
+                    "etcd-actions follow: {} segment(s) not uploaded yet: the next follow \
+                     uploads them",
+                    retry.len()
+                );
+            }
         })
         .ctx(|| "cannot start the segment uploader".into())?;
-    Ok(Some(tx))
+    Ok(Some(Uploader { tx, thread }))
 }
 
 pub const SERVICE: &str = "etcd-actions-follow";
@@ -590,14 +607,7 @@ fn record(
         let mut watch = match client.watch(from) {
             Ok(w) => w,
             Err(Error::Compacted(c)) => {
-                unit.log(&format!(
-                    "follow: etcd compacted up to {c}, past revision {from}: taking a full \
-                     snapshot"
-                ));
-                rec.flush()?;
-                let rev = full_snapshot(unit, &opts.target, stop)?;
-                rec.gap(rev)?;
-                rec.since_full = (0, Instant::now());
+                outran(unit, opts, &mut rec, stop, c, from)?;
                 continue;
             }
             Err(e) => {
@@ -639,7 +649,11 @@ fn record(
             match watch.next(wait) {
                 Ok(Some(Watched::Changes(cs))) => rec.add(cs, &mut watch, &mut leases)?,
                 Ok(Some(Watched::Progress(_))) | Ok(None) => {}
-                Ok(Some(Watched::Compacted(_))) => continue 'connect,
+                Ok(Some(Watched::Compacted(c))) => {
+                    let from = rec.received() + 1;
+                    outran(unit, opts, &mut rec, stop, c, from)?;
+                    continue 'connect;
+                }
                 Err(e) => {
                     eprintln!(
                         "etcd-actions follow: {e}; resuming after revision {}",
@@ -690,6 +704,9 @@ fn record(
     if let Some(mut c) = full {
         let _ = c.wait();
     }
+    if let Some(u) = rec.uploads.take() {
+        u.finish();
+    }
     eprintln!(
         "etcd-actions follow: stopped; the history is durable up to revision {} ({} segments this run, {})",
         rec.flushed_to,
@@ -697,6 +714,27 @@ fn record(
         crate::manifest::rfc3339(now_secs())
     );
     rec.write_state(0);
+    Ok(())
+}
+
+/// A compaction outran the history (it was down, or too slow): what it had is flushed, a
+/// full snapshot is taken, and the revisions between are recorded as an explicit gap.
+fn outran(
+    unit: &Unit<'_>,
+    opts: &FollowOptions,
+    rec: &mut Recorder<'_>,
+    stop: &AtomicBool,
+    compacted: i64,
+    from: i64,
+) -> Result<(), Error> {
+    unit.log(&format!(
+        "follow: etcd compacted up to revision {compacted}, past revision {from}: taking a full \
+         snapshot"
+    ));
+    rec.flush()?;
+    let rev = full_snapshot(unit, &opts.target, stop)?.max(1);
+    rec.gap(rev)?;
+    rec.since_full = (0, Instant::now());
     Ok(())
 }
 

@@ -88,6 +88,65 @@ pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), 
         ));
     }
     results.set("count", entries.len());
+    // The change history `follow` records: what a restore to a point can reach.
+    let folder = store.as_ref().map(|s| unit.store_folder(s));
+    let histories = crate::history::list(target, store.as_ref().zip(folder.as_deref()))?;
+    for (i, h) in histories.iter().enumerate() {
+        let key = |k: &str| format!("history.{i}.{k}");
+        let (spans, gaps) = h.spans();
+        results.set(&key("cluster-id"), &h.cluster_id);
+        results.set(&key("segments"), h.segments.len());
+        results.set(
+            &key("bytes"),
+            h.segments.iter().map(|f| f.size).sum::<u64>(),
+        );
+        let (local, stored) = (
+            h.segments.iter().filter(|f| f.path.is_some()).count(),
+            h.segments.iter().filter(|f| f.key.is_some()).count(),
+        );
+        results.set(
+            &key("where"),
+            format!("{local} local, {stored} in the store"),
+        );
+        let shown: Vec<String> = spans
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}–{} ({} – {})",
+                    s.from,
+                    s.to,
+                    crate::replay::show_ms(s.from_ms),
+                    crate::replay::show_ms(s.to_ms)
+                )
+            })
+            .collect();
+        results.set(&key("revisions"), shown.join("; "));
+        results.set(
+            &key("gaps"),
+            if gaps.is_empty() {
+                "none".to_string()
+            } else {
+                gaps.iter()
+                    .map(|(a, b)| format!("{a}–{b}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        );
+        table.push(format!(
+            "history of cluster {}: revisions {}; gaps: {}",
+            h.cluster_id,
+            if shown.is_empty() {
+                "none".into()
+            } else {
+                shown.join("; ")
+            },
+            if gaps.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{gaps:?}")
+            }
+        ));
+    }
     results.set("table", table.join("\n"));
     results.set(
         "store",

@@ -219,6 +219,14 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
             tidy_orphans(dir);
         }
     }
+    prune_history(
+        unit,
+        opts,
+        store.as_ref(),
+        &owner.cluster_id,
+        &decided,
+        results,
+    )?;
     let leftovers = remove_leftovers(unit, store.as_ref(), &entries, now, opts.dry_run)?;
     for (i, what) in leftovers.iter().enumerate() {
         results.set(
@@ -251,6 +259,61 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
     results.set("prune.kept", decided.len() - removed);
     results.set("prune.ignored", ignored.len());
     results.set("prune.dry-run", opts.dry_run);
+    Ok(())
+}
+
+/// Removes the change segments no kept full snapshot's window needs: those that end at or
+/// below the oldest kept snapshot of this cluster (a restore to a point replays from a full
+/// snapshot at or below it). With no kept snapshot of the cluster, every segment stays.
+fn prune_history(
+    unit: &Unit<'_>,
+    opts: &PruneOptions,
+    store: Option<&Store>,
+    cluster: &str,
+    decided: &[(Entry, Vec<&'static str>)],
+    results: &mut Results,
+) -> Result<(), Error> {
+    let Some(oldest) = decided
+        .iter()
+        .filter(|(e, why)| !why.is_empty() && e.id.starts_with("etcd-snapshot-"))
+        .filter_map(|(e, _)| e.revision)
+        .min()
+    else {
+        return Ok(());
+    };
+    let folder = store.map(|s| unit.store_folder(s));
+    let histories = crate::history::list(&opts.target, store.zip(folder.as_deref()))?;
+    let Some(h) = histories.into_iter().find(|h| h.cluster_id == cluster) else {
+        return Ok(());
+    };
+    let (mut removed, mut kept) = (0u64, 0u64);
+    for f in &h.segments {
+        if f.named.last > oldest {
+            kept += 1;
+            continue;
+        }
+        removed += 1;
+        if opts.dry_run {
+            continue;
+        }
+        if let (Some(s), Some(key)) = (store, &f.key) {
+            s.delete(key)?;
+        }
+        if let Some(p) = &f.path {
+            crate::fsutil::remove_any(p)?;
+        }
+    }
+    if removed > 0 && !opts.dry_run {
+        if let Some(p) = h.segments.iter().find_map(|f| f.path.as_ref()) {
+            let _ = crate::fsutil::sync_dir(p.parent().unwrap_or(&opts.target));
+        }
+        unit.log(&format!(
+            "removed {removed} change segments older than the oldest kept full snapshot              (revision {oldest})"
+        ));
+    }
+    results.set("history.removed", removed);
+    results.set("history.kept", kept);
+    results.set("history.from-revision", oldest + 1);
     Ok(())
 }
 
