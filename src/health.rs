@@ -607,18 +607,55 @@ pub fn update_status(settings: &crate::config::Settings) -> Result<String, Error
 /// Writes the textfile atomically (a temp file renamed over it: node_exporter never reads a
 /// half-written one). The directory is created when it was set explicitly.
 pub fn write_metrics(dir: &Path, text: &str) -> Result<(), Error> {
+    write_textfile(dir, METRICS_FILE, text)
+}
+
+/// Writes one textfile of `dir` atomically, readable by node_exporter.
+pub fn write_textfile(dir: &Path, name: &str, text: &str) -> Result<(), Error> {
     if !dir.is_dir() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("cannot create `{}`", dir.display()), e))?;
     }
-    crate::fsutil::write_atomic(&dir.join(METRICS_FILE), text.as_bytes())?;
+    crate::fsutil::write_atomic(&dir.join(name), text.as_bytes())?;
     // node_exporter runs as its own user: the file must be readable.
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(
-        dir.join(METRICS_FILE),
-        std::fs::Permissions::from_mode(0o644),
-    );
+    let _ = std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644));
     Ok(())
+}
+
+/// `follow`'s own textfile (it runs for days; the other runs' file is written at their end).
+pub const FOLLOW_METRICS_FILE: &str = "etcd_backup_follow.prom";
+
+/// What follow says of itself: how far behind the live cluster its durable history is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FollowMetrics {
+    /// Seconds the last segment's first change waited until it was durable: how far the
+    /// durable history trailed the live cluster at its last flush.
+    pub lag_seconds: f64,
+    /// The last revision made durable.
+    pub durable_revision: i64,
+    /// Unix time up to which the history is known complete.
+    pub complete_through: f64,
+    pub segments: u64,
+}
+
+pub fn follow_metrics(m: &FollowMetrics) -> String {
+    format!(
+        "# HELP etcd_backup_follow_lag_seconds Seconds the first change of the last segment waited to be durable (the RPO of the last flush).\n\
+         # TYPE etcd_backup_follow_lag_seconds gauge\n\
+         etcd_backup_follow_lag_seconds {:.3}\n\
+         # HELP etcd_backup_follow_durable_revision The last revision of the change history that is durable.\n\
+         # TYPE etcd_backup_follow_durable_revision gauge\n\
+         etcd_backup_follow_durable_revision {}\n\
+         # HELP etcd_backup_follow_complete_through_timestamp_seconds Time up to which the change history is known complete.\n\
+         # TYPE etcd_backup_follow_complete_through_timestamp_seconds gauge\n\
+         etcd_backup_follow_complete_through_timestamp_seconds {:.3}\n\
+         # HELP etcd_backup_follow_segments_total Change segments this follow has written.\n\
+         # TYPE etcd_backup_follow_segments_total counter\n\
+         etcd_backup_follow_segments_total {}\n\
+",
+        m.lag_seconds, m.durable_revision, m.complete_through, m.segments
+    )
 }
 
 /// The configured max age: `backup-max-age` under Juju (config-get), else

@@ -341,11 +341,39 @@ fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
     f.wait().unwrap();
     node.fill("while-down/", 30);
     node.put("k1", "after");
-    let f = follow(&node, &target);
+    let metrics = tmp.path().join("metrics");
+    let f = follow_agent(&node, &target)
+        .env("ETCD_ACTIONS_METRICS_DIR", &metrics)
+        .spawn();
     node.put("k2", "v");
     let end = node.revision();
     wait_recorded(&target, &node, end);
+    // status: running, and how far the history is durable.
+    let st = Agent::standalone(&node, &["status", "--target", target.to_str().unwrap()])
+        .run()
+        .success();
+    assert_eq!(st["follow"]["state"].as_str(), Some("running"), "{st:?}");
+    assert_eq!(
+        st["follow"]["durable-revision"].as_str(),
+        Some(&*end.to_string())
+    );
     sigterm(f);
+    let st = Agent::standalone(&node, &["status", "--target", target.to_str().unwrap()])
+        .run()
+        .success();
+    assert_eq!(st["follow"]["state"].as_str(), Some("stopped"));
+    // Its textfile: what promtool accepts, with the durable revision.
+    let prom = metrics.join("etcd_backup_follow.prom");
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(
+        text.contains(&format!("etcd_backup_follow_durable_revision {end}")),
+        "{text}"
+    );
+    let out = run_with_stdin(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        text.as_bytes(),
+    );
+    assert!(out.status.success(), "{out:?}");
 
     let segs = segments(&target, node.cluster_id());
     let mut next = base + 1;

@@ -109,6 +109,42 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What follow last said of the history in `target` (the newest of its clusters'), and
+/// whether a follow runs there now (it holds the lock).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub cluster_id: String,
+    pub through_revision: i64,
+    pub through_ms: u64,
+    pub segments_written: u64,
+    pub last_flush_lag_ms: u64,
+    pub running: bool,
+}
+
+pub fn seen(target: &Path) -> Option<Seen> {
+    let root = target.join(history::DIR);
+    let newest = std::fs::read_dir(&root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join(STATE)).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .max_by_key(|v| v["through_ms"].as_u64().unwrap_or(0))?;
+    let running = std::fs::File::open(root.join(LOCK)).is_ok_and(|f| {
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+    });
+    Some(Seen {
+        cluster_id: newest["cluster_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        through_revision: newest["through_revision"].as_i64().unwrap_or(0),
+        through_ms: newest["through_ms"].as_u64().unwrap_or(0),
+        segments_written: newest["segments_written"].as_u64().unwrap_or(0),
+        last_flush_lag_ms: newest["last_flush_lag_ms"].as_u64().unwrap_or(0),
+        running,
+    })
+}
+
 /// Where the history resumes.
 struct Plan {
     cluster_id: u64,
@@ -127,7 +163,12 @@ pub fn run(unit: &Unit<'_>, opts: &FollowOptions) -> Result<(), Error> {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .ctx(|| "cannot handle SIGTERM".to_string())?;
     }
-    let plan = plan(unit, opts, &stop)?;
+    let plan = match plan(unit, opts, &stop) {
+        Ok(p) => p,
+        // Stopped before anything was recorded (during the first full snapshot): a stop.
+        Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     record(unit, opts, plan, &stop)
 }
 
@@ -335,6 +376,8 @@ struct Recorder<'a> {
     uploads: Option<Uploader>,
     since_full: (u64, Instant),
     segments: u64,
+    /// How long the last segment's first change waited to be durable.
+    last_flush_ms: u64,
 }
 
 impl Recorder<'_> {
@@ -383,7 +426,8 @@ impl Recorder<'_> {
         self.prev_sha256 = Some(history::sha256(&bytes));
         self.flushed_to = last;
         self.first_at = None;
-        self.write_state(lag);
+        self.last_flush_ms = lag;
+        self.write_state();
         Ok(())
     }
 
@@ -435,7 +479,7 @@ impl Recorder<'_> {
         );
         self.prev_sha256 = Some(history::sha256(&bytes));
         self.flushed_to = last;
-        self.write_state(0);
+        self.write_state();
         Ok(())
     }
 
@@ -486,8 +530,25 @@ impl Recorder<'_> {
         Ok(())
     }
 
-    /// The state file: how far the history goes and when that was known.
-    fn write_state(&self, lag_ms: u64) {
+    /// The state file: how far the history goes and when that was known; and follow's
+    /// textfile for node_exporter.
+    fn write_state(&self) {
+        let lag_ms = self.last_flush_ms;
+        if let Some(dir) = crate::health::metrics_dir(self.unit.settings, false) {
+            let m = crate::health::FollowMetrics {
+                lag_seconds: lag_ms as f64 / 1000.0,
+                durable_revision: self.flushed_to,
+                complete_through: now_ms() as f64 / 1000.0,
+                segments: self.segments,
+            };
+            if let Err(e) = crate::health::write_textfile(
+                &dir,
+                crate::health::FOLLOW_METRICS_FILE,
+                &crate::health::follow_metrics(&m),
+            ) {
+                eprintln!("etcd-actions follow: cannot write its metrics: {e}");
+            }
+        }
         let state = serde_json::json!({
             "pid": std::process::id(),
             "cluster_id": self.cluster,
@@ -593,8 +654,9 @@ fn record(
         uploads,
         since_full: plan.since_full,
         segments: 0,
+        last_flush_ms: 0,
     };
-    rec.write_state(0);
+    rec.write_state();
     let mut leases = HashSet::new();
     let mut backoff = Duration::from_millis(200);
     let mut full: Option<std::process::Child> = None;
@@ -669,7 +731,7 @@ fn record(
                 // Nothing pending: everything received is durable; say so with the time.
                 last_progress = Instant::now();
                 watch.progress();
-                rec.write_state(0);
+                rec.write_state();
             }
             // A new full snapshot bounds the replay: after an age or a size of changes.
             match full.as_mut().map(std::process::Child::try_wait) {
@@ -713,7 +775,7 @@ fn record(
         rec.segments,
         crate::manifest::rfc3339(now_secs())
     );
-    rec.write_state(0);
+    rec.write_state();
     Ok(())
 }
 

@@ -407,6 +407,10 @@ pub fn sync_follow(
     // The unit and model, so that follow's archives and history are this application's.
     env.retain(|(k, _)| !k.starts_with("ETCD_ACTIONS_S3_") && k != "ETCD_ACTIONS_ENCRYPT_TO");
     env.push(("JUJU_UNIT_NAME".into(), unit));
+    if let Some(d) = crate::juju::config_value("metrics-dir").filter(|d| !d.trim().is_empty()) {
+        env.retain(|(k, _)| k != "ETCD_ACTIONS_METRICS_DIR");
+        env.push(("ETCD_ACTIONS_METRICS_DIR".into(), d));
+    }
     if let Some(m) = model {
         env.push(("JUJU_MODEL_UUID".into(), m));
     }

@@ -73,10 +73,32 @@ pub fn run(
         calendar.as_deref().unwrap_or("none"),
     );
     results.set("schedule.next-run", next.as_deref().unwrap_or("none"));
-    results.set(
-        "follow",
-        "not available: continuous backup (point-in-time recovery) is not part of this version",
-    );
+    match target
+        .is_absolute()
+        .then(|| crate::actions::follow::seen(target))
+        .flatten()
+    {
+        Some(f) => {
+            results.set(
+                "follow.state",
+                if f.running { "running" } else { "stopped" },
+            );
+            results.set("follow.cluster-id", &f.cluster_id);
+            results.set("follow.durable-revision", f.through_revision);
+            let through = f.through_ms / 1000;
+            results.set("follow.complete-through", when(through));
+            results.set(
+                "follow.last-flush-lag",
+                format!("{:.1}s", f.last_flush_lag_ms as f64 / 1000.0),
+            );
+            results.set("follow.segments-written", f.segments_written);
+        }
+        None => results.set(
+            "follow",
+            "not running here: continuous backup (the continuous-backup option, or \
+             `etcd-actions follow`) has recorded no history in the target",
+        ),
+    }
     for (key, op) in &health.operations {
         let k = |f: &str| format!("operations.{}.{f}", key.replace('/', "-"));
         if op.last_success > 0 {
