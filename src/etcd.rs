@@ -870,6 +870,51 @@ impl Watch {
     }
 }
 
+/// A revision to apply: its changes, guarded by the one before it.
+pub struct Step<'a> {
+    pub changes: &'a [Change],
+    pub after: Option<Guard>,
+}
+
+/// What holds once, and only once, the revision before is applied: a key it put has that
+/// revision as its mod revision; a key it deleted (which existed until then) is absent.
+#[derive(Debug, Clone)]
+pub enum Guard {
+    ModIs(Vec<u8>, i64),
+    Absent(Vec<u8>),
+}
+
+impl Guard {
+    /// The guard a revision's changes give the revision after it.
+    pub fn after(revision: i64, changes: &[Change]) -> Option<Guard> {
+        changes.first().map(|c| {
+            if c.delete {
+                Guard::Absent(c.key.clone())
+            } else {
+                Guard::ModIs(c.key.clone(), revision)
+            }
+        })
+    }
+
+    fn compare(&self) -> pb::Compare {
+        use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+        match self {
+            Guard::ModIs(key, rev) => pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Mod as i32,
+                key: key.clone(),
+                target_union: Some(TargetUnion::ModRevision(*rev)),
+            },
+            Guard::Absent(key) => pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Version as i32,
+                key: key.clone(),
+                target_union: Some(TargetUnion::Version(0)),
+            },
+        }
+    }
+}
+
 /// Many calls over one connection: the replay of a history into a throwaway etcd.
 pub struct Session {
     rt: tokio::runtime::Runtime,
@@ -890,32 +935,55 @@ impl Session {
             .map_err(|s| self.client.error(call, &CallError::Status(s)))
     }
 
-    /// Applies one revision's changes as one txn; returns the revision etcd gave it.
-    pub fn apply(&self, changes: &[Change]) -> Result<i64, Error> {
+    /// Applies revisions as txns sent together on this connection, each guarded so that it
+    /// applies only after the one before it (see `Guard`). Returns, for each, the revision
+    /// etcd gave it, or `None` when its guard did not hold (it was not applied: send it again
+    /// once the one before it is).
+    pub fn apply_window(&self, steps: &[Step<'_>]) -> Result<Vec<Option<i64>>, Error> {
         use pb::request_op::Request;
-        let success = changes
-            .iter()
-            .map(|c| pb::RequestOp {
-                request: Some(if c.delete {
-                    Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                        key: c.key.clone(),
-                        range_end: Vec::new(),
-                    })
-                } else {
-                    Request::RequestPut(pb::PutRequest {
-                        key: c.key.clone(),
-                        value: c.value.clone(),
-                        lease: c.lease,
-                        ..Default::default()
-                    })
-                }),
+        let calls = steps.iter().map(|step| {
+            let success = step
+                .changes
+                .iter()
+                .map(|c| pb::RequestOp {
+                    request: Some(if c.delete {
+                        Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                            key: c.key.clone(),
+                            range_end: Vec::new(),
+                        })
+                    } else {
+                        Request::RequestPut(pb::PutRequest {
+                            key: c.key.clone(),
+                            value: c.value.clone(),
+                            lease: c.lease,
+                            ..Default::default()
+                        })
+                    }),
+                })
+                .collect();
+            let compare = step
+                .after
+                .as_ref()
+                .map(Guard::compare)
+                .into_iter()
+                .collect();
+            let mut kv = KvClient::new(self.channel.clone());
+            async move {
+                kv.txn(pb::TxnRequest { compare, success }).await.map(|r| {
+                    let r = r.into_inner();
+                    r.succeeded.then(|| r.header.map_or(0, |h| h.revision))
+                })
+            }
+        });
+        let all = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(CALL_TIMEOUT, futures::future::join_all(calls)).await
             })
-            .collect();
-        let kv = KvClient::new(self.channel.clone());
-        let r = self.unary("txn", async move {
-            kv.clone().txn(pb::TxnRequest { success }).await
-        })?;
-        Ok(r.header.map_or(0, |h| h.revision))
+            .map_err(|_| self.client.timed_out("txn", CALL_TIMEOUT))?;
+        all.into_iter()
+            .map(|r| r.map_err(|s| self.client.error("txn", &CallError::Status(s))))
+            .collect()
     }
 
     /// Grants lease `id` with `ttl` seconds unless it exists, and keeps it alive from now on

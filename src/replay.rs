@@ -354,6 +354,13 @@ pub fn replay(
         format!("--initial-advertise-peer-urls={peer_url}"),
         format!("--initial-cluster={name}={peer_url}"),
         "--log-level=error".to_string(),
+        // A revision is replayed as one txn however many changes it holds (a prefix delete
+        // of thousands of keys), and the db may be as large as the source allowed.
+        "--max-txn-ops=100000000".to_string(),
+        "--max-request-bytes=1073741824".to_string(),
+        format!("--quota-backend-bytes={}", quota(data_dir)),
+        // No raft snapshots during the replay: they would only cost time.
+        "--snapshot-count=1000000000".to_string(),
         // The replayed data is taken from this etcd's db once it stopped cleanly, and the
         // restore tool then builds the member that is swapped in (and synced): its own
         // fsyncs would only slow the replay.
@@ -418,6 +425,7 @@ pub fn replay(
     let (mut revisions, mut events, mut leases) = (0u64, 0u64, 0u64);
     let mut prev_sha: Option<String> = None;
     let mut current = point.base_revision;
+    let mut guard: Option<crate::etcd::Guard> = None;
     for f in &point.segments {
         let bytes = history::read(f, store)?;
         let (head, revs) = history::decode(&bytes, &f.named, keys)?;
@@ -436,12 +444,10 @@ pub fn replay(
             )));
         }
         prev_sha = Some(history::sha256(&bytes));
+        let mut todo: Vec<(i64, Vec<crate::etcd::Change>)> = Vec::new();
         for rev in revs {
-            if rev.r <= current {
+            if rev.r <= current || rev.r > point.revision {
                 continue;
-            }
-            if rev.r > point.revision {
-                break;
             }
             for &(id, ttl) in &rev.leases {
                 // A lease gone when it was recorded: its keys are deleted by a later
@@ -455,17 +461,12 @@ pub fn replay(
                 .map(history::Ev::change)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| fail(format!("`{}`: {e}", f.named.name)))?;
-            let got = session.apply(&changes)?;
-            if got != rev.r {
-                return Err(fail(format!(
-                    "revision {} was applied as revision {got}: the history does not continue \
-                     the full snapshot exactly",
-                    rev.r
-                )));
-            }
-            current = got;
-            revisions += 1;
             events += changes.len() as u64;
+            todo.push((rev.r, changes));
+        }
+        for window in todo.chunks(WINDOW) {
+            current = apply(&session, window, current, &mut guard, &fail)?;
+            revisions += window.len() as u64;
         }
     }
     if current != point.revision {
@@ -488,6 +489,83 @@ pub fn replay(
         keys: count,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Revisions sent together: each guarded by the one before it, so they apply in order
+/// whatever order etcd takes them in; those whose guard did not hold yet are sent again.
+const WINDOW: usize = 64;
+
+/// Applies a window of consecutive revisions after `current`; returns the last applied. Each
+/// must be applied as exactly its recorded revision.
+fn apply(
+    session: &crate::etcd::Session,
+    window: &[(i64, Vec<crate::etcd::Change>)],
+    mut current: i64,
+    guard: &mut Option<crate::etcd::Guard>,
+    fail: &dyn Fn(String) -> Error,
+) -> Result<i64, Error> {
+    use crate::etcd::{Guard, Step};
+    let mut start = 0;
+    let mut stuck = 0;
+    while start < window.len() {
+        let rest = &window[start..];
+        let mut steps = Vec::with_capacity(rest.len());
+        let mut g = guard.clone();
+        for (r, changes) in rest {
+            steps.push(Step {
+                changes,
+                after: g.take(),
+            });
+            g = Guard::after(*r, changes);
+        }
+        let got = session.apply_window(&steps)?;
+        // Every revision up to the first whose guard did not hold was applied, in order.
+        let mut applied = 0;
+        for ((r, changes), got) in rest.iter().zip(&got) {
+            match got {
+                Some(rev) if *rev == *r => {
+                    current = *r;
+                    *guard = Guard::after(*r, changes);
+                    applied += 1;
+                }
+                Some(rev) => {
+                    return Err(fail(format!(
+                        "revision {r} was applied as revision {rev}: the history does not \
+                         continue the full snapshot exactly"
+                    )))
+                }
+                None => break,
+            }
+        }
+        // After one that did not apply, none after it may have: their guards chain to it.
+        if let Some(p) = got[applied..].iter().position(Option::is_some) {
+            return Err(fail(format!(
+                "revision {} applied before revision {}",
+                rest[applied + p].0,
+                rest[applied].0
+            )));
+        }
+        // The first of a window always follows an applied revision, so its guard holds: a
+        // refusal twice in a row means the history does not fit the data.
+        stuck = if applied == 0 { stuck + 1 } else { 0 };
+        if stuck >= 2 {
+            return Err(fail(format!(
+                "revision {} does not apply after revision {current}",
+                rest[0].0
+            )));
+        }
+        start += applied;
+    }
+    Ok(current)
+}
+
+/// The backend quota of the throwaway etcd: room for the db three times over and 8 GiB more,
+/// so that no replay meets a space alarm the source never met.
+fn quota(data_dir: &Path) -> u64 {
+    let db = std::fs::metadata(replayed_db(data_dir))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    db.saturating_mul(3).saturating_add(8 << 30)
 }
 
 /// The db a replay left, for the restore tool.

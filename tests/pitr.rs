@@ -166,6 +166,9 @@ fn restore_to_a_revision_equals_the_source_at_that_revision() {
     let lease = lease_out.split_whitespace().nth(1).unwrap().to_string();
     node.ctl_ok(&["put", "leased", "v", "--lease", &lease]);
     node.put("a", "3");
+    node.fill("many/", 300);
+    // One revision of 300 deletes: more ops than a txn takes by default.
+    node.ctl_ok(&["del", "many/", "--prefix"]);
     let mid = node.revision();
     let at_mid = range(&node, mid);
     node.ctl_ok(&["del", "base/00", "--prefix"]);
@@ -658,4 +661,57 @@ fn encrypted_history_in_the_store_restores_with_no_local_files() {
     .run()
     .success();
     assert_eq!(no_leases(range(&node, 0)), want);
+}
+
+#[test]
+fn a_full_disk_stops_follow_with_a_clear_error_and_the_history_intact() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p5", &v3530());
+    let target = tmp.path().join("backups");
+    Agent::snapshot(&node, target.to_str().unwrap())
+        .run()
+        .success();
+    let base = node.revision();
+    // Two segments are written, then the disk is full.
+    let f = follow_agent(&node, &target)
+        .env("FAILPOINTS", "follow-disk-full=2*off->return")
+        .spawn();
+    node.put("one", "1");
+    wait_recorded(&target, &node, base + 1);
+    node.put("two", "2");
+    wait_recorded(&target, &node, base + 2);
+    node.put("three", "3");
+    let out = wait_ok_or_failed(f);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not enough free space") && err.contains("change segment"),
+        "{err}"
+    );
+    // What was durable is intact; no temp file is left.
+    let segs = segments(&target, node.cluster_id());
+    assert_eq!(segs.len(), 2);
+    assert_eq!(segs[1].0.last, base + 2);
+    let dir = target
+        .join("changes")
+        .join(format!("{:x}", node.cluster_id()));
+    assert!(files_in(&dir).iter().all(|n| !n.starts_with(".tmp-")));
+    // Room again: follow resumes after the last durable segment, nothing lost.
+    let f = follow(&node, &target);
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    sigterm(f);
+    let segs = segments(&target, node.cluster_id());
+    assert_eq!(segs.last().unwrap().0.last, end);
+    assert_eq!(segs.last().unwrap().0.first, base + 3);
+}
+
+/// Waits for a child that ends by itself (bounded), with its output.
+fn wait_ok_or_failed(mut child: Child) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "follow did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }

@@ -378,6 +378,8 @@ struct Recorder<'a> {
     segments: u64,
     /// How long the last segment's first change waited to be durable.
     last_flush_ms: u64,
+    /// How long the last segment took to encode and make durable.
+    last_write: Duration,
 }
 
 impl Recorder<'_> {
@@ -406,12 +408,14 @@ impl Recorder<'_> {
         };
         let ms = (revs[0].t, revs[revs.len() - 1].t);
         let named = Named::new(&self.cluster, first, last, ms, false, keys.encrypts());
+        let write_started = Instant::now();
         let bytes = history::encode(&head, &revs, keys)?;
         if let Err(e) = self.publish(&named, &bytes) {
             // Kept for the next try: nothing is lost while the process lives.
             self.pending.revs = revs;
             return Err(e);
         }
+        self.last_write = write_started.elapsed();
         crate::points::crash_point("follow-after-segment");
         let lag = now_ms().saturating_sub(ms.0);
         eprintln!(
@@ -432,19 +436,29 @@ impl Recorder<'_> {
     }
 
     fn publish(&mut self, named: &Named, bytes: &[u8]) -> Result<(), Error> {
-        history::publish(&self.dir, &named.name, bytes).map_err(|e| match e {
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Error::NoSpace {
-                    path: self.dir.clone(),
-                    action: "writing the next change segment".into(),
-                    need: human_size(bytes.len() as u64),
-                    available: crate::fsutil::free_bytes(&self.dir)
-                        .map(human_size)
-                        .unwrap_or_else(|_| "unknown".into()),
+        // The tests' full disk (a real one maps the same way).
+        let full = || -> Result<(), Error> {
+            fail::fail_point!("follow-disk-full", |_| Err(Error::io(
+                "cannot write a change segment",
+                std::io::Error::from_raw_os_error(libc::ENOSPC)
+            )));
+            Ok(())
+        };
+        full()
+            .and_then(|()| history::publish(&self.dir, &named.name, bytes))
+            .map_err(|e| match e {
+                Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                    Error::NoSpace {
+                        path: self.dir.clone(),
+                        action: "writing the next change segment".into(),
+                        need: human_size(bytes.len() as u64),
+                        available: crate::fsutil::free_bytes(&self.dir)
+                            .map(human_size)
+                            .unwrap_or_else(|_| "unknown".into()),
+                    }
                 }
-            }
-            other => other,
-        })?;
+                other => other,
+            })?;
         if let Some(u) = &self.uploads {
             let _ = u.tx.send(self.dir.join(&named.name));
         }
@@ -655,6 +669,7 @@ fn record(
         since_full: plan.since_full,
         segments: 0,
         last_flush_ms: 0,
+        last_write: Duration::ZERO,
     };
     rec.write_state();
     let mut leases = HashSet::new();
@@ -704,7 +719,7 @@ fn record(
                 break 'connect;
             }
             let wait = match rec.first_at {
-                Some(t) => opts.flush_interval.saturating_sub(t.elapsed()),
+                Some(t) => flush_at(opts, &rec).saturating_sub(t.elapsed()),
                 None => Duration::from_millis(500),
             }
             .clamp(Duration::from_millis(10), Duration::from_millis(500));
@@ -804,7 +819,18 @@ fn due(rec: &Recorder<'_>, opts: &FollowOptions) -> bool {
     rec.pending.bytes >= SEGMENT_BYTES
         || rec
             .first_at
-            .is_some_and(|t| t.elapsed() + Duration::from_millis(50) >= opts.flush_interval)
+            .is_some_and(|t| t.elapsed() >= flush_at(opts, rec))
+}
+
+/// When a segment's write starts, after its first change: early enough that it is durable
+/// by the flush interval (a tenth of it, at least the last write's time twice and 200 ms,
+/// is left for encoding, writing and fsync, and for the change's way from etcd).
+fn flush_at(opts: &FollowOptions, rec: &Recorder<'_>) -> Duration {
+    let margin = (opts.flush_interval / 10)
+        .max(Duration::from_millis(200))
+        .max(rec.last_write * 2)
+        .min(opts.flush_interval / 2);
+    opts.flush_interval - margin
 }
 
 #[cfg(test)]
