@@ -349,6 +349,13 @@ fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
         .env("ETCD_ACTIONS_METRICS_DIR", &metrics)
         .spawn();
     node.put("k2", "v");
+    // etcd restarts under it: follow reconnects and resumes after what it received.
+    wait_recorded(&target, &node, node.revision());
+    node.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    node.start();
+    node.wait_healthy();
+    node.put("k3", "after the restart");
     let end = node.revision();
     wait_recorded(&target, &node, end);
     // status: running, and how far the history is durable.
@@ -560,19 +567,17 @@ fn history_is_listed_verified_pruned_and_a_compaction_is_an_explicit_gap() {
     let left = segments(&target, node.cluster_id());
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].0.last, end);
-    Agent::standalone(
-        &node,
-        &[
-            "restore",
-            "--to-revision",
-            &end.to_string(),
-            "--target",
-            t,
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .success();
+    // Under Juju: the restore action's to-revision param.
+    let juju = Juju::new(&tmp.path().join("juju"), "etcd/0");
+    juju.params(
+        "restore",
+        serde_json::json!({"to-revision": end, "target": t, "skip-backup": true}),
+    );
+    let r = Agent::juju(&node, &juju, "restore").run().juju_ok(&juju);
+    assert_eq!(
+        r["restore"]["point-revision"],
+        serde_json::json!(end.to_string())
+    );
     assert!(node.dump().contains_key("after"));
 }
 

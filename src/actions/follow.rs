@@ -41,7 +41,7 @@ pub struct FullEvery {
     pub bytes: u64,
 }
 
-pub const FULL_EVERY_DEFAULT: &str = "1h,256MiB";
+pub const FULL_EVERY_DEFAULT: &str = "1h,128MiB";
 
 impl FullEvery {
     /// `6h`, `512MiB`, or both separated by a comma.
@@ -841,7 +841,7 @@ mod tests {
     fn full_every_parses() {
         let f = FullEvery::parse(FULL_EVERY_DEFAULT).unwrap();
         assert_eq!(f.age, Duration::from_secs(3600));
-        assert_eq!(f.bytes, 256 << 20);
+        assert_eq!(f.bytes, 128 << 20);
         assert_eq!(FullEvery::parse("30m").unwrap().bytes, u64::MAX);
         for bad in ["", "0h", "1x", "h"] {
             assert!(FullEvery::parse(bad).is_err(), "{bad}");

@@ -898,8 +898,9 @@ fn replay(
     let store = unit.store()?;
     let r = crate::replay::replay(unit, offline, &dir, point, store.as_ref())?;
     unit.log(&format!(
-        "replayed {} revisions ({} changes, {} leases) to revision {} in {:.1}s",
-        r.revisions, r.events, r.leases, point.revision, r.seconds
+        "replayed {} revisions ({} changes, {} leases, {} txns sent) to revision {} in {:.1}s \
+         ({:.1}s reading the history)",
+        r.revisions, r.events, r.leases, r.sent, point.revision, r.seconds, r.reading
     ));
     crash_point("restore-after-replay");
     Ok((crate::replay::replayed_db(&dir), r))
