@@ -314,6 +314,27 @@ impl Client {
         })
     }
 
+    /// Waits up to `timeout` for an etcd just started (a throwaway one) to listen and answer
+    /// its status.
+    pub fn wait_serving(&self, timeout: Duration) -> Result<Status, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let answer = match self.listening() {
+                Ok(true) => self.status(),
+                Ok(false) => Err(Error::EtcdUnreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: "connection refused".into(),
+                }),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(s) => return Ok(s),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     pub fn status(&self) -> Result<Status, Error> {
         self.call("status", |c| async move {
             let r = MaintenanceClient::new(c)
@@ -1169,6 +1190,14 @@ impl OfflineTool {
         }
         run_checked(&mut cmd).map(drop)
     }
+}
+
+/// A free loopback port (the kernel's choice), for a throwaway etcd.
+pub fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ctx(|| "cannot find a free loopback port".to_string())
 }
 
 /// A fresh `--initial-cluster-token`: a restored cluster never shares one with another.

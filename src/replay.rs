@@ -303,13 +303,6 @@ fn takes_no_fsync(etcd: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ctx(|| "cannot find a free loopback port".to_string())
-}
-
 /// What the replay did.
 #[derive(Debug, Clone)]
 pub struct Replayed {
@@ -344,7 +337,7 @@ pub fn replay(
     let etcd = offline.server_binary()?;
     let record = unit.state.join(RECORD);
     end_recorded(&record);
-    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let (client_port, peer_port) = (crate::etcd::free_port()?, crate::etcd::free_port()?);
     let client_url = format!("http://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
     let data_arg = format!("--data-dir={}", data_dir.display());
@@ -395,26 +388,13 @@ pub fn replay(
     ));
     crate::points::pause_point("replay-started");
     let ctl = Client::with_tls(&client_url, ClientTls::default());
-    let deadline = Instant::now() + unit.settings.start_timeout;
-    let status = loop {
-        match ctl.listening().and_then(|up| {
-            if up {
-                ctl.status()
-            } else {
-                Err(Error::usage("not yet"))
-            }
-        }) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(fail(format!(
-                    "the throwaway etcd did not become healthy: {e}\n{}",
-                    crate::error::bounded(&log, 2000)
-                )));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let status = ctl.wait_serving(unit.settings.start_timeout).map_err(|e| {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        fail(format!(
+            "the throwaway etcd did not become healthy: {e}\n{}",
+            crate::error::bounded(&log, 2000)
+        ))
+    })?;
     if status.revision != point.base_revision {
         return Err(fail(format!(
             "the full snapshot restored at revision {} where its manifest says {}",

@@ -442,19 +442,12 @@ fn backup_snapshots_when_changed_uploads_and_prunes() {
     assert_eq!(files_in(&snaps).len(), 6);
 }
 
-/// `systemd-analyze verify` on unit files.
+/// `systemd-analyze verify` on the backup service and timer.
 fn verify_units(dir: &Path) {
-    let out = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(dir.join("etcd-actions-backup.service"))
-        .arg(dir.join("etcd-actions-backup.timer"))
-        .output()
-        .expect("systemd-analyze (scripts/install-deps installs systemd)");
-    assert!(
-        out.status.success() && out.stderr.is_empty(),
-        "systemd-analyze verify: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    systemd_verify(&[
+        &dir.join("etcd-actions-backup.service"),
+        &dir.join("etcd-actions-backup.timer"),
+    ]);
 }
 
 #[test]

@@ -383,6 +383,20 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
+    /// The head of the next segment in the chain.
+    fn head(&self, first: i64, last: i64, revs: &[Rev]) -> Head {
+        Head {
+            format: history::FORMAT.into(),
+            cluster_id: self.cluster.clone(),
+            first,
+            last,
+            prev_sha256: self.prev_sha256.clone(),
+            gap: false,
+            revisions: revs.len() as u64,
+            events: revs.iter().map(|r| r.ev.len() as u64).sum(),
+        }
+    }
+
     fn received(&self) -> i64 {
         self.pending.revs.last().map_or(self.flushed_to, |r| r.r)
     }
@@ -396,16 +410,7 @@ impl Recorder<'_> {
         let revs = std::mem::take(&mut self.pending.revs);
         self.pending.bytes = 0;
         let keys = self.unit.keys()?;
-        let head = Head {
-            format: history::FORMAT.into(),
-            cluster_id: self.cluster.clone(),
-            first,
-            last,
-            prev_sha256: self.prev_sha256.clone(),
-            gap: false,
-            revisions: revs.len() as u64,
-            events: revs.iter().map(|r| r.ev.len() as u64).sum(),
-        };
+        let head = self.head(first, last, &revs);
         let ms = (revs[0].t, revs[revs.len() - 1].t);
         let named = Named::new(&self.cluster, first, last, ms, false, keys.encrypts());
         let write_started = Instant::now();
@@ -474,14 +479,8 @@ impl Recorder<'_> {
         }
         let keys = self.unit.keys()?;
         let head = Head {
-            format: history::FORMAT.into(),
-            cluster_id: self.cluster.clone(),
-            first,
-            last,
-            prev_sha256: self.prev_sha256.clone(),
             gap: true,
-            revisions: 0,
-            events: 0,
+            ..self.head(first, last, &[])
         };
         let t = now_ms();
         let named = Named::new(&self.cluster, first, last, (t, t), true, keys.encrypts());

@@ -126,6 +126,21 @@ pub fn check_calendar(spec: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A service's `ExecStart=` and `Environment=` lines, quoted for systemd.
+fn exec_lines(exec: &[String], env: &[(String, String)]) -> String {
+    let mut out = format!(
+        "ExecStart={}\n",
+        exec.iter()
+            .map(|a| quote_exec(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for (k, v) in env {
+        out.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
+    }
+    out
+}
+
 /// The service and timer texts. Refuses any value with a control character.
 pub fn units(
     exec: &[String],
@@ -148,16 +163,7 @@ pub fn units(
          [Service]\n\
          Type=oneshot\n",
     );
-    service.push_str(&format!(
-        "ExecStart={}\n",
-        exec.iter()
-            .map(|a| quote_exec(a))
-            .collect::<Vec<_>>()
-            .join(" ")
-    ));
-    for (k, v) in env {
-        service.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
-    }
+    service.push_str(&exec_lines(exec, env));
     service.push_str(&format!(
         "EnvironmentFile=-{}\n\
          Nice=10\n\
@@ -344,16 +350,7 @@ pub fn follow_unit(exec: &[String], env: &[(String, String)]) -> Result<String, 
          [Service]\n\
          Type=simple\n",
     );
-    service.push_str(&format!(
-        "ExecStart={}\n",
-        exec.iter()
-            .map(|a| quote_exec(a))
-            .collect::<Vec<_>>()
-            .join(" ")
-    ));
-    for (k, v) in env {
-        service.push_str(&format!("Environment={}\n", quote(&format!("{k}={v}"))));
-    }
+    service.push_str(&exec_lines(exec, env));
     service.push_str(&format!(
         "EnvironmentFile=-{}\n\
          Restart=always\n\

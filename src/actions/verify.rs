@@ -4,7 +4,7 @@
 //! manifest. The live etcd, its data dir and its service are never touched.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::Unit;
 use crate::catalog::{self, Checked, Wanted};
@@ -272,14 +272,6 @@ fn history(
     Ok(())
 }
 
-/// A free loopback port (the kernel's choice).
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ctx(|| "cannot find a free loopback port".to_string())
-}
-
 /// The restore drill; returns the key count the throwaway etcd serves.
 fn drill(
     unit: &Unit<'_>,
@@ -304,8 +296,8 @@ fn drill(
     let dir = TempPath::new(unit.state.join(format!("drill-{}", std::process::id())));
     std::fs::create_dir(dir.path()).map_err(|e| e.to_string())?;
     let (client, peer) = (
-        free_port().map_err(|e| e.to_string())?,
-        free_port().map_err(|e| e.to_string())?,
+        crate::etcd::free_port().map_err(|e| e.to_string())?,
+        crate::etcd::free_port().map_err(|e| e.to_string())?,
     );
     let name = format!("drill-{}", std::process::id());
     let peer_url = format!("http://127.0.0.1:{peer}");
@@ -358,22 +350,9 @@ fn drill(
     ));
     super::pause_point("drill-started");
     let ctl = Client::with_tls(&client_url, ClientTls::default());
-    let deadline = Instant::now() + unit.settings.start_timeout;
-    let status = loop {
-        match ctl.listening().and_then(|up| {
-            if up {
-                ctl.status()
-            } else {
-                Err(Error::usage("not yet"))
-            }
-        }) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(format!("the throwaway etcd did not become healthy: {e}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let status = ctl
+        .wait_serving(unit.settings.start_timeout)
+        .map_err(|e| format!("the throwaway etcd did not become healthy: {e}"))?;
     let members = ctl.members().map_err(|e| e.to_string())?;
     if members.len() != 1 {
         return Err(format!(

@@ -1160,3 +1160,17 @@ impl Juju {
         }
     }
 }
+
+/// `systemd-analyze verify` on unit files: no error, nothing on stderr.
+pub fn systemd_verify(units: &[&Path]) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(units)
+        .output()
+        .expect("systemd-analyze (scripts/install-deps installs systemd)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
