@@ -262,9 +262,11 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
     Ok(())
 }
 
-/// Removes the change segments no kept full snapshot's window needs: those that end at or
-/// below the oldest kept snapshot of this cluster (a restore to a point replays from a full
-/// snapshot at or below it). With no kept snapshot of the cluster, every segment stays.
+/// Removes the change segments no kept full snapshot's window needs. A snapshot's window runs
+/// from its revision to the next full snapshot's (kept or not; the newest one's has no end):
+/// a restore to a point in it replays from that snapshot. Segments outside every kept
+/// window go, as the snapshots they belonged to went. With no kept snapshot of the cluster,
+/// every segment stays.
 fn prune_history(
     unit: &Unit<'_>,
     opts: &PruneOptions,
@@ -273,12 +275,13 @@ fn prune_history(
     decided: &[(Entry, Vec<&'static str>)],
     results: &mut Results,
 ) -> Result<(), Error> {
-    let Some(oldest) = decided
+    let snapshots: Vec<(i64, bool)> = decided
         .iter()
-        .filter(|(e, why)| !why.is_empty() && e.id.starts_with("etcd-snapshot-"))
-        .filter_map(|(e, _)| e.revision)
-        .min()
-    else {
+        .filter(|(e, _)| e.id.starts_with("etcd-snapshot-"))
+        .filter_map(|(e, why)| e.revision.map(|r| (r.max(1), !why.is_empty())))
+        .collect();
+    let windows = windows(snapshots);
+    let Some(oldest) = windows.first().map(|w| w.0) else {
         return Ok(());
     };
     let folder = store.map(|s| unit.store_folder(s));
@@ -288,7 +291,10 @@ fn prune_history(
     };
     let (mut removed, mut kept) = (0u64, 0u64);
     for f in &h.segments {
-        if f.named.last > oldest {
+        let needed = windows
+            .iter()
+            .any(|(from, to)| f.named.last > *from && f.named.first <= *to);
+        if needed {
             kept += 1;
             continue;
         }
@@ -308,13 +314,33 @@ fn prune_history(
             let _ = crate::fsutil::sync_dir(p.parent().unwrap_or(&opts.target));
         }
         unit.log(&format!(
-            "removed {removed} change segments older than the oldest kept full snapshot              (revision {oldest})"
+            "removed {removed} change segments outside the windows of the kept full \
+             snapshots (the oldest at revision {oldest})"
         ));
     }
     results.set("history.removed", removed);
     results.set("history.kept", kept);
     results.set("history.from-revision", oldest + 1);
     Ok(())
+}
+
+/// The windows `(from, to]` of the kept snapshots among `(revision, kept)`: from a kept
+/// snapshot's revision to the next snapshot's, kept or not (`i64::MAX` for the newest).
+fn windows(mut snapshots: Vec<(i64, bool)>) -> Vec<(i64, i64)> {
+    snapshots.sort_unstable();
+    snapshots
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, kept))| *kept)
+        .map(|(i, (r, _))| {
+            let end = snapshots[i + 1..]
+                .iter()
+                .map(|(n, _)| *n)
+                .find(|n| n > r)
+                .unwrap_or(i64::MAX);
+            (*r, end)
+        })
+        .collect()
 }
 
 /// Removes an archive everywhere it is. In the store its record goes first (the archive is
@@ -410,4 +436,17 @@ pub fn policy_from(
         text.push(format!("within={w}"));
     }
     Policy::parse(&text.join(",")).map_err(Error::usage)
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::windows;
+
+    #[test]
+    fn history_windows_end_at_the_next_snapshot() {
+        // Snapshots at 10 (kept), 20 (removed), 30 (kept), 40 (kept, newest).
+        let w = windows(vec![(30, true), (10, true), (20, false), (40, true)]);
+        assert_eq!(w, vec![(10, 20), (30, 40), (40, i64::MAX)]);
+        assert!(windows(vec![(5, false)]).is_empty());
+    }
 }
