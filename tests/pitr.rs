@@ -412,8 +412,10 @@ fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
         "every revision once"
     );
 
-    // The write acknowledged before the kill is restorable.
+    // The write acknowledged before the kill is restorable, with follow running: the
+    // restore replaces the cluster under it, and follow ends that history.
     let want = no_leases(range(&node, k1));
+    let running = follow(&node, &target);
     Agent::standalone(
         &node,
         &[
@@ -428,6 +430,9 @@ fn follow_resumes_after_kill_9_without_gap_or_duplicate_and_refuses_a_second() {
     .run()
     .success();
     assert_eq!(no_leases(range(&node, 0)), want);
+    let out = wait_ok_or_failed(running);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("now serves cluster"));
 }
 
 #[test]

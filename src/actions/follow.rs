@@ -706,11 +706,7 @@ fn record(
         };
         if watch.cluster_id != plan.cluster_id && watch.cluster_id != 0 {
             rec.flush()?;
-            return Err(Error::Declined(format!(
-                "etcd now serves cluster {} instead of {cluster} (a restore?): this history \
-                 ends here; start follow again to record the new cluster from a full snapshot",
-                hex_id(watch.cluster_id)
-            )));
+            return Err(other_cluster(&cluster, watch.cluster_id));
         }
         backoff = Duration::from_millis(200);
         loop {
@@ -808,10 +804,24 @@ fn outran(
          snapshot"
     ));
     rec.flush()?;
+    // A restore replaced the cluster (its bumped revisions look like a compaction): that is
+    // the end of this history, not a gap in it.
+    let now = Client::new(&unit.config).status()?;
+    if hex_id(now.cluster_id) != rec.cluster {
+        return Err(other_cluster(&rec.cluster, now.cluster_id));
+    }
     let rev = full_snapshot(unit, &opts.target, stop)?.max(1);
     rec.gap(rev)?;
     rec.since_full = (0, Instant::now());
     Ok(())
+}
+
+fn other_cluster(cluster: &str, now: u64) -> Error {
+    Error::Declined(format!(
+        "etcd now serves cluster {} instead of {cluster} (a restore?): this history ends \
+         here; start follow again to record the new cluster from a full snapshot",
+        hex_id(now)
+    ))
 }
 
 fn due(rec: &Recorder<'_>, opts: &FollowOptions) -> bool {
