@@ -720,3 +720,42 @@ fn wait_ok_or_failed(mut child: Child) -> std::process::Output {
     }
     child.wait_with_output().unwrap()
 }
+
+#[test]
+fn a_store_that_is_away_holds_up_nothing_and_gets_the_segments_later() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "p6", &v3530());
+    let mut s3 = S3::start(tmp.path(), &["away"]);
+    let target = tmp.path().join("backups");
+    s3.env(
+        Agent::snapshot(&node, target.to_str().unwrap()),
+        "away",
+        "h",
+    )
+    .run()
+    .success();
+    s3.kill();
+    let f = s3.env(follow_agent(&node, &target), "away", "h").spawn();
+    node.put("while-away", "1");
+    let end = node.revision();
+    wait_recorded(&target, &node, end);
+    let out = sigterm(f);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not uploaded yet"));
+    // The store is back: the next follow uploads what it lacks.
+    s3.restart();
+    let f = s3.env(follow_agent(&node, &target), "away", "h").spawn();
+    wait_recorded(&target, &node, end);
+    std::thread::sleep(Duration::from_millis(1500));
+    sigterm(f);
+    let cluster = format!("{:x}", node.cluster_id());
+    let local = files_in(&target.join("changes").join(&cluster))
+        .into_iter()
+        .filter(|n| Named::parse(n).is_some())
+        .count();
+    let stored = s3
+        .objects("away", &format!("h/etcd/changes/{cluster}"))
+        .len();
+    assert!(local > 0);
+    assert_eq!(stored, local, "every local segment is in the store");
+}

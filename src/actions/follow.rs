@@ -200,7 +200,15 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         .into_iter()
         .find(|h| h.cluster_id == cluster)
         .unwrap_or_default();
-    let base = newest_full(unit, target.path(), store.as_ref(), &cluster)?;
+    let base = match newest_full(unit, target.path(), store.as_ref(), &cluster) {
+        Ok(b) => b,
+        // The store being away: the target's own snapshots say where the history starts.
+        Err(e) if store.is_some() => {
+            eprintln!("etcd-actions follow: {e}; going by the snapshots in the target");
+            newest_full(unit, target.path(), None, &cluster)?
+        }
+        Err(e) => return Err(e),
+    };
     let (next, prev) = match mine.newest() {
         Some(f) => {
             let bytes = history::read(f, None)?;
@@ -596,8 +604,16 @@ fn uploader(unit: &Unit<'_>, dir: &Path, cluster: &str) -> Result<Option<Uploade
     let folder = history::store_folder(&unit.store_folder(&store), cluster);
     let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
     // What the store lacks from an earlier run.
-    let there: HashSet<String> = store.names(&folder)?.into_iter().map(|(n, _)| n).collect();
-    if let Ok(rd) = std::fs::read_dir(dir) {
+    // The store being away does not stop the history: what it lacks is uploaded at the next
+    // start.
+    let there: Option<HashSet<String>> = match store.names(&folder) {
+        Ok(names) => Some(names.into_iter().map(|(n, _)| n).collect()),
+        Err(e) => {
+            eprintln!("etcd-actions follow: {e}; segments are written locally and uploaded as the store answers");
+            None
+        }
+    };
+    if let (Some(there), Ok(rd)) = (there, std::fs::read_dir(dir)) {
         let mut missing: Vec<PathBuf> = rd
             .flatten()
             .map(|e| e.path())
