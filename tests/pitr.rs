@@ -613,9 +613,32 @@ fn encrypted_history_in_the_store_restores_with_no_local_files() {
     let mid = node.revision();
     let want = no_leases(range(&node, mid));
     node.put("k/0001", "later");
+    wait_recorded(&target, &node, node.revision());
+    sigterm(f);
+    // Resumed without an identity: the encrypted segments chain by their names and bytes.
+    let f = s3
+        .env(follow_agent(&node, &target), "hist", "pitr")
+        .env("ETCD_ACTIONS_ENCRYPT_TO", &recipient)
+        .spawn();
+    node.put("k/0002", "resumed");
     let end = node.revision();
     wait_recorded(&target, &node, end);
     sigterm(f);
+    let names: Vec<Named> = files_in(
+        &target
+            .join("changes")
+            .join(format!("{:x}", node.cluster_id())),
+    )
+    .iter()
+    .filter_map(|n| Named::parse(n))
+    .collect();
+    let mut ranges: Vec<(i64, i64)> = names.iter().map(|n| (n.first, n.last)).collect();
+    ranges.sort_unstable();
+    assert!(
+        ranges.windows(2).all(|w| w[0].1 + 1 == w[1].0),
+        "{ranges:?}"
+    );
+    assert_eq!(ranges.last().map(|r| r.1), Some(end));
     let cluster = format!("{:x}", node.cluster_id());
     let objects = s3.objects("hist", &format!("pitr/etcd/changes/{cluster}"));
     assert!(!objects.is_empty());

@@ -212,13 +212,13 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
     let (next, prev) = match mine.newest() {
         Some(f) => {
             let bytes = history::read(f, None)?;
-            // A segment that cannot be read is not chained onto: the history restarts at a
-            // full snapshot instead.
+            // The chain goes on from the newest segment; a damaged one stops follow (its
+            // error names the file: move it aside to start the history again from a full
+            // snapshot).
             match history::decode(&bytes, &f.named, unit.keys()?) {
-                Ok(_) => (f.named.last + 1, Some(history::sha256(&bytes))),
-                Err(e) if f.named.encrypted => {
-                    // Follow holds no identity: trust the name, chain on the bytes.
-                    let _ = e;
+                // follow usually holds no identity: an encrypted segment's name gives its
+                // range, and the link is the sha256 of its bytes.
+                Ok(_) | Err(Error::Encrypted { .. }) => {
                     (f.named.last + 1, Some(history::sha256(&bytes)))
                 }
                 Err(e) => return Err(e),
