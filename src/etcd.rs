@@ -1193,11 +1193,45 @@ impl OfflineTool {
 }
 
 /// A free loopback port (the kernel's choice), for a throwaway etcd.
-pub fn free_port() -> Result<u16, Error> {
+fn free_port() -> Result<u16, Error> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .ctx(|| "cannot find a free loopback port".to_string())
+}
+
+/// The command line of a throwaway etcd (a drill, a replay): member `name` serving
+/// `data_dir` alone on free loopback ports.
+pub struct Throwaway {
+    pub client_url: String,
+    pub peer_url: String,
+    /// `--data-dir=…`: also the marker that finds the process again.
+    pub data_arg: String,
+    pub args: Vec<String>,
+}
+
+impl Throwaway {
+    pub fn new(name: &str, data_dir: &Path) -> Result<Throwaway, Error> {
+        let client_url = format!("http://127.0.0.1:{}", free_port()?);
+        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+        let data_arg = format!("--data-dir={}", data_dir.display());
+        let args = vec![
+            format!("--name={name}"),
+            data_arg.clone(),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={name}={peer_url}"),
+            "--log-level=error".to_string(),
+        ];
+        Ok(Throwaway {
+            client_url,
+            peer_url,
+            data_arg,
+            args,
+        })
+    }
 }
 
 /// A fresh `--initial-cluster-token`: a restored cluster never shares one with another.

@@ -596,6 +596,34 @@ pub fn check_chain(
     Ok(report)
 }
 
+/// The state `follow` leaves beside a cluster's segments (`follow.json`): how far the
+/// history is durable, and until when it was known complete.
+pub const STATE: &str = "follow.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FollowState {
+    pub pid: u32,
+    pub cluster_id: String,
+    /// The last revision made durable.
+    pub through_revision: i64,
+    /// Unix ms until which every change received is durable.
+    pub through_ms: u64,
+    pub segments_written: u64,
+    /// How long the last segment's first change waited to be durable.
+    pub last_flush_lag_ms: u64,
+}
+
+/// Writes the state into a cluster's history dir, atomically.
+pub fn write_state(dir: &Path, state: &FollowState) -> Result<(), Error> {
+    let text = serde_json::to_vec(state).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join(STATE), &text)
+}
+
+/// The state in a cluster's history dir, when there is a readable one.
+pub fn read_state(dir: &Path) -> Option<FollowState> {
+    serde_json::from_slice(&std::fs::read(dir.join(STATE)).ok()?).ok()
+}
+
 /// A revision chosen from a time: the last revision received at or before `ms`, among
 /// `revs`.
 pub fn last_at_or_before(revs: &[Rev], ms: u64) -> Option<i64> {

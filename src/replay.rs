@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::catalog::Entry;
 use crate::config::ClientTls;
 use crate::error::{Error, IoContext};
-use crate::etcd::{Client, OfflineTool};
+use crate::etcd::{Client, OfflineTool, Throwaway};
 use crate::history::{self, Found, History};
 use crate::process::{end_recorded, Guarded};
 use crate::unit::Unit;
@@ -92,16 +92,6 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
 pub fn show_ms(ms: u64) -> String {
     let base = crate::manifest::rfc3339(ms / 1000);
     format!("{}.{:03}Z", base.trim_end_matches('Z'), ms % 1000)
-}
-
-/// How far follow's state file says the history of `cluster` goes: (revision, ms).
-fn follow_state(target: &Path, cluster: &str) -> Option<(i64, u64)> {
-    let text = std::fs::read_to_string(
-        history::local_dir(target, cluster).join(crate::actions::follow::STATE),
-    )
-    .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some((v["through_revision"].as_i64()?, v["through_ms"].as_u64()?))
 }
 
 /// Describes what a history covers, for a refusal.
@@ -230,9 +220,10 @@ fn point_in(
                     if ms > f.named.last_ms && Some(f.named.last) == newest.map(|n| n.0) {
                         // After the last change recorded: only when follow said it had
                         // recorded everything until at least then.
-                        let through = follow_state(target, &h.cluster_id)
-                            .filter(|(r, _)| *r >= f.named.last)
-                            .map_or(f.named.last_ms, |(_, t)| t);
+                        let through =
+                            history::read_state(&history::local_dir(target, &h.cluster_id))
+                                .filter(|s| s.through_revision >= f.named.last)
+                                .map_or(f.named.last_ms, |s| s.through_ms);
                         if ms > through {
                             return Ok(Err(format!(
                                 "{text} is after the history's end ({}, revision {})",
@@ -337,20 +328,13 @@ pub fn replay(
     let etcd = offline.server_binary()?;
     let record = unit.state.join(RECORD);
     end_recorded(&record);
-    let (client_port, peer_port) = (crate::etcd::free_port()?, crate::etcd::free_port()?);
-    let client_url = format!("http://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let data_arg = format!("--data-dir={}", data_dir.display());
-    let name = &unit.config.name;
-    let mut args = vec![
-        format!("--name={name}"),
-        data_arg.clone(),
-        format!("--listen-client-urls={client_url}"),
-        format!("--advertise-client-urls={client_url}"),
-        format!("--listen-peer-urls={peer_url}"),
-        format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster={name}={peer_url}"),
-        "--log-level=error".to_string(),
+    let Throwaway {
+        client_url,
+        data_arg,
+        mut args,
+        ..
+    } = Throwaway::new(&unit.config.name, data_dir)?;
+    args.extend([
         // A revision is replayed as one txn however many changes it holds (a prefix delete
         // of thousands of keys), and the db may be as large as the source allowed.
         "--max-txn-ops=100000000".to_string(),
@@ -358,10 +342,10 @@ pub fn replay(
         format!("--quota-backend-bytes={}", quota(data_dir)),
         // No raft snapshots during the replay: they would only cost time.
         "--snapshot-count=1000000000".to_string(),
-        // The replayed data is taken from this etcd's db once it stopped cleanly, and the
-        // restore tool then builds the member that is swapped in (and synced): its own
-        // fsyncs would only slow the replay.
-    ];
+    ]);
+    // The replayed data is taken from this etcd's db once it stopped cleanly, and the
+    // restore tool then builds the member that is swapped in (and synced): its own fsyncs
+    // would only slow the replay.
     if takes_no_fsync(&etcd) {
         args.push("--unsafe-no-fsync".into());
     }

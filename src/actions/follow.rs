@@ -23,9 +23,6 @@ use crate::manifest::now_secs;
 const SEGMENT_BYTES: usize = 8 << 20;
 /// Name of the lock (in `<target>/changes/`) that keeps a second follow out.
 const LOCK: &str = ".follow.lock";
-/// The state follow leaves for status, health and restores to a time: how far it has
-/// recorded and when it last knew that.
-pub const STATE: &str = "follow.json";
 
 #[derive(Debug, Clone)]
 pub struct FollowOptions {
@@ -111,38 +108,17 @@ fn now_ms() -> u64 {
 
 /// What follow last said of the history in `target` (the newest of its clusters'), and
 /// whether a follow runs there now (it holds the lock).
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub cluster_id: String,
-    pub through_revision: i64,
-    pub through_ms: u64,
-    pub segments_written: u64,
-    pub last_flush_lag_ms: u64,
-    pub running: bool,
-}
-
-pub fn seen(target: &Path) -> Option<Seen> {
+pub fn seen(target: &Path) -> Option<(history::FollowState, bool)> {
     let root = target.join(history::DIR);
     let newest = std::fs::read_dir(&root)
         .ok()?
         .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join(STATE)).ok())
-        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .max_by_key(|v| v["through_ms"].as_u64().unwrap_or(0))?;
+        .filter_map(|e| history::read_state(&e.path()))
+        .max_by_key(|s| s.through_ms)?;
     let running = std::fs::File::open(root.join(LOCK)).is_ok_and(|f| {
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
     });
-    Some(Seen {
-        cluster_id: newest["cluster_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        through_revision: newest["through_revision"].as_i64().unwrap_or(0),
-        through_ms: newest["through_ms"].as_u64().unwrap_or(0),
-        segments_written: newest["segments_written"].as_u64().unwrap_or(0),
-        last_flush_lag_ms: newest["last_flush_lag_ms"].as_u64().unwrap_or(0),
-        running,
-    })
+    Some((newest, running))
 }
 
 /// Where the history resumes.
@@ -570,15 +546,17 @@ impl Recorder<'_> {
                 eprintln!("etcd-actions follow: cannot write its metrics: {e}");
             }
         }
-        let state = serde_json::json!({
-            "pid": std::process::id(),
-            "cluster_id": self.cluster,
-            "through_revision": self.flushed_to,
-            "through_ms": now_ms(),
-            "segments_written": self.segments,
-            "last_flush_lag_ms": lag_ms,
-        });
-        let _ = crate::fsutil::write_atomic(&self.dir.join(STATE), state.to_string().as_bytes());
+        let state = history::FollowState {
+            pid: std::process::id(),
+            cluster_id: self.cluster.clone(),
+            through_revision: self.flushed_to,
+            through_ms: now_ms(),
+            segments_written: self.segments,
+            last_flush_lag_ms: lag_ms,
+        };
+        if let Err(e) = history::write_state(&self.dir, &state) {
+            eprintln!("etcd-actions follow: cannot write its state: {e}");
+        }
     }
 }
 

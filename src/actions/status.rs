@@ -78,11 +78,8 @@ pub fn run(
         .then(|| crate::actions::follow::seen(target))
         .flatten()
     {
-        Some(f) => {
-            results.set(
-                "follow.state",
-                if f.running { "running" } else { "stopped" },
-            );
+        Some((f, running)) => {
+            results.set("follow.state", if running { "running" } else { "stopped" });
             results.set("follow.cluster-id", &f.cluster_id);
             results.set("follow.durable-revision", f.through_revision);
             let through = f.through_ms / 1000;

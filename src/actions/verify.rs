@@ -12,7 +12,7 @@ use crate::config::ClientTls;
 use crate::datadir::WAL_SEGMENT;
 use crate::error::{human_size, Error, IoContext};
 use crate::etcd::random_token;
-use crate::etcd::{Client, OfflineTool, RestoreRequest};
+use crate::etcd::{Client, OfflineTool, RestoreRequest, Throwaway};
 use crate::fsutil::{free_bytes, TempPath};
 use crate::juju::Results;
 use crate::params::{Params, TakesParams};
@@ -295,14 +295,15 @@ fn drill(
     }
     let dir = TempPath::new(unit.state.join(format!("drill-{}", std::process::id())));
     std::fs::create_dir(dir.path()).map_err(|e| e.to_string())?;
-    let (client, peer) = (
-        crate::etcd::free_port().map_err(|e| e.to_string())?,
-        crate::etcd::free_port().map_err(|e| e.to_string())?,
-    );
     let name = format!("drill-{}", std::process::id());
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let client_url = format!("http://127.0.0.1:{client}");
     let data = dir.path().join("data");
+    let throwaway = Throwaway::new(&name, &data).map_err(|e| e.to_string())?;
+    let Throwaway {
+        client_url,
+        data_arg,
+        args,
+        ..
+    } = &throwaway;
     unit.log(&format!(
         "drill: {} snapshot restore into a temp dir",
         offline.name
@@ -312,33 +313,22 @@ fn drill(
             db,
             data_dir: &data,
             name: &name,
-            peer_urls: std::slice::from_ref(&peer_url),
+            peer_urls: std::slice::from_ref(&throwaway.peer_url),
             token: &random_token(),
             bump: 0,
         })
         .map_err(|e| format!("{} cannot restore the db: {e}", offline.name))?;
     let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(|e| e.to_string())?;
-    let data_arg = format!("--data-dir={}", data.display());
-    let args = vec![
-        format!("--name={name}"),
-        data_arg.clone(),
-        format!("--listen-client-urls={client_url}"),
-        format!("--advertise-client-urls={client_url}"),
-        format!("--listen-peer-urls={peer_url}"),
-        format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster={name}={peer_url}"),
-        "--log-level=error".to_string(),
-    ];
     // Dies with this run, however it ends; a SIGTERM (Juju's cancel) also removes the drill's
     // files, which hold deleted space open on the live etcd's filesystem.
     let drill_dir = dir.path().to_path_buf();
     let child = Guarded::spawn(
         etcd,
-        &args,
+        args,
         &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
         &log,
         &drill_record(unit),
-        &data_arg,
+        data_arg,
         move || {
             let _ = std::fs::remove_dir_all(&drill_dir);
         },
@@ -349,7 +339,7 @@ fn drill(
         child.id()
     ));
     super::pause_point("drill-started");
-    let ctl = Client::with_tls(&client_url, ClientTls::default());
+    let ctl = Client::with_tls(client_url, ClientTls::default());
     let status = ctl
         .wait_serving(unit.settings.start_timeout)
         .map_err(|e| format!("the throwaway etcd did not become healthy: {e}"))?;
