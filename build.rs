@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["etcd.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .build_server(false)
+        // The snapshot's pieces are slices of the received buffer, not copies of it.
+        .bytes(".etcdserverpb.SnapshotResponse.blob")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -13,9 +13,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use flate2::bufread::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
@@ -23,6 +23,7 @@ use crate::crypt::{Keys, Sealed};
 use crate::error::{human_size, Error, IoContext};
 use crate::manifest::{Manifest, SOURCE_SNAPSHOT};
 use crate::pgzip::{ParGzReader, ParGzWriter};
+use crate::pipe::Pieces;
 use crate::store::TeeFile;
 
 pub const DB_ENTRY: &str = "db";
@@ -112,6 +113,26 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The sha256 and length of a file, fed piece by piece (by the thread that reads it).
+#[derive(Default)]
+struct ArchiveHash {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl ArchiveHash {
+    fn finish(self) -> ([u8; 32], u64) {
+        (self.hasher.finalize().into(), self.bytes)
+    }
+}
+
+impl crate::pipe::Observe for ArchiveHash {
+    fn observe(&mut self, piece: &[u8]) {
+        self.hasher.update(piece);
+        self.bytes += piece.len() as u64;
+    }
+}
+
 /// Whether a db of this size ends in etcd's 32-byte sha256 trailer (etcd's own test).
 pub fn has_trailer(size: u64) -> bool {
     size >= 32 && size % 512 == 32
@@ -190,68 +211,70 @@ impl DbDigest {
 /// Chunks handed from a reader to a hashing thread.
 const CHUNK: usize = 1 << 20;
 
-/// A `DbDigest` running on its own thread, so that hashing overlaps compression and I/O.
+/// A `DbDigest` running on its own thread, so that hashing overlaps compression and I/O. It
+/// gets the pieces themselves (shared, not copied), about 1 MiB of them per hand-off, and,
+/// when unpacking, writes them to the db file too: the thread that touches them anyway.
 pub struct DigestThread {
-    tx: Option<SyncSender<Arc<Vec<u8>>>>,
-    handle: JoinHandle<DbHashes>,
+    tx: Option<SyncSender<Vec<Bytes>>>,
+    batch: Vec<Bytes>,
+    batched: usize,
+    handle: JoinHandle<io::Result<DbHashes>>,
 }
 
 impl DigestThread {
     pub fn new(size: u64) -> DigestThread {
-        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4);
+        DigestThread::spawn(size, None)
+    }
+
+    /// Also writes every piece to `file`. (Not written back early: an unpacked db only feeds
+    /// the restore tool and is removed after it; the disk is better left to the tool's
+    /// output.)
+    pub fn writing(size: u64, file: File) -> DigestThread {
+        DigestThread::spawn(size, Some(file))
+    }
+
+    fn spawn(size: u64, mut file: Option<File>) -> DigestThread {
+        let (tx, rx) = sync_channel::<Vec<Bytes>>(4);
         let handle = std::thread::spawn(move || {
             let mut digest = DbDigest::new(size);
-            for chunk in rx {
-                digest.update(&chunk);
+            for batch in rx {
+                for piece in batch {
+                    if let Some(f) = &mut file {
+                        f.write_all(&piece)?;
+                    }
+                    digest.update(&piece);
+                }
             }
-            digest.finish()
+            Ok(digest.finish())
         });
         DigestThread {
             tx: Some(tx),
+            batch: Vec::new(),
+            batched: 0,
             handle,
         }
     }
 
-    fn send(&self, chunk: Arc<Vec<u8>>) -> io::Result<()> {
+    /// Hands a piece over. `false`: the thread stopped, and `finish` says why.
+    #[must_use]
+    pub fn send(&mut self, piece: Bytes) -> bool {
+        self.batched += piece.len();
+        self.batch.push(piece);
+        if self.batched < CHUNK {
+            return true;
+        }
+        self.batched = 0;
         let tx = self.tx.as_ref().expect("not finished");
-        tx.send(chunk)
-            .map_err(|_| io::Error::other("the hashing thread stopped"))
+        tx.send(std::mem::take(&mut self.batch)).is_ok()
     }
 
-    pub fn finish(mut self) -> DbHashes {
-        self.tx = None;
+    pub fn finish(mut self) -> io::Result<DbHashes> {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(std::mem::take(&mut self.batch));
+        }
         self.handle
             .join()
-            .expect("the hashing thread does not panic")
-    }
-}
-
-/// Reads `inner` in 1 MiB chunks, handing each to a `DigestThread` as it passes.
-struct TeeReader<'a, R> {
-    inner: R,
-    digest: &'a DigestThread,
-    chunk: Arc<Vec<u8>>,
-    pos: usize,
-}
-
-impl<R: Read> Read for TeeReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.chunk.len() {
-            let mut next = Vec::with_capacity(CHUNK);
-            (&mut self.inner)
-                .take(CHUNK as u64)
-                .read_to_end(&mut next)?;
-            if next.is_empty() {
-                return Ok(0);
-            }
-            self.chunk = Arc::new(next);
-            self.pos = 0;
-            self.digest.send(Arc::clone(&self.chunk))?;
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+            .map_err(|_| io::Error::other("the hashing thread panicked"))?
     }
 }
 
@@ -380,7 +403,7 @@ pub fn pack(
         .ctx(|| format!("cannot stat `{what}`"))?
         .len();
     pack_stream(
-        src,
+        crate::pipe::ReadPieces::new(src),
         size,
         &what,
         expect_trailer,
@@ -392,15 +415,17 @@ pub fn pack(
 }
 
 /// Streams `size` bytes of a db from `src` and then a manifest into `out` as a snapshot
-/// archive, in one pass: the db is hashed (and etcd's trailer checked) as it goes by.
+/// archive, in one pass: the db is hashed (and etcd's trailer checked) as it goes by. Each
+/// piece of the db is shared with the hashing thread and copied once, into the compressor's
+/// block; the tar framing around the one `db` member is written here.
 /// `make_manifest` runs once the db is through, and gets the db's size and sha256 filled in.
 /// With `expect_trailer`, a db without a valid etcd sha256 trailer is an error and nothing is
 /// published. With an `encryptor`, the gzip stream is encrypted (age) before it is hashed and
 /// written: the sha256 and size are those of the encrypted file. `out` is synced before this
 /// returns.
 #[allow(clippy::too_many_arguments)]
-pub fn pack_stream<R: Read>(
-    src: R,
+pub fn pack_stream<P: Pieces>(
+    mut src: P,
     size: u64,
     what: &str,
     expect_trailer: bool,
@@ -425,27 +450,42 @@ pub fn pack_stream<R: Read>(
     let mtime = crate::manifest::now_secs();
     let sealed =
         Sealed::new(HashingFileWriter::new(out), encryptor).map_err(io_err("age header"))?;
-    let gz = ParGzWriter::new(sealed, level);
-    let mut tar = tar::Builder::new(gz);
+    let mut gz = ParGzWriter::new(sealed, level);
 
-    let digest = DigestThread::new(size);
+    let mut digest = DigestThread::new(size);
     let header = entry_header(DB_ENTRY, size, mtime).map_err(io_err("db header"))?;
-    let mut reader = TeeReader {
-        inner: src.take(size),
-        digest: &digest,
-        chunk: Arc::new(Vec::new()),
-        pos: 0,
-    };
-    let appended = tar.append(&header, &mut reader);
-    // The source must end where it said it would: one more read sees its end (for a stream,
-    // its clean close).
-    let overrun = match appended {
-        Ok(()) => reader.inner.into_inner().read(&mut [0u8; 1]).map(|n| n > 0),
-        Err(_) => Ok(false),
-    };
-    let hashes = digest.finish();
-    appended.map_err(io_err("db"))?;
-    if overrun.map_err(|e| Error::io(format!("cannot read `{what}`"), e))? {
+    let copied = gz.write_all(header.as_bytes()).map_err(io_err("db header"));
+    // The source must end where it said it would: past `size`, it must say it has ended (for
+    // a stream, its clean close).
+    let mut read = 0u64;
+    let mut overrun = false;
+    let copied = copied.and_then(|()| loop {
+        let piece = match src.next_piece() {
+            Ok(Some(p)) => p,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(Error::io(format!("cannot read `{what}`"), e)),
+        };
+        let take = piece.len().min((size - read) as usize);
+        if take < piece.len() {
+            overrun = true;
+        }
+        if take == 0 {
+            break Ok(());
+        }
+        read += take as u64;
+        let piece = piece.slice(..take);
+        if let Err(e) = gz.write_all(&piece) {
+            break Err(io_err("db")(e));
+        }
+        if !digest.send(piece) {
+            break Ok(());
+        }
+    });
+    let hashes = digest
+        .finish()
+        .map_err(|e| Error::io("cannot hash the db", e))?;
+    copied?;
+    if overrun {
         return Err(Error::Mismatch {
             what: format!("the length of `{what}`"),
             expected: format!("{size} bytes"),
@@ -473,10 +513,15 @@ pub fn pack_stream<R: Read>(
     let text = manifest.to_yaml();
     let header =
         entry_header(MANIFEST_ENTRY, text.len() as u64, mtime).map_err(io_err("manifest"))?;
-    tar.append(&header, text.as_bytes())
+    let zeros = [0u8; 1024];
+    gz.write_all(&zeros[..tar_padding(size)])
+        .and_then(|()| gz.write_all(header.as_bytes()))
+        .and_then(|()| gz.write_all(text.as_bytes()))
+        .and_then(|()| gz.write_all(&zeros[..tar_padding(text.len() as u64)]))
+        // The end of the archive: two zero blocks.
+        .and_then(|()| gz.write_all(&zeros))
         .map_err(io_err("manifest"))?;
 
-    let gz = tar.into_inner().map_err(io_err("tar end"))?;
     let (tee, sha, bytes) = gz
         .finish()
         .and_then(Sealed::finish)
@@ -489,6 +534,11 @@ pub fn pack_stream<R: Read>(
         bytes,
         manifest,
     })
+}
+
+/// Zero bytes that pad a tar member of `size` bytes to its 512-byte block.
+fn tar_padding(size: u64) -> usize {
+    ((512 - size % 512) % 512) as usize
 }
 
 /// How a verified archive was laid out.
@@ -603,15 +653,30 @@ fn unpack_inner(
     limits: Limits,
     keys: &Keys,
 ) -> Result<Unpacked, Error> {
-    let mut buf = BufReader::with_capacity(1 << 20, HashingReader::new(file));
-    let scanned = scan(archive, &mut buf, size, dest, limits, keys);
+    // The file is read and hashed on a thread of its own, ahead of the scan.
+    let (scanned, drained, (sha, bytes)) = std::thread::scope(|s| {
+        let (mut buf, reader) =
+            crate::pipe::read_ahead(s, file, "archive reader", ArchiveHash::default());
+        let scanned = scan(archive, &mut buf, size, dest, limits, keys);
+        if matches!(
+            scanned,
+            Err(Error::Encrypted { .. } | Error::Decrypt { .. })
+        ) {
+            // Nothing to learn from the rest without a key that opens it.
+            return (scanned, Ok(0), ([0u8; 32], 0));
+        }
+        // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
+        let drained = io::copy(&mut buf, &mut io::sink());
+        drop(buf);
+        let hash = reader
+            .join()
+            .map(ArchiveHash::finish)
+            .unwrap_or(([0u8; 32], 0));
+        (scanned, drained, hash)
+    });
     if let Err(e @ (Error::Encrypted { .. } | Error::Decrypt { .. })) = scanned {
-        // Nothing to learn from the rest without a key that opens it.
         return Err(e);
     }
-    // Hash the rest of the file, whatever the scan made of it, so the sha256 covers it all.
-    let drained = io::copy(&mut buf, &mut io::sink());
-    let (sha, bytes) = buf.into_inner().finish();
     let sha = hex::encode(sha);
     if let Some(expected) = expected_sha256 {
         if !expected.sha256.eq_ignore_ascii_case(&sha) {
@@ -721,7 +786,7 @@ fn scan<R: BufRead + Send>(
         // thread of its own, beside the gzip workers and the db's writer.
         let decrypting = keys.decrypt(buf, archive)?;
         return std::thread::scope(|s| {
-            let mut plain = BufReader::with_capacity(1 << 20, crate::crypt::ahead(s, decrypting));
+            let mut plain = crate::crypt::ahead(s, decrypting);
             let head = plain.fill_buf().map_err(corrupt(archive))?;
             if head.len() < 2 || head[..2] != [0x1f, 0x8b] {
                 return Err(refuse(
@@ -1059,14 +1124,14 @@ fn extract_db<R: Read + ?Sized>(
 ) -> Result<DbHashes, Error> {
     let mut entry = entry.take(size.min(max).saturating_add(1));
     let entry = &mut entry;
-    let mut out = OpenOptions::new()
+    let out = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dest)
         .ctx(|| format!("cannot create `{}`", dest.display()))?;
-    let digest = DigestThread::new(size);
-    let mut writeback = Writeback::new(&out);
+    // The db is written and hashed on one thread while this one inflates and reads on.
+    let mut digest = DigestThread::writing(size, out);
     let mut written = 0u64;
     let copied = loop {
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -1080,20 +1145,16 @@ fn extract_db<R: Read + ?Sized>(
                 ))
             }
         }
-        if let Err(e) = out.write_all(&chunk) {
-            break Err(Error::io(format!("cannot write `{}`", dest.display()), e));
-        }
         written += chunk.len() as u64;
-        writeback.wrote(written);
-        if digest.send(Arc::new(chunk)).is_err() {
-            break Err(Error::io(
-                "cannot hash the db",
-                io::Error::other("the hashing thread stopped"),
-            ));
+        if !digest.send(Bytes::from(chunk)) {
+            break Ok(());
         }
     };
-    let hashes = digest.finish();
+    let hashes = digest
+        .finish()
+        .map_err(|e| Error::io(format!("cannot write `{}`", dest.display()), e));
     copied?;
+    let hashes = hashes?;
     if written > size.min(max) {
         return Err(refuse(
             archive,

@@ -174,6 +174,21 @@ impl Bolt {
 
     /// Every key and value of the top-level bucket `name`; `None` when there is no such bucket.
     pub fn bucket_entries(&self, name: &[u8]) -> Result<Option<Vec<Entry>>, String> {
+        let Some(root) = self.bucket_root(name)? else {
+            return Ok(None);
+        };
+        let mut entries = Vec::new();
+        self.walk(&root, &mut |flags, key, value| {
+            if flags & BUCKET_LEAF == 0 {
+                entries.push((key.to_vec(), value.to_vec()));
+            }
+            Ok(())
+        })?;
+        Ok(Some(entries))
+    }
+
+    /// Where the top-level bucket `name`'s tree starts; `None` when there is no such bucket.
+    fn bucket_root(&self, name: &[u8]) -> Result<Option<Root>, String> {
         let mut found: Option<Root> = None;
         self.walk(&Root::Page(self.root), &mut |flags, key, value| {
             if flags & BUCKET_LEAF != 0 && key == name {
@@ -186,16 +201,38 @@ impl Bolt {
             }
             Ok(())
         })?;
-        let Some(root) = found else {
-            return Ok(None);
+        Ok(found)
+    }
+
+    /// The largest key of the top-level bucket `name`, found by following the last child of
+    /// each branch page (a handful of page reads); `None` when the bucket is absent or empty.
+    pub fn last_key(&self, name: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let bad = || "a page is damaged".to_string();
+        let mut page = match self.bucket_root(name)? {
+            None => return Ok(None),
+            Some(Root::Inline(page)) => page,
+            Some(Root::Page(id)) => self.page(id)?,
         };
-        let mut entries = Vec::new();
-        self.walk(&root, &mut |flags, key, value| {
-            if flags & BUCKET_LEAF == 0 {
-                entries.push((key.to_vec(), value.to_vec()));
+        for _ in 0..64 {
+            let flags = le_u16(&page, 8).ok_or_else(bad)?;
+            let count = usize::from(le_u16(&page, 10).ok_or_else(bad)?);
+            let Some(last) = count.checked_sub(1) else {
+                return Ok(None);
+            };
+            let e = HEADER + last * 16;
+            if flags & BRANCH != 0 {
+                let child = le_u64(&page, e + 8).ok_or_else(bad)?;
+                page = self.page(child)?;
+            } else if flags & LEAF != 0 {
+                let pos = le_u32(&page, e + 4).ok_or_else(bad)? as usize;
+                let ksize = le_u32(&page, e + 8).ok_or_else(bad)? as usize;
+                let k = e.checked_add(pos).ok_or_else(bad)?;
+                let key = page.get(k..k + ksize).ok_or_else(bad)?;
+                return Ok(Some(key.to_vec()));
+            } else {
+                return Err(format!("unexpected page type {flags:#x}"));
             }
-            Ok(())
-        })?;
-        Ok(Some(entries))
+        }
+        Err("the b+tree is too deep".into())
     }
 }

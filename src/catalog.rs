@@ -332,18 +332,29 @@ pub fn check_located(
         limits,
         unit.keys()?,
     )?;
-    let status = offline.db_status(dest).map_err(|e| Error::BadArchive {
-        path: shown.clone(),
-        problem: format!("its db is not a valid etcd snapshot: {e}"),
-    })?;
+    // The revision from our own walk of the db's `key` bucket; `etcdutl snapshot status`
+    // (which reads the whole db) only when the walk cannot tell.
+    let revision = match crate::revision::of_db_file(dest) {
+        Ok(r) => r,
+        Err(why) => {
+            unit.log(&format!("the db's revision needs {}: {why}", offline.name));
+            offline
+                .db_status(dest)
+                .map_err(|e| Error::BadArchive {
+                    path: shown.clone(),
+                    problem: format!("its db is not a valid etcd snapshot: {e}"),
+                })?
+                .revision
+        }
+    };
     if let Some(rev) = unpacked.manifest.as_ref().and_then(|m| m.revision) {
-        if rev != status.revision {
+        if rev != revision {
             return Err(Error::BadArchive {
                 path: shown.clone(),
                 problem: format!(
                     "its manifest says revision {rev} but its db holds revision {}; the \
                      manifest was altered: use another snapshot",
-                    status.revision
+                    revision
                 ),
             });
         }
@@ -358,7 +369,7 @@ pub fn check_located(
             .unwrap_or_default(),
         unpacked,
         integrity,
-        revision: status.revision,
+        revision,
     })
 }
 

@@ -410,47 +410,13 @@ impl<W: Write> Write for Sealed<W> {
     }
 }
 
-/// Reads `inner` on a scoped thread of its own, up to four 1 MiB pieces ahead of the reader
-/// it returns: the decryption overlaps whatever consumes the plaintext. When the reader is
-/// dropped, the thread stops at its next piece.
+/// Reads `inner` (the decryption) on a scoped thread of its own, ahead of the reader it
+/// returns: the decryption overlaps whatever consumes the plaintext.
 pub fn ahead<'scope, R: io::Read + Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
-    mut inner: R,
+    inner: R,
 ) -> crate::pipe::PieceReader {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
-    scope.spawn(move || loop {
-        let mut piece = vec![0u8; 1 << 20];
-        let mut filled = 0;
-        // Fill the piece (age hands out at most one 64 KiB chunk a read).
-        let read = loop {
-            match inner.read(&mut piece[filled..]) {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    filled += n;
-                    if filled == piece.len() {
-                        break Ok(());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        piece.truncate(filled);
-        let last = filled < (1 << 20);
-        if filled > 0 && tx.send(Ok(piece)).is_err() {
-            return;
-        }
-        if let Err(e) = read {
-            let _ = tx.send(Err(e));
-            return;
-        }
-        if last {
-            // The end: an empty piece says so.
-            let _ = tx.send(Ok(Vec::new()));
-            return;
-        }
-    });
-    crate::pipe::PieceReader::new(rx, false, "decrypting thread")
+    crate::pipe::read_ahead(scope, inner, "decrypting thread", ()).0
 }
 
 /// Whether an archive's first bytes are an age header.

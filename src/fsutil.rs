@@ -574,6 +574,42 @@ pub fn sync_tree(root: &Path) -> Result<(), Error> {
     }
 }
 
+/// Runs `work` (a tool writing files under `root`) while a thread of our own flushes those
+/// files to disk every 200 ms (`fdatasync`: the pages stay cached for whatever reads them
+/// next), so the disk writes overlap the tool's work and a final sync of the tree is short.
+/// Flushing is best effort: errors are left to that final sync.
+pub fn flushing_while<T>(root: &Path, work: impl FnOnce() -> T) -> T {
+    fn flush(path: &Path) {
+        let Ok(md) = fs::symlink_metadata(path) else {
+            return;
+        };
+        if md.is_dir() {
+            if let Ok(entries) = fs::read_dir(path) {
+                for e in entries.flatten() {
+                    flush(&e.path());
+                }
+            }
+        } else if md.is_file() {
+            if let Ok(f) = File::open(path) {
+                let _ = f.sync_data();
+            }
+        }
+    }
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_millis(200))
+            {
+                flush(root);
+            }
+        });
+        let out = work();
+        drop(stop);
+        out
+    })
+}
+
 /// Renames `from` to `to` unless `to` exists (RENAME_NOREPLACE). `Ok(false)` when it exists.
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<bool, Error> {
     match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {

@@ -94,7 +94,7 @@ impl Drop for Progress<'_> {
     }
 }
 
-/// A `Read` that reports what goes through it.
+/// A `Read` or a stream of pieces that reports what goes through it.
 pub struct Counted<'a, R> {
     pub inner: R,
     pub progress: Progress<'a>,
@@ -105,5 +105,15 @@ impl<R: Read> Read for Counted<'_, R> {
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
         Ok(n)
+    }
+}
+
+impl<P: crate::pipe::Pieces> crate::pipe::Pieces for Counted<'_, P> {
+    fn next_piece(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        let piece = self.inner.next_piece()?;
+        if let Some(p) = &piece {
+            self.progress.advance(p.len() as u64);
+        }
+        Ok(piece)
     }
 }

@@ -477,17 +477,32 @@ fn key_bucket(v: &[u8]) -> Option<KeyBucket> {
     Some(KeyBucket::Inline(Some(key.to_vec())))
 }
 
-/// A `Read` that shows every byte going through it to a `RevisionFinder`.
-pub struct Tap<R> {
-    pub inner: R,
+/// The revision of a db file on disk, as `etcdutl snapshot status` reports it (the main
+/// revision of the `key` bucket's largest key), read by following the bucket's last children:
+/// a few page reads, where etcdutl reads the whole db.
+pub fn of_db_file(db: &std::path::Path) -> Result<i64, String> {
+    let file = crate::fsutil::open_regular_path(db).map_err(|e| e.to_string())?;
+    let bolt = crate::bbolt::Bolt::open(file)?;
+    match bolt.last_key(b"key")? {
+        Some(k) if is_revision_key(&k) => Ok(main_revision(&k)),
+        Some(_) => Err("the largest key of the `key` bucket is not a revision".into()),
+        None => Err("the db has no `key` bucket or it is empty".into()),
+    }
+}
+
+/// Pieces that show every byte going through them to a `RevisionFinder`.
+pub struct Tap<P> {
+    pub inner: P,
     pub finder: std::rc::Rc<std::cell::RefCell<RevisionFinder>>,
 }
 
-impl<R: std::io::Read> std::io::Read for Tap<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.finder.borrow_mut().update(&buf[..n]);
-        Ok(n)
+impl<P: crate::pipe::Pieces> crate::pipe::Pieces for Tap<P> {
+    fn next_piece(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        let piece = self.inner.next_piece()?;
+        if let Some(p) = &piece {
+            self.finder.borrow_mut().update(p);
+        }
+        Ok(piece)
     }
 }
 

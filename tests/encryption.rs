@@ -397,7 +397,8 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
     let s3 = S3::start(tmp.path(), &[BUCKET]);
     let proxy = LoggingProxy::start(s3.port);
     let node = Node::single(tmp.path(), "parts", &v35());
-    // About 30 MB of random values: an archive of several 8 MiB parts.
+    // About 30 MB of random values written as hex: an archive of 19 to 22 MB (deflate takes
+    // hex to about half), at least four 5 MiB parts.
     let value: String = {
         let mut f = fs::File::open("/dev/urandom").unwrap();
         let mut raw = vec![0u8; 300 * 1024];
@@ -430,7 +431,7 @@ fn uploads_go_straight_to_their_key_in_many_parts_with_a_full_object_checksum() 
         .as_u64()
         .or_else(|| r["snapshot"]["bytes"].as_str().and_then(|b| b.parse().ok()))
         .unwrap();
-    assert!(bytes > 24 << 20, "{r:?}");
+    assert!(bytes > 16 << 20, "{r:?}");
     assert_eq!(
         sha256_file(&s3.dir.join(BUCKET).join(&key)),
         sha256_file(&path)

@@ -122,9 +122,14 @@ fn confirm_stopped(unit: &Unit<'_>, client: &Client, member: &Path) -> Result<()
                     .into(),
             });
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Clients wait while this loop does: look again soon (a refused connect and a
+        // non-blocking flock cost microseconds).
+        std::thread::sleep(POLL);
     }
 }
+
+/// How often the restore looks again while etcd stops or starts: it is downtime.
+const POLL: Duration = Duration::from_millis(20);
 
 /// `Err` when a process holds `db`'s bbolt lock (an exclusive, non-blocking `flock` fails).
 fn db_locked(db: &Path) -> Result<(), String> {
@@ -401,7 +406,7 @@ fn wait_healthy(unit: &Unit<'_>, client: &Client) -> Result<Status, Error> {
                     outcome: String::new(),
                 })
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => std::thread::sleep(POLL),
         }
     }
 }
@@ -831,8 +836,10 @@ fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
         "{} {} snapshot restore into staging",
         offline.name, offline.version
     ));
-    offline
-        .restore(&RestoreRequest {
+    // The restored db is flushed while the tool writes it: the sync before the swap, which
+    // clients wait for, then has little left to write.
+    crate::fsutil::flushing_while(&build_dir, || {
+        offline.restore(&RestoreRequest {
             db: &db,
             data_dir: &build_dir,
             name: &unit.config.name,
@@ -840,17 +847,18 @@ fn stage(unit: &Unit<'_>, plan: &Plan) -> Result<Staged, Error> {
             token: &token,
             bump: plan.bump,
         })
-        .map_err(|e| match e {
-            Error::CommandFailed { ref stderr, .. }
-                if !stderr.to_ascii_lowercase().contains("no space left") =>
-            {
-                Error::BadArchive {
-                    path: plan.archive.clone(),
-                    problem: format!("{} cannot restore its db: {e}", offline.name),
-                }
+    })
+    .map_err(|e| match e {
+        Error::CommandFailed { ref stderr, .. }
+            if !stderr.to_ascii_lowercase().contains("no space left") =>
+        {
+            Error::BadArchive {
+                path: plan.archive.clone(),
+                problem: format!("{} cannot restore its db: {e}", offline.name),
             }
-            other => other,
-        })?;
+        }
+        other => other,
+    })?;
     fs::rename(build_dir.join("member"), &p.staged_member)
         .ctx(|| "cannot move the restored member dir into staging".to_string())?;
     remove_any(&build_dir)?;
