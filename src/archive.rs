@@ -1,12 +1,14 @@
 //! Snapshot archives: `./db` (exactly the file etcd wrote, trailer intact) then
 //! `./manifest.yaml`, in a tar inside parallel gzip.
 //!
-//! Writing is one streaming pass: `tar::Builder -> ParGzWriter -> HashingFileWriter`, with
-//! the db hashed (and its etcd sha256 trailer checked) as it is read, so the archive's hash
-//! covers the exact bytes on disk. Both hashes run on threads of their own, beside the
-//! compression workers; every buffer between the stages is bounded. Reading is one pass too, and accepts nothing but what a
-//! snapshot archive (ours or the original charm's) can hold: every other entry, path or size
-//! is refused before a byte of it is written.
+//! Writing is one streaming pass: the db's pieces (etcd's messages, as `Bytes`) are hashed
+//! (and etcd's sha256 trailer checked) and copied once, into a `ParGzWriter` block, inside the
+//! tar framing written here; the blocks are compressed on every core and the members go to a
+//! `HashingFileWriter` (the archive's sha256 and the disk writes on a thread of their own).
+//! Every buffer between the stages is bounded and reused. Reading is one pass too (the file
+//! read and hashed ahead on a thread, inflated on every core, the db written and hashed on
+//! another), and accepts nothing but what a snapshot archive (ours or the original charm's)
+//! can hold: every other entry, path or size is refused before a byte of it is written.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -211,9 +213,9 @@ impl DbDigest {
 /// Chunks handed from a reader to a hashing thread.
 const CHUNK: usize = 1 << 20;
 
-/// A `DbDigest` running on its own thread, so that hashing overlaps compression and I/O. It
-/// gets the pieces themselves (shared, not copied), about 1 MiB of them per hand-off, and,
-/// when unpacking, writes them to the db file too: the thread that touches them anyway.
+/// A `DbDigest` running on its own thread that also writes the db file (an unpack): the
+/// thread that touches the pieces anyway, while the reading thread inflates on. It gets the
+/// pieces themselves, about 1 MiB of them per hand-off.
 pub struct DigestThread {
     tx: Option<SyncSender<Vec<Bytes>>>,
     batch: Vec<Bytes>,
@@ -222,26 +224,16 @@ pub struct DigestThread {
 }
 
 impl DigestThread {
-    pub fn new(size: u64) -> DigestThread {
-        DigestThread::spawn(size, None)
-    }
-
-    /// Also writes every piece to `file`. (Not written back early: an unpacked db only feeds
-    /// the restore tool and is removed after it; the disk is better left to the tool's
-    /// output.)
-    pub fn writing(size: u64, file: File) -> DigestThread {
-        DigestThread::spawn(size, Some(file))
-    }
-
-    fn spawn(size: u64, mut file: Option<File>) -> DigestThread {
+    /// Hashes `size` bytes and writes them to `file`. (Not written back early: an unpacked db
+    /// only feeds the restore tool and is removed after it; the disk is better left to the
+    /// tool's output.)
+    pub fn writing(size: u64, mut file: File) -> DigestThread {
         let (tx, rx) = sync_channel::<Vec<Bytes>>(4);
         let handle = std::thread::spawn(move || {
             let mut digest = DbDigest::new(size);
             for batch in rx {
                 for piece in batch {
-                    if let Some(f) = &mut file {
-                        f.write_all(&piece)?;
-                    }
+                    file.write_all(&piece)?;
                     digest.update(&piece);
                 }
             }
@@ -452,7 +444,7 @@ pub fn pack_stream<P: Pieces>(
         Sealed::new(HashingFileWriter::new(out), encryptor).map_err(io_err("age header"))?;
     let mut gz = ParGzWriter::new(sealed, level);
 
-    let mut digest = DigestThread::new(size);
+    let mut digest = DbDigest::new(size);
     let header = entry_header(DB_ENTRY, size, mtime).map_err(io_err("db header"))?;
     let copied = gz.write_all(header.as_bytes()).map_err(io_err("db header"));
     // The source must end where it said it would: past `size`, it must say it has ended (for
@@ -473,17 +465,14 @@ pub fn pack_stream<P: Pieces>(
             break Ok(());
         }
         read += take as u64;
-        let piece = piece.slice(..take);
-        if let Err(e) = gz.write_all(&piece) {
+        let piece = &piece[..take];
+        // Hashed here, then copied while it is in this core's cache.
+        digest.update(piece);
+        if let Err(e) = gz.write_all(piece) {
             break Err(io_err("db")(e));
         }
-        if !digest.send(piece) {
-            break Ok(());
-        }
     });
-    let hashes = digest
-        .finish()
-        .map_err(|e| Error::io("cannot hash the db", e))?;
+    let hashes = digest.finish();
     copied?;
     if overrun {
         return Err(Error::Mismatch {

@@ -233,14 +233,7 @@ impl<R> HeaderBound<R> {
 
 impl<R: BufRead> io::Read for HeaderBound<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = {
-            let buf = self.fill_buf()?;
-            let n = buf.len().min(out.len());
-            out[..n].copy_from_slice(&buf[..n]);
-            n
-        };
-        self.consume(n);
-        Ok(n)
+        crate::pipe::read_buffered(self, out)
     }
 }
 

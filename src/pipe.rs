@@ -73,15 +73,20 @@ impl BufRead for PieceReader {
 
 impl Read for PieceReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = {
-            let have = self.fill_buf()?;
-            let n = out.len().min(have.len());
-            out[..n].copy_from_slice(&have[..n]);
-            n
-        };
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, out)
     }
+}
+
+/// `Read::read` for a `BufRead`: copies from what `fill_buf` holds.
+pub fn read_buffered<R: BufRead + ?Sized>(r: &mut R, out: &mut [u8]) -> io::Result<usize> {
+    let n = {
+        let have = r.fill_buf()?;
+        let n = out.len().min(have.len());
+        out[..n].copy_from_slice(&have[..n]);
+        n
+    };
+    r.consume(n);
+    Ok(n)
 }
 
 /// Sees every piece a `read_ahead` thread reads, on that thread.
