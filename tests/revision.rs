@@ -56,6 +56,13 @@ fn check(node: &Node, dir: &Path, name: &str) -> Found {
     let db = dir.join(format!("{name}.db"));
     node.ctl_ok(&["snapshot", "save", db.to_str().unwrap()]);
     let want = upstream_revision(&node.flavor, &db);
+    // The walk a restore does on the unpacked db file (the bucket's last children) agrees.
+    let on_file = etcd_actions::revision::of_db_file(&db)
+        .unwrap_or_else(|e| panic!("{name}: no revision from the db file: {e}"));
+    assert_eq!(
+        on_file, want,
+        "{name}: the file walk says {on_file}, snapshot status says {want}"
+    );
     let mut found = None;
     for (bound, chunk) in [
         (0, 32 * 1024),
