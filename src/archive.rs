@@ -2,9 +2,10 @@
 //! `./manifest.yaml`, in a tar inside parallel gzip.
 //!
 //! Writing is one streaming pass: the db's pieces (etcd's messages, as `Bytes`) are hashed
-//! (and etcd's sha256 trailer checked) and copied once, into a `ParGzWriter` block, inside the
-//! tar framing written here; the blocks are compressed on every core and the members go to a
-//! `HashingFileWriter` (the archive's sha256 and the disk writes on a thread of their own).
+//! (and etcd's sha256 trailer checked) and handed, shared, to a `ParGzWriter`, inside the tar
+//! framing written here; its workers compress them where they are, on every core, and the
+//! members go to a `HashingFileWriter` (the archive's sha256 and the disk writes on a thread
+//! of their own).
 //! Every buffer between the stages is bounded and reused. Reading is one pass too (the file
 //! read and hashed ahead on a thread, inflated on every core, the db written and hashed on
 //! another), and accepts nothing but what a snapshot archive (ours or the original charm's)
@@ -408,8 +409,8 @@ pub fn pack(
 
 /// Streams `size` bytes of a db from `src` and then a manifest into `out` as a snapshot
 /// archive, in one pass: the db is hashed (and etcd's trailer checked) as it goes by. Each
-/// piece of the db is shared with the hashing thread and copied once, into the compressor's
-/// block; the tar framing around the one `db` member is written here.
+/// piece of the db is hashed here and handed to the compressor shared, not copied; the tar
+/// framing around the one `db` member is written here.
 /// `make_manifest` runs once the db is through, and gets the db's size and sha256 filled in.
 /// With `expect_trailer`, a db without a valid etcd sha256 trailer is an error and nothing is
 /// published. With an `encryptor`, the gzip stream is encrypted (age) before it is hashed and
@@ -465,10 +466,10 @@ pub fn pack_stream<P: Pieces>(
             break Ok(());
         }
         read += take as u64;
-        let piece = &piece[..take];
-        // Hashed here, then copied while it is in this core's cache.
-        digest.update(piece);
-        if let Err(e) = gz.write_all(piece) {
+        let piece = piece.slice(..take);
+        // Hashed here, then handed to the compressor as it is (shared, not copied).
+        digest.update(&piece);
+        if let Err(e) = gz.push(piece) {
             break Err(io_err("db")(e));
         }
     });

@@ -6,6 +6,8 @@
 //! multi-member gzip: GNU gzip/tar and flate2's `MultiGzDecoder` read it as one stream.
 
 use std::collections::BTreeMap;
+
+use bytes::Bytes;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -32,42 +34,42 @@ fn threads() -> usize {
 }
 
 /// A job: its number, its input, and a spare buffer for its output.
-type Job = (u64, Vec<u8>, Vec<u8>);
+type Job<I> = (u64, I, Vec<u8>);
 /// An output buffer and how many of its first bytes are the output.
 pub(crate) type Output = (Vec<u8>, usize);
 /// A finished job: its number, its input (for reuse) and its output.
-type Done = (u64, Vec<u8>, io::Result<Output>);
+type Done<I> = (u64, I, io::Result<Output>);
 /// What a worker does: reads the input and writes into the output buffer (reused from earlier
 /// jobs: its length only grows, so it is zeroed once), returning how much it produced.
-type Work = fn(&[u8], u32, &mut Vec<u8>) -> io::Result<usize>;
+type Work<I> = fn(&I, u32, &mut Vec<u8>) -> io::Result<usize>;
 
 /// A fixed pool of workers applying `work` to numbered jobs. Input and output buffers go
 /// round: a finished job's input is the next job's, and an output the caller has used is
 /// given back, so a run of any length touches the same few megabytes (no page faults, no
 /// zeroing of fresh allocations).
-struct Pool {
-    jobs: Option<SyncSender<Job>>,
-    done: Receiver<Done>,
+struct Pool<I> {
+    jobs: Option<SyncSender<Job<I>>>,
+    done: Receiver<Done<I>>,
     workers: Vec<JoinHandle<()>>,
     capacity: usize,
     in_flight: usize,
-    pending: BTreeMap<u64, (Vec<u8>, io::Result<Output>)>,
+    pending: BTreeMap<u64, (I, io::Result<Output>)>,
     next_out: u64,
     next_in: u64,
-    spare_in: Vec<Vec<u8>>,
+    spare_in: Vec<I>,
     spare_out: Vec<Vec<u8>>,
 }
 
-impl Pool {
-    fn new(work: Work, arg: u32) -> Pool {
+impl<I: Send + 'static> Pool<I> {
+    fn new(work: Work<I>, arg: u32) -> Pool<I> {
         let n = threads();
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(n);
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job<I>>(n);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        let (done_tx, done) = mpsc::channel::<Done>();
+        let (done_tx, done) = mpsc::channel::<Done<I>>();
         let workers = (0..n)
             .map(|_| {
                 let rx = Arc::clone(&jobs_rx);
-                let tx: Sender<Done> = done_tx.clone();
+                let tx: Sender<Done<I>> = done_tx.clone();
                 std::thread::spawn(move || loop {
                     let job = rx.lock().map(|r| r.recv());
                     let Ok(Ok((seq, data, mut out))) = job else {
@@ -100,10 +102,8 @@ impl Pool {
 
     /// An input buffer, a finished job's (with its old bytes: resizing it zeroes only what
     /// it grows by) or a new one.
-    fn input(&mut self, capacity: usize) -> Vec<u8> {
-        self.spare_in
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(capacity))
+    fn input(&mut self, new: impl FnOnce() -> I) -> I {
+        self.spare_in.pop().unwrap_or_else(new)
     }
 
     /// Gives an output back once its bytes are used.
@@ -113,7 +113,7 @@ impl Pool {
         }
     }
 
-    fn submit(&mut self, data: Vec<u8>) -> io::Result<()> {
+    fn submit(&mut self, data: I) -> io::Result<()> {
         let out = self.spare_out.pop().unwrap_or_default();
         let tx = self
             .jobs
@@ -150,7 +150,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl<I> Drop for Pool<I> {
     fn drop(&mut self) {
         self.jobs = None;
         for w in self.workers.drain(..) {
@@ -170,18 +170,19 @@ const PROBE: usize = 1024;
 /// random payloads are then stored, at memory speed, while the rest is deflated. A histogram
 /// costs a fraction of a trial deflate.
 pub fn incompressible(chunk: &[u8]) -> bool {
-    if chunk.len() < 2 * PROBE {
-        return false;
+    chunk.len() >= 2 * PROBE
+        && looks_random(&chunk[..PROBE])
+        && looks_random(&chunk[chunk.len() - PROBE..])
+}
+
+/// At least 230 distinct byte values in a sample. Branch-free: mark, then count (the loop
+/// with a test per byte was 5% of a snapshot).
+fn looks_random(sample: &[u8]) -> bool {
+    let mut seen = [0u8; 256];
+    for &b in sample {
+        seen[usize::from(b)] = 1;
     }
-    // Branch-free: mark, then count (the loop with a test per byte was 5% of a snapshot).
-    let looks_random = |sample: &[u8]| {
-        let mut seen = [0u8; 256];
-        for &b in sample {
-            seen[usize::from(b)] = 1;
-        }
-        seen.iter().map(|&s| u32::from(s)).sum::<u32>() >= 230
-    };
-    looks_random(&chunk[..PROBE]) && looks_random(&chunk[chunk.len() - PROBE..])
+    seen.iter().map(|&s| u32::from(s)).sum::<u32>() >= 230
 }
 
 thread_local! {
@@ -191,34 +192,100 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// One block of the writer: pieces of the stream in order, shared, not copied; the
+/// compressor reads them where they are.
+#[derive(Default)]
+struct Block {
+    pieces: Vec<Bytes>,
+    /// Where each piece starts in the block.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl Block {
+    fn push(&mut self, piece: Bytes) {
+        self.starts.push(self.len);
+        self.len += piece.len();
+        self.pieces.push(piece);
+    }
+
+    fn clear(&mut self) {
+        self.pieces.clear();
+        self.starts.clear();
+        self.len = 0;
+    }
+
+    /// The bytes `a..b` of the block as slices of its pieces.
+    fn slices(&self, a: usize, b: usize) -> impl Iterator<Item = &[u8]> + '_ {
+        let first = self.starts.partition_point(|&s| s <= a).saturating_sub(1);
+        self.pieces[first..]
+            .iter()
+            .zip(&self.starts[first..])
+            .take_while(move |(_, &start)| start < b)
+            .map(move |(piece, &start)| {
+                let from = a.saturating_sub(start);
+                let to = (b - start).min(piece.len());
+                &piece[from..to]
+            })
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The bytes `a..b`: a slice of one piece, or gathered into `scratch` when they span two.
+    fn view<'a>(&'a self, a: usize, b: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        let mut parts = self.slices(a, b);
+        match (parts.next(), parts.next()) {
+            (Some(one), None) => one,
+            (first, second) => {
+                scratch.clear();
+                first
+                    .into_iter()
+                    .chain(second)
+                    .chain(parts)
+                    .for_each(|s| scratch.extend_from_slice(s));
+                scratch
+            }
+        }
+    }
+
+    /// Whether the 16 KiB chunk `a..b` is not worth compressing (see `incompressible`).
+    fn incompressible(&self, a: usize, b: usize, scratch: &mut Vec<u8>) -> bool {
+        b - a >= 2 * PROBE
+            && looks_random(self.view(a, a + PROBE, scratch))
+            && looks_random(self.view(b - PROBE, b, scratch))
+    }
+}
+
 /// Compresses one block into gzip members with our `EA` length subfield: one member per run
 /// of 16 KiB chunks that are stored or deflated alike. `buf` is a reused output buffer.
-fn compress_block(data: &[u8], level: u32, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let members = data.len() / CHUNK + 1;
+fn compress_block(block: &Block, level: u32, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let len = block.len;
+    let members = len / CHUNK + 1;
     let mut out = Out {
         buf: std::mem::take(buf),
         used: 0,
     };
-    out.room(data.len() + data.len() / 64 + members * 64 + 1024);
+    out.room(len + len / 64 + members * 64 + block.pieces.len() * 5 + 1024);
+    let mut scratch = Vec::new();
     let mut run_start = 0;
     let mut run_level = None;
-    for (i, chunk) in data.chunks(CHUNK).enumerate() {
-        let want = if level > 0 && incompressible(chunk) {
+    for start in (0..len).step_by(CHUNK) {
+        let end = (start + CHUNK).min(len);
+        let want = if level > 0 && block.incompressible(start, end, &mut scratch) {
             0
         } else {
             level
         };
         match run_level {
             Some(l) if l != want => {
-                append_member(&mut out, &data[run_start..i * CHUNK], l)?;
-                run_start = i * CHUNK;
+                append_member(&mut out, block, run_start, start, l)?;
+                run_start = start;
                 run_level = Some(want);
             }
             None => run_level = Some(want),
             Some(_) => {}
         }
     }
-    append_member(&mut out, &data[run_start..], run_level.unwrap_or(level))?;
+    append_member(&mut out, block, run_start, len, run_level.unwrap_or(level))?;
     *buf = out.buf;
     Ok(out.used)
 }
@@ -243,32 +310,34 @@ impl Out {
     }
 }
 
-/// Appends one complete gzip member holding `data` at `level` (0: stored).
-fn append_member(out: &mut Out, data: &[u8], level: u32) -> io::Result<()> {
+/// Appends one complete gzip member holding the bytes `a..b` of `block` at `level` (0: stored).
+fn append_member(out: &mut Out, block: &Block, a: usize, b: usize, level: u32) -> io::Result<()> {
     let start = out.used;
     out.put(&[
         0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 3, 8, 0, b'E', b'A', 4, 0, 0, 0, 0, 0,
     ]);
     if level == 0 {
-        put_stored(out, data);
+        put_stored(out, block.slices(a, b));
     } else {
-        deflate_into(out, data, level)?;
+        deflate_into(out, block.slices(a, b), level)?;
     }
-    out.put(&crc32fast::hash(data).to_le_bytes());
-    out.put(&(data.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    block.slices(a, b).for_each(|s| crc.update(s));
+    out.put(&crc.finalize().to_le_bytes());
+    out.put(&((b - a) as u32).to_le_bytes());
     let total = u32::try_from(out.used - start).map_err(io::Error::other)?;
     out.buf[start + 16..start + 20].copy_from_slice(&total.to_le_bytes());
     Ok(())
 }
 
 /// Stored deflate blocks (RFC 1951 3.2.4): an incompressible run is copied once, with a
-/// 5-byte header per 64 KiB, and no compressor runs over it.
-fn put_stored(out: &mut Out, data: &[u8]) {
-    if data.is_empty() {
+/// 5-byte header per piece (at most 64 KiB), and no compressor runs over it.
+fn put_stored<'a>(out: &mut Out, slices: impl Iterator<Item = &'a [u8]>) {
+    let mut blocks = slices.flat_map(|s| s.chunks(0xffff)).peekable();
+    if blocks.peek().is_none() {
         out.put(&[1, 0, 0, 0xff, 0xff]);
         return;
     }
-    let mut blocks = data.chunks(0xffff).peekable();
     while let Some(b) = blocks.next() {
         let len = b.len() as u16;
         out.put(&[u8::from(blocks.peek().is_none())]);
@@ -278,10 +347,14 @@ fn put_stored(out: &mut Out, data: &[u8]) {
     }
 }
 
-/// Deflates `data` (raw deflate) into `out`, with miniz_oxide: at level 1 on our chunks it
-/// measured faster than zlib-rs and libdeflate, and smaller than zlib-rs
+/// Deflates the slices (raw deflate, one stream) into `out`, with miniz_oxide: at level 1
+/// on our chunks it measured faster than zlib-rs and libdeflate, and smaller than zlib-rs
 /// (`examples/codecs.rs`).
-fn deflate_into(out: &mut Out, data: &[u8], level: u32) -> io::Result<()> {
+fn deflate_into<'a>(
+    out: &mut Out,
+    slices: impl Iterator<Item = &'a [u8]>,
+    level: u32,
+) -> io::Result<()> {
     let mut z = SPARE
         .with(|s| s.borrow_mut().take())
         .filter(|(l, _)| *l == level)
@@ -294,16 +367,25 @@ fn deflate_into(out: &mut Out, data: &[u8], level: u32) -> io::Result<()> {
             let flags = create_comp_flags_from_zip_params(level.min(10) as i32, 0, 0);
             Box::new(CompressorOxide::new(flags))
         });
-    let mut input = data;
+    let mut slices = slices.peekable();
+    let mut input: &[u8] = slices.next().unwrap_or(&[]);
     loop {
-        out.room(1024);
-        let (status, read, wrote) =
-            compress(&mut z, input, &mut out.buf[out.used..], TDEFLFlush::Finish);
+        let last = slices.peek().is_none();
+        let flush = if last {
+            TDEFLFlush::Finish
+        } else {
+            TDEFLFlush::None
+        };
+        out.room(input.len() / 4 + 4096);
+        let (status, read, wrote) = compress(&mut z, input, &mut out.buf[out.used..], flush);
         out.used += wrote;
         input = &input[read..];
         match status {
             TDEFLStatus::Done => break,
-            TDEFLStatus::Okay => out.room(input.len() / 4 + 4096),
+            TDEFLStatus::Okay if input.is_empty() && !last => {
+                input = slices.next().unwrap_or(&[]);
+            }
+            TDEFLStatus::Okay => {}
             other => return Err(io::Error::other(format!("deflate failed: {other:?}"))),
         }
     }
@@ -311,20 +393,48 @@ fn deflate_into(out: &mut Out, data: &[u8], level: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes gzip members compressed in parallel, in order, to `inner`.
+/// Writes gzip members compressed in parallel, in order, to `inner`. `push` hands over a
+/// piece without copying it; `write` copies small things (tar headers) into a piece of their
+/// own.
 pub struct ParGzWriter<W: Write> {
     inner: Option<W>,
-    buf: Vec<u8>,
-    pool: Pool,
+    block: Block,
+    small: bytes::BytesMut,
+    pool: Pool<Block>,
 }
 
 impl<W: Write> ParGzWriter<W> {
     pub fn new(inner: W, level: u32) -> Self {
         ParGzWriter {
             inner: Some(inner),
-            buf: Vec::with_capacity(BLOCK),
+            block: Block::default(),
+            small: bytes::BytesMut::new(),
             pool: Pool::new(compress_block, level),
         }
+    }
+
+    /// Appends a piece of the stream, shared: the compressor reads it where it is.
+    pub fn push(&mut self, piece: Bytes) -> io::Result<()> {
+        self.flush_small()?;
+        self.add(piece)
+    }
+
+    fn add(&mut self, piece: Bytes) -> io::Result<()> {
+        if !piece.is_empty() {
+            self.block.push(piece);
+        }
+        if self.block.len >= BLOCK {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
+    fn flush_small(&mut self) -> io::Result<()> {
+        if self.small.is_empty() {
+            return Ok(());
+        }
+        let piece = self.small.split().freeze();
+        self.add(piece)
     }
 
     fn write_ready(&mut self, wait: bool) -> io::Result<()> {
@@ -340,16 +450,17 @@ impl<W: Write> ParGzWriter<W> {
     }
 
     fn flush_block(&mut self) -> io::Result<()> {
-        let mut next = self.pool.input(BLOCK);
+        let mut next = self.pool.input(Block::default);
         next.clear();
-        let block = std::mem::replace(&mut self.buf, next);
+        let block = std::mem::replace(&mut self.block, next);
         self.pool.submit(block)?;
         self.write_ready(false)
     }
 
     /// Compresses what is left, writes every member and returns the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        if !self.buf.is_empty() || self.pool.next_in == 0 {
+        self.flush_small()?;
+        if self.block.len > 0 || self.pool.next_in == 0 {
             self.flush_block()?;
         }
         self.write_ready(true)?;
@@ -361,10 +472,10 @@ impl<W: Write> ParGzWriter<W> {
 
 impl<W: Write> Write for ParGzWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(BLOCK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == BLOCK {
-            self.flush_block()?;
+        let n = data.len().min(BLOCK - self.small.len().min(BLOCK));
+        self.small.extend_from_slice(&data[..n]);
+        if self.small.len() >= BLOCK / 16 {
+            self.flush_small()?;
         }
         Ok(n)
     }
@@ -380,7 +491,9 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 /// Inflates one complete member read by `ParGzReader` into `out` (a reused buffer) and checks
 /// its CRC and length.
-fn decompress_member(member: &[u8], _: u32, out: &mut Vec<u8>) -> io::Result<usize> {
+// `&Vec`: the pool's job type (the reader's inputs are reused `Vec`s).
+#[allow(clippy::ptr_arg)]
+fn decompress_member(member: &Vec<u8>, _: u32, out: &mut Vec<u8>) -> io::Result<usize> {
     let body = &member[HEADER_LEN..member.len() - 8];
     let trailer = &member[member.len() - 8..];
     let crc_expected = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
@@ -416,7 +529,7 @@ fn decompress_member(member: &[u8], _: u32, out: &mut Vec<u8>) -> io::Result<usi
 /// Reads a stream written by `ParGzWriter`, inflating members on every core.
 pub struct ParGzReader<R: Read> {
     inner: R,
-    pool: Pool,
+    pool: Pool<Vec<u8>>,
     current: Vec<u8>,
     /// How much of `current` is the inflated block.
     len: usize,
@@ -468,7 +581,7 @@ impl<R: Read> ParGzReader<R> {
                 "gzip member length {total} is out of range"
             )));
         }
-        let mut member = self.pool.input(BLOCK + BLOCK / 8);
+        let mut member = self.pool.input(|| Vec::with_capacity(BLOCK + BLOCK / 8));
         member.resize(total, 0);
         member[..HEADER_LEN].copy_from_slice(&header);
         self.inner
@@ -560,6 +673,35 @@ mod tests {
             let mut b = Vec::new();
             ParGzReader::new(&gz[..]).read_to_end(&mut b).unwrap();
             assert_eq!(b, data, "ParGzReader, len {len}");
+        }
+    }
+
+    #[test]
+    fn pushed_pieces_of_any_size_round_trip() {
+        let data = sample(3 * BLOCK + 54321);
+        // Pieces that split chunks, probes and stored blocks anywhere, with small writes
+        // (copied) between them.
+        for size in [1, 7, 1000, 16 * 1024 + 3, 32 * 1024, 70_000, BLOCK + 9] {
+            let mut w = ParGzWriter::new(Vec::new(), 1);
+            let mut pos = 0;
+            let mut i = 0;
+            while pos < data.len() {
+                let end = (pos + size).min(data.len());
+                if i % 3 == 2 {
+                    w.write_all(&data[pos..end]).unwrap();
+                } else {
+                    w.push(Bytes::copy_from_slice(&data[pos..end])).unwrap();
+                }
+                pos = end;
+                i += 1;
+            }
+            let gz = w.finish().unwrap();
+            let mut a = Vec::new();
+            MultiGzDecoder::new(&gz[..]).read_to_end(&mut a).unwrap();
+            assert!(a == data, "MultiGzDecoder, pieces of {size}");
+            let mut b = Vec::new();
+            ParGzReader::new(&gz[..]).read_to_end(&mut b).unwrap();
+            assert!(b == data, "ParGzReader, pieces of {size}");
         }
     }
 
