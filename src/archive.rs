@@ -89,47 +89,45 @@ const TRAILING_MAX: u64 = 1 << 20;
 /// Counts and hashes everything read through it.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
-    bytes: u64,
+    hash: FileHash,
 }
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
         HashingReader {
             inner,
-            hasher: Sha256::new(),
-            bytes: 0,
+            hash: FileHash::default(),
         }
     }
 
     pub fn finish(self) -> ([u8; 32], u64) {
-        (self.hasher.finalize().into(), self.bytes)
+        self.hash.finish()
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
+        crate::pipe::Observe::observe(&mut self.hash, &buf[..n]);
         Ok(n)
     }
 }
 
-/// The sha256 and length of a file, fed piece by piece (by the thread that reads it).
+/// The sha256 and length of a file, fed piece by piece (by a `HashingReader`, or by the
+/// thread that reads the file ahead).
 #[derive(Default)]
-struct ArchiveHash {
+struct FileHash {
     hasher: Sha256,
     bytes: u64,
 }
 
-impl ArchiveHash {
+impl FileHash {
     fn finish(self) -> ([u8; 32], u64) {
         (self.hasher.finalize().into(), self.bytes)
     }
 }
 
-impl crate::pipe::Observe for ArchiveHash {
+impl crate::pipe::Observe for FileHash {
     fn observe(&mut self, piece: &[u8]) {
         self.hasher.update(piece);
         self.bytes += piece.len() as u64;
@@ -646,7 +644,7 @@ fn unpack_inner(
     // The file is read and hashed on a thread of its own, ahead of the scan.
     let (scanned, drained, (sha, bytes)) = std::thread::scope(|s| {
         let (mut buf, reader) =
-            crate::pipe::read_ahead(s, file, "archive reader", ArchiveHash::default());
+            crate::pipe::read_ahead(s, file, "archive reader", FileHash::default());
         let scanned = scan(archive, &mut buf, size, dest, limits, keys);
         if matches!(
             scanned,
@@ -660,7 +658,7 @@ fn unpack_inner(
         drop(buf);
         let hash = reader
             .join()
-            .map(ArchiveHash::finish)
+            .map(FileHash::finish)
             .unwrap_or(([0u8; 32], 0));
         (scanned, drained, hash)
     });

@@ -575,33 +575,19 @@ pub fn sync_tree(root: &Path) -> Result<(), Error> {
 }
 
 /// Runs `work` (a tool writing files under `root`) while a thread of our own flushes those
-/// files to disk every 200 ms (`fdatasync`: the pages stay cached for whatever reads them
+/// files to disk every 200 ms (`sync_tree`: the pages stay cached for whatever reads them
 /// next), so the disk writes overlap the tool's work and a final sync of the tree is short.
 /// Flushing is best effort: errors are left to that final sync.
 pub fn flushing_while<T>(root: &Path, work: impl FnOnce() -> T) -> T {
-    fn flush(path: &Path) {
-        let Ok(md) = fs::symlink_metadata(path) else {
-            return;
-        };
-        if md.is_dir() {
-            if let Ok(entries) = fs::read_dir(path) {
-                for e in entries.flatten() {
-                    flush(&e.path());
-                }
-            }
-        } else if md.is_file() {
-            if let Ok(f) = File::open(path) {
-                let _ = f.sync_data();
-            }
-        }
-    }
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
         s.spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(std::time::Duration::from_millis(200))
             {
-                flush(root);
+                // A file the tool renames or removes meanwhile fails this round; the next
+                // round, or the final sync, sees the tree as it is then.
+                let _ = sync_tree(root);
             }
         });
         let out = work();

@@ -6,13 +6,12 @@
 //! multi-member gzip: GNU gzip/tar and flate2's `MultiGzDecoder` read it as one stream.
 
 use std::collections::BTreeMap;
-
-use bytes::Bytes;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use flate2::{Decompress, FlushDecompress, Status};
 use miniz_oxide::deflate::core::{
     compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush, TDEFLStatus,
@@ -36,7 +35,7 @@ fn threads() -> usize {
 /// A job: its number, its input, and a spare buffer for its output.
 type Job<I> = (u64, I, Vec<u8>);
 /// An output buffer and how many of its first bytes are the output.
-pub(crate) type Output = (Vec<u8>, usize);
+type Output = (Vec<u8>, usize);
 /// A finished job: its number, its input (for reuse) and its output.
 type Done<I> = (u64, I, io::Result<Output>);
 /// What a worker does: reads the input and writes into the output buffer (reused from earlier

@@ -128,7 +128,7 @@ fn confirm_stopped(unit: &Unit<'_>, client: &Client, member: &Path) -> Result<()
     }
 }
 
-/// How often the restore looks again while etcd stops or starts: it is downtime.
+/// How often the restore looks again while etcd stops: it is downtime.
 const POLL: Duration = Duration::from_millis(20);
 
 /// `Err` when a process holds `db`'s bbolt lock (an exclusive, non-blocking `flock` fails).
@@ -385,30 +385,15 @@ fn refuse_scaled(unit: &Unit<'_>, client: &Client, status: Option<&Status>) -> R
 
 /// Waits for etcd to answer, then checks it is the restored cluster.
 fn wait_healthy(unit: &Unit<'_>, client: &Client) -> Result<Status, Error> {
-    let deadline = Instant::now() + unit.settings.start_timeout;
-    loop {
-        let answer = match client.listening() {
-            Ok(true) => client.status(),
-            Ok(false) => Err(Error::EtcdUnreachable {
-                endpoint: client.endpoint().to_string(),
-                detail: "connection refused".into(),
-            }),
-            Err(e) => Err(e),
-        };
-        match answer {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::RestoreFailed {
-                    detail: format!(
-                        "etcd did not become healthy within {}s: {e}",
-                        unit.settings.start_timeout.as_secs()
-                    ),
-                    outcome: String::new(),
-                })
-            }
-            Err(_) => std::thread::sleep(POLL),
-        }
-    }
+    client
+        .wait_serving(unit.settings.start_timeout)
+        .map_err(|e| Error::RestoreFailed {
+            detail: format!(
+                "etcd did not become healthy within {}s: {e}",
+                unit.settings.start_timeout.as_secs()
+            ),
+            outcome: String::new(),
+        })
 }
 
 struct Expected {
