@@ -568,7 +568,17 @@ fn read_sidecar(dir: &Dir, name: &str) -> Option<String> {
 
 /// The archives in `target` (ours, by name) and in the store folder of this application.
 pub fn list(unit: &Unit<'_>, target: &Path, store: Option<&Store>) -> Result<Vec<Entry>, Error> {
-    Ok(list_all(unit, target, store)?.0)
+    Ok(list_all_in(unit, target, store, None)?.0)
+}
+
+/// The archives in `target` and in the store folder of `app` (`None`: this application).
+pub fn list_in(
+    unit: &Unit<'_>,
+    target: &Path,
+    store: Option<&Store>,
+    app: Option<&str>,
+) -> Result<Vec<Entry>, Error> {
+    Ok(list_all_in(unit, target, store, app)?.0)
 }
 
 /// The archives, and what else is there (files and objects this tool did not write, keys the
@@ -580,6 +590,15 @@ pub fn list_all(
     unit: &Unit<'_>,
     target: &Path,
     store: Option<&Store>,
+) -> Result<(Vec<Entry>, Vec<String>), Error> {
+    list_all_in(unit, target, store, None)
+}
+
+fn list_all_in(
+    unit: &Unit<'_>,
+    target: &Path,
+    store: Option<&Store>,
+    app: Option<&str>,
 ) -> Result<(Vec<Entry>, Vec<String>), Error> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     let mut apart: Vec<Entry> = Vec::new();
@@ -621,7 +640,10 @@ pub fn list_all(
         }
     }
     if let Some(store) = store {
-        let folder = unit.store_folder(store);
+        let folder = match app {
+            Some(app) => store.cfg.folder(app),
+            None => unit.store_folder(store),
+        };
         let listing = store.list(&folder)?;
         for key in listing.skipped {
             ignored.push(format!(

@@ -485,6 +485,12 @@ pub struct RestoreArgs {
     #[arg(long, conflicts_with_all = ["snapshot", "backup_id"])]
     pub to_time: Option<String>,
 
+    /// The Juju application whose store folder holds the full snapshots and the change
+    /// history of --to-revision/--to-time (a clone or migration into another application);
+    /// with --backup-id, the application whose folder holds that archive. Default: this one.
+    #[arg(long)]
+    pub from_app: Option<String>,
+
     #[command(flatten)]
     pub service: ServiceArgs,
 
@@ -524,6 +530,7 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         Some(hook)
             if hook.starts_with("s3-credentials-relation-")
                 || hook == "config-changed"
+                || hook == "secret-changed"
                 || hook == "update-status" =>
         {
             vec!["etcd-actions".into(), "hook".into(), hook.into()]

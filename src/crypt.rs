@@ -35,6 +35,9 @@ pub struct Keys {
     identities: Vec<age::x25519::Identity>,
     /// Where an identity would come from, for the message when none is there.
     identity_hint: String,
+    /// Encryption was asked for but names no usable recipient: why (nothing is then ever
+    /// written in the clear).
+    unusable: Option<String>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -79,6 +82,12 @@ impl Keys {
                 keys.add_recipient(&one, "--encrypt-to (ETCD_ACTIONS_ENCRYPT_TO)")?;
             }
         }
+        if !settings.recipients.is_empty() && keys.recipients.is_empty() {
+            keys.unusable = Some(format!(
+                "--encrypt-to (ETCD_ACTIONS_ENCRYPT_TO) is set but names no recipient (`{}`)",
+                bounded(&settings.recipients.join(","), 100)
+            ));
+        }
         if let Some(path) = &settings.identity_file {
             let text = read_identity_file(path)?;
             keys.add_identities(&text, &format!("the identity file `{}`", path.display()))?;
@@ -99,6 +108,13 @@ impl Keys {
                         "{from} has neither `recipients` nor `identity`; add them with `juju \
                          update-secret`"
                     )));
+                }
+                if keys.recipients.is_empty() {
+                    keys.unusable = Some(format!(
+                        "{from} names no usable recipient (its `recipients` is missing, empty \
+                         or only comments), so backups would be written in the clear; add the \
+                         public keys under `recipients` with `juju update-secret`"
+                    ));
                 }
             }
         }
@@ -154,12 +170,23 @@ impl Keys {
 
     /// An encryptor to every recipient; `None` when there are none.
     pub fn encryptor(&self) -> Result<Option<age::Encryptor>, Error> {
+        self.check_writes()?;
         if self.recipients.is_empty() {
             return Ok(None);
         }
         age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
             .map(Some)
             .map_err(|e| Error::Internal(format!("cannot set up age encryption: {e}")))
+    }
+
+    /// Refuses to write anything when encryption is configured without a usable recipient.
+    pub fn check_writes(&self) -> Result<(), Error> {
+        match &self.unusable {
+            Some(why) => Err(key_error(format!(
+                "encryption is configured but {why}; nothing is written in the clear"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Refuses when there is no identity to open an encrypted archive with.

@@ -803,7 +803,10 @@ impl Client {
                 let requests = futures::stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|m| (m, rx))
                 });
+                // etcd's own client takes messages of any size (MaxInt32): a catch-up batch
+                // or one revision deleting a prefix of many keys exceeds tonic's 4 MiB.
                 let stream = pb::watch_client::WatchClient::new(channel.clone())
+                    .max_decoding_message_size(usize::MAX)
                     .watch(requests)
                     .await?
                     .into_inner();
@@ -881,9 +884,10 @@ impl Watch {
             Err(_) => Ok(None),
             Ok(Ok(Some(m))) => Ok(Some(m)),
             Ok(Ok(None)) => Err(self.fail("etcd ended the watch stream")),
-            Ok(Err(s)) => Err(Error::EtcdUnreachable {
+            Ok(Err(s)) => Err(Error::Etcd {
                 endpoint: self.endpoint.clone(),
-                detail: format!("the watch stream broke: {}", s.message()),
+                call: "the watch".into(),
+                detail: format!("the watch stream broke ({:?}): {}", s.code(), s.message()),
             }),
         }
     }
@@ -959,41 +963,32 @@ pub struct Step<'a> {
     pub after: Option<Guard>,
 }
 
-/// What holds once, and only once, the revision before is applied: a key it put has that
-/// revision as its mod revision; a key it deleted (which existed until then) is absent.
+/// What holds once the revision before is applied, and never before it: a key it put has
+/// that revision as its mod revision. ("A key it deleted is absent" is no guard: it also
+/// holds before the key was created.)
 #[derive(Debug, Clone)]
-pub enum Guard {
-    ModIs(Vec<u8>, i64),
-    Absent(Vec<u8>),
+pub struct Guard {
+    key: Vec<u8>,
+    revision: i64,
 }
 
 impl Guard {
-    /// The guard a revision's changes give the revision after it.
+    /// The guard a revision's changes give the revision after it: `None` for a revision that
+    /// only deletes (the one after it must wait until it is confirmed applied).
     pub fn after(revision: i64, changes: &[Change]) -> Option<Guard> {
-        changes.first().map(|c| {
-            if c.delete {
-                Guard::Absent(c.key.clone())
-            } else {
-                Guard::ModIs(c.key.clone(), revision)
-            }
+        changes.iter().find(|c| !c.delete).map(|c| Guard {
+            key: c.key.clone(),
+            revision,
         })
     }
 
     fn compare(&self) -> pb::Compare {
         use pb::compare::{CompareResult, CompareTarget, TargetUnion};
-        match self {
-            Guard::ModIs(key, rev) => pb::Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Mod as i32,
-                key: key.clone(),
-                target_union: Some(TargetUnion::ModRevision(*rev)),
-            },
-            Guard::Absent(key) => pb::Compare {
-                result: CompareResult::Equal as i32,
-                target: CompareTarget::Version as i32,
-                key: key.clone(),
-                target_union: Some(TargetUnion::Version(0)),
-            },
+        pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Mod as i32,
+            key: self.key.clone(),
+            target_union: Some(TargetUnion::ModRevision(self.revision)),
         }
     }
 }

@@ -138,6 +138,60 @@ impl Dir {
         })
     }
 
+    /// Opens the subdirectory `name`, creating it (mode 0700) when missing, and refuses it
+    /// unless it is a real directory (never a symlink) owned by this user, so that whoever
+    /// owns this directory cannot have planted it, or what is in it.
+    pub fn private_dir(&self, name: &str) -> Result<Dir, Error> {
+        let sub = match self.mkdir(name, 0o700) {
+            Ok(d) => d,
+            Err(_) if self.entry_stat(name)?.is_some() => self.open_dir(name)?,
+            Err(e) => return Err(e),
+        };
+        let me = nix::unistd::geteuid();
+        let (owner, _) = sub.owner()?;
+        if owner != me {
+            return Err(Error::Target {
+                path: sub.path.clone(),
+                problem: format!(
+                    "is owned by uid {owner}, not by uid {me} who writes the history there; remove it (this tool creates it itself, mode 0700)"
+                ),
+            });
+        }
+        Ok(sub)
+    }
+
+    /// Opens (creating it, mode 0600) the file `name` to read and write, never through a
+    /// symlink and never blocking on a FIFO; refuses anything but a regular file owned by
+    /// this user.
+    pub fn open_own_file(&self, name: &str) -> Result<File, Error> {
+        let shown = self.join(name);
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlag::O_RDWR
+                | OFlag::O_CREAT
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .ctx(|| format!("cannot open `{}`", shown.display()))?;
+        let st = fstat(&fd).ctx(|| format!("cannot stat `{}`", shown.display()))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
+            || st.st_uid != nix::unistd::geteuid().as_raw()
+        {
+            return Err(Error::io(
+                format!("cannot use `{}`", shown.display()),
+                std::io::Error::other(
+                    "it is not a regular file of this user's; remove it and try again",
+                ),
+            ));
+        }
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDWR))
+            .ctx(|| format!("cannot use `{}`", shown.display()))?;
+        Ok(File::from(fd))
+    }
+
     /// `lstat` of `name` in this directory; `None` when it does not exist.
     pub fn entry_stat(&self, name: &str) -> Result<Option<FileStat>, Error> {
         match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -164,6 +218,29 @@ impl Dir {
                 errno_io(e),
             )),
         }
+    }
+
+    /// Writes `name` atomically and durably with `mode`, by this descriptor only: a new temp
+    /// file (`O_EXCL | O_NOFOLLOW`), `fchmod`, fsync, a rename over `name`, fsync of the
+    /// directory. A symlink planted at either name is replaced, never followed.
+    pub fn write_replacing(&self, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
+        let tmp = format!(".{name}.tmp-{}", std::process::id());
+        self.unlink(&tmp)?;
+        let written = (|| {
+            let mut f = self.create_file(&tmp)?;
+            nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode))
+                .ctx(|| format!("cannot chmod `{}`", self.join(&tmp).display()))?;
+            f.write_all(bytes)
+                .and_then(|()| f.sync_all())
+                .ctx(|| format!("cannot write `{}`", self.join(&tmp).display()))?;
+            nix::fcntl::renameat(&self.fd, tmp.as_str(), &self.fd, name)
+                .ctx(|| format!("cannot rename into `{}`", self.join(name).display()))
+        })();
+        if written.is_err() {
+            let _ = self.unlink(&tmp);
+        }
+        written?;
+        self.sync()
     }
 
     /// Removes the file (or symlink) `name`; missing is fine.
@@ -694,8 +771,7 @@ pub struct UnitLock {
 impl UnitLock {
     /// Takes the lock at `path`, waiting up to `timeout` for another run to finish.
     pub fn acquire(path: &Path, timeout: Duration, what: &str) -> Result<UnitLock, Error> {
-        let start = Instant::now();
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -704,6 +780,23 @@ impl UnitLock {
             .open(path)
             .ctx(|| format!("cannot open lock file `{}`", path.display()))?;
         let _ = file.set_permissions(fs::Permissions::from_mode(0o600));
+        UnitLock::take(file, path, timeout, what)
+    }
+
+    /// Takes the lock `name` in a held directory (see `Dir::open_own_file`: no symlink, no
+    /// FIFO, only this user's regular file is ever truncated and written).
+    pub fn acquire_in(
+        dir: &Dir,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<UnitLock, Error> {
+        let file = dir.open_own_file(name)?;
+        UnitLock::take(file, &dir.join(name), timeout, what)
+    }
+
+    fn take(mut file: File, path: &Path, timeout: Duration, what: &str) -> Result<UnitLock, Error> {
+        let start = Instant::now();
         loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(mut lock) => {
@@ -719,7 +812,11 @@ impl UnitLock {
                 }
                 Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                     if start.elapsed() >= timeout {
-                        let holder = fs::read_to_string(path).unwrap_or_default();
+                        let mut holder = String::new();
+                        let _ = std::io::Read::read_to_string(
+                            &mut std::io::Read::take(&f, 4096),
+                            &mut holder,
+                        );
                         let holder = holder.trim();
                         return Err(Error::Busy {
                             path: path.to_path_buf(),

@@ -599,6 +599,18 @@ pub fn update_status(settings: &crate::config::Settings) -> Result<String, Error
     if health.restore_status_stands() {
         return Ok("update-status: a failed restore's status stands".into());
     }
+    // Encryption configured with no usable recipient stays `blocked` (backups refuse to run).
+    if let Err(e) =
+        crate::crypt::Keys::load(&settings.keys, true).and_then(|k| k.check_writes().map(drop))
+    {
+        let msg = format!(
+            "{}: {}",
+            crate::crypt::SECRET_OPTION,
+            crate::error::bounded(&e.to_string(), 400)
+        );
+        unit_reporter().status("blocked", &msg);
+        return Ok(format!("update-status: blocked: {msg}"));
+    }
     let (state, msg) = workload_status(&health, max, now);
     unit_reporter().status(state, &msg);
     Ok(format!("update-status: {state}: {msg}"))
@@ -616,11 +628,11 @@ pub fn write_textfile(dir: &Path, name: &str, text: &str) -> Result<(), Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("cannot create `{}`", dir.display()), e))?;
     }
-    crate::fsutil::write_atomic(&dir.join(name), text.as_bytes())?;
-    // node_exporter runs as its own user: the file must be readable.
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o644));
-    Ok(())
+    // The directory may belong to another user (node_exporter's): every step is by its
+    // descriptor, the temp file is made readable (node_exporter runs as its own user) by
+    // its descriptor before the rename, and nothing is ever changed by path.
+    let held = crate::fsutil::Dir::open(dir)?;
+    held.write_replacing(name, text.as_bytes(), 0o644)
 }
 
 /// `follow`'s own textfile (it runs for days; the other runs' file is written at their end).

@@ -222,31 +222,69 @@ pub fn encode(head: &Head, revs: &[Rev], keys: &Keys) -> Result<Vec<u8>, Error> 
     gz.finish().map_err(io)?.finish().map_err(io)
 }
 
-/// Decodes a segment file's bytes; checks the head against the name.
+/// Decompressed bytes a segment may hold in all (a segment is flushed at 8 MiB of changes),
+/// and in one line (one revision: a prefix delete of many keys is one line).
+pub const PLAIN_MAX: u64 = 1 << 30;
+pub const LINE_MAX: u64 = 64 << 20;
+
+/// Counts what is read through it, and fails past `PLAIN_MAX` in all or `LINE_MAX` since the
+/// count of the current line was reset: a decompression bomb costs no more than one line.
+struct Capped<R> {
+    inner: R,
+    total: u64,
+    line: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.total += n as u64;
+        self.line.set(self.line.get() + n as u64);
+        if self.total > PLAIN_MAX {
+            return Err(std::io::Error::other(format!(
+                "it decompresses to more than {}",
+                crate::error::human_size(PLAIN_MAX)
+            )));
+        }
+        if self.line.get() > LINE_MAX {
+            return Err(std::io::Error::other(format!(
+                "a line is longer than {}",
+                crate::error::human_size(LINE_MAX)
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// Decodes a segment file's bytes, streaming (line by line, each line and the whole capped);
+/// checks the head against the name.
 pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev>), Error> {
+    use serde::Deserialize as _;
     let bad = |problem: String| {
         Error::History(format!(
-        "change segment `{}` is damaged: {problem}; restore to a point before it, or from a full \
-         snapshot",
-        named.name
-    ))
+            "change segment `{}` is damaged: {problem}; restore to a point before it, or from \
+             a full snapshot",
+            named.name
+        ))
     };
     let plain: Box<dyn Read + '_> = if named.encrypted {
         Box::new(keys.decrypt(std::io::BufReader::new(bytes), Path::new(&named.name))?)
     } else {
         Box::new(bytes)
     };
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(plain.take(FILE_MAX * 8))
-        .read_to_string(&mut text)
-        .map_err(|e| bad(format!("cannot decompress it ({e})")))?;
-    let mut lines = text.lines();
-    let head: Head = serde_json::from_str(lines.next().unwrap_or_default())
-        .map_err(|e| bad(format!("its head is not readable ({e})")))?;
+    let line = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let capped = Capped {
+        inner: flate2::read::GzDecoder::new(plain),
+        total: 0,
+        line: line.clone(),
+    };
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(capped));
+    let head =
+        Head::deserialize(&mut de).map_err(|e| bad(format!("its head is not readable ({e})")))?;
     if head.format != FORMAT {
         return Err(bad(format!(
             "its format is `{}`, not `{FORMAT}`",
-            head.format
+            crate::error::bounded(&head.format, 100)
         )));
     }
     if head.first != named.first
@@ -258,9 +296,10 @@ pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev
     }
     let mut revs = Vec::new();
     let mut prev = head.first - 1;
-    for l in lines {
-        let r: Rev =
-            serde_json::from_str(l).map_err(|e| bad(format!("a line is not readable ({e})")))?;
+    line.set(0);
+    for r in de.into_iter::<Rev>() {
+        let r = r.map_err(|e| bad(format!("a line is not readable ({e})")))?;
+        line.set(0);
         if r.r <= prev || r.r > head.last || r.ev.is_empty() {
             return Err(bad(format!("revision {} is out of order or empty", r.r)));
         }
@@ -272,10 +311,13 @@ pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev
         }
         prev = r.r;
         revs.push(r);
+        if revs.len() as u64 > head.revisions {
+            break;
+        }
     }
     if revs.len() as u64 != head.revisions {
         return Err(bad(format!(
-            "it holds {} revisions, its head says {}",
+            "it holds {} revisions or more, its head says {}",
             revs.len(),
             head.revisions
         )));
@@ -298,35 +340,38 @@ pub fn store_folder(folder: &str, cluster_id: &str) -> String {
     format!("{folder}/{DIR}/{cluster_id}")
 }
 
-/// Writes a segment durably: a temp file, fsync, a rename that never replaces, fsync of the
-/// directory. Returns false when a segment of that name already exists (with other bytes:
-/// an error).
-pub fn publish(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = dir.join(format!(".tmp-{name}"));
-    let _ = std::fs::remove_file(&tmp);
+/// Writes a segment durably into a held directory (see `fsutil::Dir`: nothing followed
+/// through a symlink): a temp file, fsync, a rename that never replaces, fsync of the
+/// directory. A segment of that name already there with other bytes is an error.
+pub fn publish(dir: &crate::fsutil::Dir, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = format!(".tmp-{name}");
+    dir.unlink(&tmp)?;
     let written = (|| {
-        let mut f = crate::fsutil::create_private(&tmp)?;
+        let mut f = dir.create_file(&tmp)?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
-            .ctx(|| format!("cannot write `{}`", tmp.display()))
+            .ctx(|| format!("cannot write `{}`", dir.join(&tmp).display()))
     })();
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = dir.unlink(&tmp);
         return Err(e);
     }
-    let dest = dir.join(name);
-    let placed = crate::fsutil::rename_noreplace(&tmp, &dest);
-    let _ = std::fs::remove_file(&tmp);
+    let placed = dir.rename_noreplace(&tmp, dir, name);
+    let _ = dir.unlink(&tmp);
     if !placed? {
-        let there = std::fs::read(&dest).ctx(|| format!("cannot read `{}`", dest.display()))?;
+        let mut there = Vec::new();
+        dir.open_file(name)?
+            .take(bytes.len() as u64 + 1)
+            .read_to_end(&mut there)
+            .ctx(|| format!("cannot read `{}`", dir.join(name).display()))?;
         if there != bytes {
             return Err(Error::History(format!(
                 "`{}` already exists with other changes; another follow writes to this target",
-                dest.display()
+                dir.join(name).display()
             )));
         }
     }
-    crate::fsutil::sync_dir(dir)
+    dir.sync()
 }
 
 /// Where a segment can be read from.
@@ -582,7 +627,9 @@ pub fn check_chain(
                 if let Some(link) = &head.prev_sha256 {
                     if link != want {
                         return Err(Error::History(format!(
-                            "the change history of cluster {} is broken at `{}`: it does not                              follow the segment before it (sha256 {} expected, {} recorded); a                              restore to a point after it is refused",
+                            "the change history of cluster {} is broken at `{}`: it does not follow the \
+                             segment before it (sha256 {} expected, {} recorded); a restore to a \
+                             point after it is refused",
                             h.cluster_id, f.named.name, want, link
                         )));
                     }
@@ -613,15 +660,19 @@ pub struct FollowState {
     pub last_flush_lag_ms: u64,
 }
 
-/// Writes the state into a cluster's history dir, atomically.
-pub fn write_state(dir: &Path, state: &FollowState) -> Result<(), Error> {
+/// Writes the state into a cluster's (held) history dir, atomically.
+pub fn write_state(dir: &crate::fsutil::Dir, state: &FollowState) -> Result<(), Error> {
     let text = serde_json::to_vec(state).map_err(|e| Error::Internal(e.to_string()))?;
-    crate::fsutil::write_atomic(&dir.join(STATE), &text)
+    dir.write_replacing(STATE, &text, 0o600)
 }
 
-/// The state in a cluster's history dir, when there is a readable one.
+/// The state in a cluster's history dir, when there is a readable one: a regular file (no
+/// symlink followed, no FIFO waited on), read up to 64 KiB.
 pub fn read_state(dir: &Path) -> Option<FollowState> {
-    serde_json::from_slice(&std::fs::read(dir.join(STATE)).ok()?).ok()
+    let f = crate::fsutil::open_regular_path(&dir.join(STATE)).ok()?;
+    let mut text = Vec::new();
+    f.take(64 << 10).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// A revision chosen from a time: the last revision received at or before `ms`, among

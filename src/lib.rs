@@ -80,17 +80,21 @@ pub fn run(args: Vec<OsString>) -> u8 {
         }
     };
     if let Command::Hook { name } = &args.command {
+        // The follow service runs outside any hook: what it was given (the secret's
+        // recipients, the relation's store) is refreshed when they may have changed.
+        let refreshed = |msg: String| match actions::schedule::refresh_follow(&settings) {
+            Ok(note) => format!("{msg}; {note}"),
+            Err(e) => format!("{msg}; the follow service was not updated: {e}"),
+        };
         let outcome = if name == "config-changed" {
             actions::schedule::config_changed(&settings)
         } else if name == "update-status" {
-            health::update_status(&settings)
+            health::update_status(&settings).map(refreshed)
+        } else if name == "secret-changed" {
+            // config-changed's checks: a secret without a usable recipient blocks the unit.
+            actions::schedule::config_changed(&settings).map(|m| format!("secret-changed: {m}"))
         } else {
-            juju::s3_relation_hook(name).map(|msg| {
-                match actions::schedule::refresh_follow(&settings) {
-                    Ok(note) => format!("{msg}; {note}"),
-                    Err(e) => format!("{msg}; the follow service was not updated: {e}"),
-                }
-            })
+            juju::s3_relation_hook(name).map(refreshed)
         };
         return match outcome {
             Ok(msg) => {

@@ -49,7 +49,9 @@ pub struct Point {
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let s = s.trim();
     let b = s.as_bytes();
-    if b.len() < 20
+    // Only ASCII is a time (slicing by bytes below never splits a character).
+    if !s.is_ascii()
+        || b.len() < 20
         || b[4] != b'-'
         || b[7] != b'-'
         || !matches!(b[10], b'T' | b't' | b' ')
@@ -58,6 +60,18 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     {
         return None;
     }
+    let field = |r: std::ops::Range<usize>, max: i64| {
+        let text = &s[r];
+        let v: i64 = text.parse().ok()?;
+        (text.bytes().all(|c| c.is_ascii_digit()) && v <= max).then_some(v)
+    };
+    field(0..4, 9999)?;
+    if field(5..7, 12)? == 0 || field(8..10, 31)? == 0 {
+        return None;
+    }
+    field(11..13, 23)?;
+    field(14..16, 59)?;
+    field(17..19, 60)?;
     let secs = crate::retention::parse_time(&s[..19])?;
     let mut rest = &s[19..];
     let mut ms = 0i64;
@@ -79,10 +93,18 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
                 _ => return None,
             };
             let (h, m) = rest[1..].split_once(':')?;
-            if h.len() != 2 || m.len() != 2 {
+            if h.len() != 2
+                || m.len() != 2
+                || !(h.to_owned() + m).bytes().all(|c| c.is_ascii_digit())
+            {
                 return None;
             }
-            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
+            let (h, m) = (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?);
+            // RFC 3339: an offset is at most 23:59.
+            if h > 23 || m > 59 {
+                return None;
+            }
+            sign * (h * 3600 + m * 60)
         }
     };
     Some((secs - offset) * 1000 + ms)
@@ -130,10 +152,14 @@ pub fn resolve(
     target: &Path,
     store: Option<&crate::store::Store>,
     wanted: &Wanted,
+    from_app: Option<&str>,
 ) -> Result<Point, Error> {
-    let folder = store.map(|s| unit.store_folder(s));
+    let folder = store.map(|s| match from_app {
+        Some(app) => s.cfg.folder(app),
+        None => unit.store_folder(s),
+    });
     let histories = history::list(target, store.zip(folder.as_deref()))?;
-    let entries = crate::catalog::list(unit, target, store)?;
+    let entries = crate::catalog::list_in(unit, target, store, from_app)?;
     let live = Client::new(&unit.config)
         .status()
         .ok()
@@ -202,56 +228,15 @@ fn point_in(
     target: &Path,
     read: &dyn Fn(&Found) -> Result<Vec<history::Rev>, Error>,
 ) -> Result<Result<Point, String>, Error> {
-    let newest = h.newest().map(|f| (f.named.last, f.named.last_ms));
     let (revision, asked) = match wanted {
         Wanted::Revision(r) => (*r, format!("revision {r}")),
         Wanted::Time(ms, text) => {
             let Ok(ms) = u64::try_from(*ms) else {
                 return Ok(Err("the time is before 1970".to_string()));
             };
-            // The last revision received at or before the time.
-            let candidate = h
-                .segments
-                .iter()
-                .filter(|f| !f.named.gap && f.named.first_ms <= ms)
-                .max_by_key(|f| f.named.first);
-            let rev = match candidate {
-                Some(f) => {
-                    if ms > f.named.last_ms && Some(f.named.last) == newest.map(|n| n.0) {
-                        // After the last change recorded: only when follow said it had
-                        // recorded everything until at least then.
-                        let through =
-                            history::read_state(&history::local_dir(target, &h.cluster_id))
-                                .filter(|s| s.through_revision >= f.named.last)
-                                .map_or(f.named.last_ms, |s| s.through_ms);
-                        if ms > through {
-                            return Ok(Err(format!(
-                                "{text} is after the history's end ({}, revision {})",
-                                show_ms(through),
-                                f.named.last
-                            )));
-                        }
-                    }
-                    if ms >= f.named.last_ms {
-                        f.named.last
-                    } else {
-                        // Inside this segment: its revisions' times say.
-                        let revs = read(f)?;
-                        match history::last_at_or_before(&revs, ms) {
-                            Some(r) => r,
-                            None => {
-                                return Ok(Err(format!(
-                                    "`{}` has no revision before {text}",
-                                    f.named.name
-                                )))
-                            }
-                        }
-                    }
-                }
-                None => {
-                    // Before the first recorded change: a full snapshot taken by then.
-                    return Ok(Err(format!("{text} is before the first recorded change")));
-                }
+            let rev = match time_point(h, fulls, ms, text, target, read)? {
+                Ok(r) => r,
+                Err(why) => return Ok(Err(why)),
             };
             (rev, format!("time {text} (revision {rev})"))
         }
@@ -280,6 +265,76 @@ fn point_in(
         }
     }
     Ok(Err(last_err))
+}
+
+/// The revision for a time: the newest full snapshot or recorded change at or before it,
+/// whichever is later (a full snapshot taken after a gap, or before the first change, answers
+/// for the time after it). A point after everything recorded needs follow's word that the
+/// history was complete until then.
+fn time_point(
+    h: &History,
+    fulls: &[&Entry],
+    ms: u64,
+    text: &str,
+    target: &Path,
+    read: &dyn Fn(&Found) -> Result<Vec<history::Rev>, Error>,
+) -> Result<Result<i64, String>, Error> {
+    // The newest full snapshot taken at or before the time.
+    let snap = fulls
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.revision?.max(1),
+                u64::try_from(parse_rfc3339_ms(&e.time)?).ok()?,
+            ))
+        })
+        .filter(|(_, t)| *t <= ms)
+        .max();
+    // The last change received at or before the time.
+    let candidate = h
+        .segments
+        .iter()
+        .filter(|f| !f.named.gap && f.named.first_ms <= ms)
+        .max_by_key(|f| f.named.first);
+    let change = match candidate {
+        Some(f) if ms >= f.named.last_ms => Some((f.named.last, f)),
+        Some(f) => history::last_at_or_before(&read(f)?, ms).map(|r| (r, f)),
+        None => None,
+    };
+    // The revision, whether a later one is recorded (the history goes on past the time), and
+    // when the point itself was taken.
+    let (rev, recorded_after, point_ms) = match (change, snap) {
+        (Some((rc, _)), Some((rs, ts))) if rs > rc => (rs, h.chain(rs + 1, rs + 1).is_ok(), ts),
+        (Some((rc, f)), _) => (
+            rc,
+            rc < f.named.last || h.chain(rc + 1, rc + 1).is_ok(),
+            if rc == f.named.last {
+                f.named.last_ms
+            } else {
+                0
+            },
+        ),
+        (None, Some((rs, ts))) => (rs, h.chain(rs + 1, rs + 1).is_ok(), ts),
+        (None, None) => {
+            return Ok(Err(format!(
+                "{text} is before the first recorded change and the oldest full snapshot"
+            )))
+        }
+    };
+    if !recorded_after {
+        // After the last change recorded: only when follow said it had recorded everything
+        // until at least then.
+        let through = history::read_state(&history::local_dir(target, &h.cluster_id))
+            .filter(|s| s.through_revision >= rev)
+            .map_or(point_ms, |s| s.through_ms.max(point_ms));
+        if ms > through {
+            return Ok(Err(format!(
+                "{text} is after the history's end ({}, revision {rev})",
+                show_ms(through)
+            )));
+        }
+    }
+    Ok(Ok(rev))
 }
 
 /// Whether this etcd server takes `--unsafe-no-fsync` (3.5 and later).
@@ -494,6 +549,11 @@ fn apply(
                 after: g.take(),
             });
             g = Guard::after(*r, changes);
+            if g.is_none() {
+                // A delete-only revision gives the next no guard: that one goes first in the
+                // next window, once this one is confirmed applied.
+                break;
+            }
         }
         let got = session.apply_window(&steps)?;
         *sent += steps.len() as u64;
@@ -570,6 +630,11 @@ mod tests {
             "1970-01-01T00:00:01",
             "1970-01-01T00:00:01+1",
             "x970-01-01T00:00:01Z",
+            "1970-01-01T00:00:01+99:99",
+            "1970-01-01T00:00:01+24:00",
+            "1970-01-01T00:00:01+0é:00",
+            "1970-01-01Té0:00:01Z",
+            "1970-01-01T00:00:0é",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }

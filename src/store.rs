@@ -158,7 +158,7 @@ fn check_endpoint(endpoint: &str, from: &str) -> Result<(), String> {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
         return Err(format!(
-            "the endpoint has a user name or password in it; credentials go in the access and              secret keys, never in the URL: {from}"
+            "the endpoint has a user name or password in it; credentials go in the access and secret keys, never in the URL: {from}"
         ));
     }
     if authority.is_empty()
@@ -188,7 +188,7 @@ fn check_bucket(bucket: &str, from: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "the bucket `{}` is not a bucket name (letters, digits, `.`, `-` and `_`, at most              63, no `/` or `..`): {from}",
+            "the bucket `{}` is not a bucket name (letters, digits, `.`, `-` and `_`, at most 63, no `/` or `..`): {from}",
             bounded(bucket, 100)
         ))
     }

@@ -650,7 +650,7 @@ fn changed_while_publishing(target: &Dir, name: &str) -> Error {
     Error::Target {
         path: target.path().to_path_buf(),
         problem: format!(
-            "changed while publishing: `{name}` or its sidecars are no longer what was written;              something else writes to this directory: choose a directory only you control"
+            "changed while publishing: `{name}` or its sidecars are no longer what was written; something else writes to this directory: choose a directory only you control"
         ),
     }
 }

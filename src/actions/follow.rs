@@ -115,7 +115,7 @@ pub fn seen(target: &Path) -> Option<(history::FollowState, bool)> {
         .flatten()
         .filter_map(|e| history::read_state(&e.path()))
         .max_by_key(|s| s.through_ms)?;
-    let running = std::fs::File::open(root.join(LOCK)).is_ok_and(|f| {
+    let running = crate::fsutil::open_regular_path(&root.join(LOCK)).is_ok_and(|f| {
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
     });
     Some((newest, running))
@@ -124,7 +124,7 @@ pub fn seen(target: &Path) -> Option<(history::FollowState, bool)> {
 /// Where the history resumes.
 struct Plan {
     cluster_id: u64,
-    dir: PathBuf,
+    dir: crate::fsutil::Dir,
     /// The next revision to record.
     next: i64,
     prev_sha256: Option<String>,
@@ -155,9 +155,11 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
     let target = super::open_target(unit, &opts.target)?;
     unit.keys()?;
     let store = unit.store()?;
-    let root = target.path().join(history::DIR);
-    mkdir_private(&root)?;
-    let lock = crate::fsutil::UnitLock::acquire(&root.join(LOCK), Duration::ZERO, "follow")
+    // Every path below the target is opened by descriptor, never through a symlink, and
+    // only directories and files of this user's are written (the target's owner may be
+    // someone else).
+    let changes = target.private_dir(history::DIR)?;
+    let lock = crate::fsutil::UnitLock::acquire_in(&changes, LOCK, Duration::ZERO, "follow")
         .map_err(|e| match e {
             Error::Busy { holder, .. } => Error::Declined(format!(
                 "another follow already records the history of `{}`{holder}; one follow per \
@@ -169,8 +171,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         })?;
     let status = client.status()?;
     let cluster = hex_id(status.cluster_id);
-    let dir = history::local_dir(target.path(), &cluster);
-    mkdir_private(&dir)?;
+    let dir = changes.private_dir(&cluster)?;
     clean_temps(&dir);
     let mine = history::list(target.path(), None)?
         .into_iter()
@@ -191,14 +192,13 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
             // The chain goes on from the newest segment; a damaged one stops follow (its
             // error names the file: move it aside to start the history again from a full
             // snapshot).
-            match history::decode(&bytes, &f.named, unit.keys()?) {
-                // follow usually holds no identity: an encrypted segment's name gives its
-                // range, and the link is the sha256 of its bytes.
-                Ok(_) | Err(Error::Encrypted { .. }) => {
-                    (f.named.last + 1, Some(history::sha256(&bytes)))
-                }
-                Err(e) => return Err(e),
+            // An encrypted segment is never opened here: its name gives its range and the
+            // link is the sha256 of its bytes, whatever identity follow holds (after a key
+            // rotation the one it holds may not open older segments).
+            if !f.named.encrypted {
+                history::decode(&bytes, &f.named, unit.keys()?)?;
             }
+            (f.named.last + 1, Some(history::sha256(&bytes)))
         }
         None => {
             let rev = match base {
@@ -220,7 +220,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         .sum();
     unit.log(&format!(
         "follow: recording cluster {cluster} from revision {next} into `{}`{}",
-        dir.display(),
+        dir.path().display(),
         if store.is_some() {
             " and the store"
         } else {
@@ -237,25 +237,11 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
     })
 }
 
-fn mkdir_private(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(dir)
-    {
-        Ok(()) => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot create `{}`", dir.display()), e)),
-    }
-}
-
 /// Removes the temp files of a follow that was killed while writing.
-fn clean_temps(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                let _ = std::fs::remove_file(e.path());
-            }
+fn clean_temps(dir: &crate::fsutil::Dir) {
+    for name in dir.names() {
+        if name.starts_with(".tmp-") || name.starts_with(&format!(".{}.tmp-", history::STATE)) {
+            let _ = dir.unlink(&name);
         }
     }
 }
@@ -351,7 +337,7 @@ fn snapshot_revision(yaml: &str) -> Result<i64, Error> {
 struct Recorder<'a> {
     unit: &'a Unit<'a>,
     cluster: String,
-    dir: PathBuf,
+    dir: crate::fsutil::Dir,
     /// The last revision made durable.
     flushed_to: i64,
     prev_sha256: Option<String>,
@@ -438,10 +424,12 @@ impl Recorder<'_> {
             .map_err(|e| match e {
                 Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                     Error::NoSpace {
-                        path: self.dir.clone(),
+                        path: self.dir.path().to_path_buf(),
                         action: "writing the next change segment".into(),
                         need: human_size(bytes.len() as u64),
-                        available: crate::fsutil::free_bytes(&self.dir)
+                        available: self
+                            .dir
+                            .free_bytes()
                             .map(human_size)
                             .unwrap_or_else(|_| "unknown".into()),
                     }
@@ -614,7 +602,7 @@ fn uploader(unit: &Unit<'_>, dir: &Path, cluster: &str) -> Result<Option<Uploade
                 retry.push(p);
                 retry.retain(|p| {
                     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    let Ok(bytes) = std::fs::read(p) else {
+                    let Ok(bytes) = read_segment(p) else {
                         return false;
                     };
                     match store.put_once(&format!("{folder}/{name}"), bytes) {
@@ -638,6 +626,15 @@ fn uploader(unit: &Unit<'_>, dir: &Path, cluster: &str) -> Result<Option<Uploade
     Ok(Some(Uploader { tx, thread }))
 }
 
+/// A published segment's bytes, for its upload: a regular file (no symlink followed), bounded.
+fn read_segment(p: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = crate::fsutil::open_regular_path(p).map_err(std::io::Error::other)?;
+    let mut out = Vec::new();
+    f.take(history::FILE_MAX).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 pub const SERVICE: &str = "etcd-actions-follow";
 
 /// Watches and records until SIGTERM (flush, exit 0) or a failure (flushed first).
@@ -649,11 +646,11 @@ fn record(
 ) -> Result<(), Error> {
     let client = Client::new(&unit.config);
     let cluster = hex_id(plan.cluster_id);
-    let uploads = uploader(unit, &plan.dir, &cluster)?;
+    let uploads = uploader(unit, plan.dir.path(), &cluster)?;
     let mut rec = Recorder {
         unit,
         cluster: cluster.clone(),
-        dir: plan.dir.clone(),
+        dir: plan.dir,
         flushed_to: plan.next - 1,
         prev_sha256: plan.prev_sha256.clone(),
         pending: Pending::default(),
@@ -687,14 +684,7 @@ fn record(
                     "etcd-actions follow: {e}; reconnecting in {:.1}s",
                     backoff.as_secs_f64()
                 );
-                let until = Instant::now() + backoff;
-                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    if due(&rec, opts) {
-                        rec.flush()?;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut rec, opts, stop, &mut backoff)?;
                 continue;
             }
         };
@@ -702,7 +692,6 @@ fn record(
             rec.flush()?;
             return Err(other_cluster(&cluster, watch.cluster_id));
         }
-        backoff = Duration::from_millis(200);
         loop {
             if stop.load(Ordering::SeqCst) {
                 break 'connect;
@@ -713,18 +702,26 @@ fn record(
             }
             .clamp(Duration::from_millis(10), Duration::from_millis(500));
             match watch.next(wait) {
-                Ok(Some(Watched::Changes(cs))) => rec.add(cs, &mut watch, &mut leases)?,
-                Ok(Some(Watched::Progress(_))) | Ok(None) => {}
+                Ok(Some(Watched::Changes(cs))) => {
+                    backoff = Duration::from_millis(200);
+                    rec.add(cs, &mut watch, &mut leases)?
+                }
+                Ok(Some(Watched::Progress(_))) => backoff = Duration::from_millis(200),
+                Ok(None) => {}
                 Ok(Some(Watched::Compacted(c))) => {
                     let from = rec.received() + 1;
                     outran(unit, opts, &mut rec, stop, c, from)?;
                     continue 'connect;
                 }
                 Err(e) => {
+                    // Named as it is (a message too large is not "etcd is not reachable"),
+                    // and never retried in a hot loop.
                     eprintln!(
-                        "etcd-actions follow: {e}; resuming after revision {}",
-                        rec.received()
+                        "etcd-actions follow: {e}; resuming after revision {} in {:.1}s",
+                        rec.received(),
+                        backoff.as_secs_f64()
                     );
+                    back_off(&mut rec, opts, stop, &mut backoff)?;
                     continue 'connect;
                 }
             }
@@ -816,6 +813,25 @@ fn other_cluster(cluster: &str, now: u64) -> Error {
          here; start follow again to record the new cluster from a full snapshot",
         hex_id(now)
     ))
+}
+
+/// Waits `backoff` (flushing what falls due meanwhile, and stopping early on a signal), then
+/// doubles it up to 5 s.
+fn back_off(
+    rec: &mut Recorder<'_>,
+    opts: &FollowOptions,
+    stop: &AtomicBool,
+    backoff: &mut Duration,
+) -> Result<(), Error> {
+    let until = Instant::now() + *backoff;
+    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+        if due(rec, opts) {
+            rec.flush()?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    Ok(())
 }
 
 fn due(rec: &Recorder<'_>, opts: &FollowOptions) -> bool {

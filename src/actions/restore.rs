@@ -52,6 +52,8 @@ pub struct RestoreOptions {
     pub to_revision: Option<i64>,
     /// Restore to the last revision received at or before this time (RFC 3339).
     pub to_time: Option<String>,
+    /// The application whose store folder holds the archives and the history.
+    pub from_app: Option<String>,
 }
 
 impl From<crate::cli::RestoreArgs> for RestoreOptions {
@@ -64,6 +66,7 @@ impl From<crate::cli::RestoreArgs> for RestoreOptions {
             sha256: a.sha256,
             to_revision: a.to_revision,
             to_time: a.to_time,
+            from_app: a.from_app.filter(|a| !a.trim().is_empty()),
         }
     }
 }
@@ -83,6 +86,9 @@ impl TakesParams for RestoreOptions {
         }
         if let Some(t) = params.string("to-time")? {
             self.to_time = Some(t).filter(|t| !t.trim().is_empty());
+        }
+        if let Some(a) = params.string("from-app")? {
+            self.from_app = Some(a.trim().to_string()).filter(|a| !a.is_empty());
         }
         Ok(())
     }
@@ -594,15 +600,32 @@ fn plan(
 
     unit.reporter
         .status("maintenance", "restore: checking the snapshot");
+    if let Some(app) = &opts.from_app {
+        crate::catalog::check_id(app).map_err(|_| {
+            Error::usage(format!(
+                "from-app `{}` is not an application name; give the name of the application \
+                 whose backups to use (as `juju status` shows it)",
+                crate::error::bounded(app, 100)
+            ))
+        })?;
+    }
     let point = resolve_point(unit, opts)?;
+    // Another application's archive is named `<app>/<id>` (its store folder).
+    let in_app = |id: &str| match &opts.from_app {
+        Some(app) if !id.contains('/') => format!("{app}/{id}"),
+        _ => id.to_string(),
+    };
+    let backup_id = match &point {
+        // A base that is in the target too is read from there.
+        Some(p) if p.base.path.is_some() => Some(p.base.id.clone()),
+        Some(p) => Some(in_app(&p.base.id)),
+        None => opts.backup_id.as_deref().map(in_app),
+    };
     let located = crate::catalog::locate(
         unit,
         &crate::catalog::Wanted {
             snapshot: opts.snapshot.as_deref(),
-            backup_id: point
-                .as_ref()
-                .map(|p| p.base.id.as_str())
-                .or(opts.backup_id.as_deref()),
+            backup_id: backup_id.as_deref(),
             target: &opts.target,
         },
     )?;
@@ -656,7 +679,15 @@ fn plan(
         .and_then(Version::parse);
     check_versions(snapshot_version, &offline, unit_version, &known_by)?;
     let bump = if unit.settings.bump_revision > 0 && offline.supports_bump {
-        unit.settings.bump_revision
+        revision_bump(
+            unit,
+            status.as_ref(),
+            &p,
+            point
+                .as_ref()
+                .map(|pt| pt.revision)
+                .or_else(|| checked.unpacked.manifest.as_ref().and_then(|m| m.revision)),
+        )
     } else {
         0
     };
@@ -676,6 +707,35 @@ fn plan(
         point,
         _lock: lock,
     })
+}
+
+/// The revisions the restore tool adds: the margin (`--bump-revision`), plus however far the
+/// unit's etcd had already gone past the restored revision, so that the restored cluster's
+/// revisions always lie above every revision a client has seen (a cluster restored before
+/// lives above the margin already). The highest served revision is the running etcd's, else
+/// the stopped member's db's.
+fn revision_bump(
+    unit: &Unit<'_>,
+    status: Option<&Status>,
+    p: &Paths,
+    restored: Option<i64>,
+) -> u64 {
+    let margin = unit.settings.bump_revision;
+    let served = match status {
+        Some(s) => s.revision,
+        None => crate::revision::of_db_file(&p.member.join("snap/db")).unwrap_or(0),
+    };
+    let restored = restored
+        .or_else(|| crate::revision::of_db_file(&p.incoming_db).ok())
+        .unwrap_or(0);
+    let behind = u64::try_from(served.saturating_sub(restored)).unwrap_or(0);
+    if behind > 0 {
+        unit.log(&format!(
+            "revision bump: {behind} (etcd served revision {served}, the restore is at \
+             {restored}) + {margin}"
+        ));
+    }
+    margin.saturating_add(behind)
 }
 
 /// The point of a restore to a revision or a time, when one is asked for: refuses a point
@@ -703,7 +763,7 @@ fn resolve_point(
             Some(ms) => Wanted::Time(ms, t.trim().to_string()),
             None => {
                 return Err(Error::usage(format!(
-                    "to-time `{}` is not an RFC 3339 time; write it as `2026-11-30T14:05:00Z`                      (or with an offset, `+01:00`)",
+                    "to-time `{}` is not an RFC 3339 time; write it as `2026-11-30T14:05:00Z` (or with an offset, `+01:00`)",
                     crate::error::bounded(t, 100)
                 )))
             }
@@ -711,11 +771,17 @@ fn resolve_point(
     };
     if opts.snapshot.is_some() || opts.backup_id.is_some() {
         return Err(Error::usage(
-            "to-revision and to-time pick the full snapshot themselves: leave snapshot and              backup-id empty",
+            "to-revision and to-time pick the full snapshot themselves: leave snapshot and backup-id empty",
         ));
     }
     let store = unit.store()?;
-    let point = crate::replay::resolve(unit, &opts.target, store.as_ref(), &wanted)?;
+    let point = crate::replay::resolve(
+        unit,
+        &opts.target,
+        store.as_ref(),
+        &wanted,
+        opts.from_app.as_deref(),
+    )?;
     unit.log(&format!(
         "restoring to {}: the full snapshot {} at revision {}, then {} change segment(s)",
         point.asked,

@@ -423,12 +423,17 @@ pub fn sync_follow(
         unit: String::new(),
         app: String::new(),
     };
+    let mut ca_changed = false;
     let store_note = match reporter.s3_relation() {
         Ok(Some(bag)) => match crate::store::StoreConfig::from_relation_bag(&bag) {
             Ok(cfg) => {
                 let ca = follow_env_file().with_extension("ca.pem");
                 if !cfg.ca_pems.is_empty() {
-                    write_file(&ca, &cfg.ca_pems.join("\n"), 0o600)?;
+                    let pem = cfg.ca_pems.join("\n");
+                    if fs::read_to_string(&ca).ok().as_deref() != Some(pem.as_str()) {
+                        write_file(&ca, &pem, 0o600)?;
+                        ca_changed = true;
+                    }
                 }
                 let (public, secret) = cfg.env_pairs(Some(&ca));
                 for (k, v) in public.iter().chain(&secret) {
@@ -449,6 +454,12 @@ pub fn sync_follow(
         target.to_string(),
     ];
     let service = follow_unit(&exec, &env)?;
+    let same = |p: &Path, want: &str| fs::read_to_string(p).is_ok_and(|t| t == want);
+    if same(&service_path, &service) && same(&follow_env_file(), &text) && !ca_changed {
+        return Ok(format!(
+            "continuous-backup: the follow service is up to date ({store_note})"
+        ));
+    }
     write_file(&service_path, &service, 0o644)?;
     write_file(&follow_env_file(), &text, 0o600)?;
     let notes = [
@@ -464,33 +475,64 @@ pub fn sync_follow(
     ))
 }
 
-/// After an s3 relation hook: an installed follow service gets the relation's store now.
+/// After an s3 relation hook, `secret-changed` and at `update-status`: an installed follow
+/// service gets the relation's store and the secret's recipients now (restarted only when
+/// something changed). The target comes from the charm's config, checked as
+/// `config-changed` checks it.
 pub fn refresh_follow(settings: &crate::config::Settings) -> Result<String, Error> {
     let service = unit_dir().join(format!("{}.service", crate::actions::follow::SERVICE));
-    let Ok(text) = fs::read_to_string(&service) else {
+    if !service.exists() {
         return Ok("no follow service".into());
-    };
-    // The target it was installed with: ExecStart's last argument.
-    let target = text
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|t| t.trim_matches('"').replace("$$", "$").replace("%%", "%"))
-        .unwrap_or_else(|| crate::cli::DEFAULT_TARGET.to_string());
+    }
+    let config = charm_config()?;
+    let (continuous, target) = follow_config(&config);
+    if !continuous {
+        return Ok("continuous-backup is off: config-changed removes the follow service".into());
+    }
+    if let Err(msg) = check_follow_target(&target) {
+        return Ok(format!("the follow service was left as it was: {msg}"));
+    }
+    crate::crypt::Keys::load(&settings.keys, true)?.check_writes()?;
     sync_follow(settings, true, &target)
+}
+
+/// The charm's config, as `config-get --format=json` gives it.
+fn charm_config() -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+    let tool = which::which("config-get").map_err(|_| Error::ToolMissing {
+        tool: "config-get".into(),
+        hint: "this runs as a Juju hook".into(),
+    })?;
+    let out = run_checked(Command::new(tool).arg("--format=json"))?;
+    Ok(serde_json::from_str(out.stdout.trim()).unwrap_or_default())
+}
+
+/// `continuous-backup` and `backup-target` (the default target when it is empty).
+fn follow_config(config: &serde_json::Map<String, serde_json::Value>) -> (bool, String) {
+    let target = config
+        .get("backup-target")
+        .and_then(|v| v.as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(crate::cli::DEFAULT_TARGET)
+        .to_string();
+    let continuous = config
+        .get("continuous-backup")
+        .and_then(|v| v.as_bool().or_else(|| v.as_str().map(|s| s == "true")))
+        .unwrap_or(false);
+    (continuous, target)
+}
+
+fn check_follow_target(target: &str) -> Result<(), &'static str> {
+    if one_line("backup-target", target).is_err() || !Path::new(target).is_absolute() {
+        return Err("backup-target: not an absolute directory; continuous-backup needs one");
+    }
+    Ok(())
 }
 
 /// The charm's `config-changed` hook: installs, updates or removes the timer from the
 /// `backup-schedule`, `backup-retention` and `backup-target` options. An option that cannot be
 /// used sets a `blocked` status naming it and leaves the installed timer as it was.
 pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Error> {
-    let tool = which::which("config-get").map_err(|_| Error::ToolMissing {
-        tool: "config-get".into(),
-        hint: "config-changed runs as a Juju hook".into(),
-    })?;
-    let out = run_checked(Command::new(tool).arg("--format=json"))?;
-    let config: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(out.stdout.trim()).unwrap_or_default();
+    let config = charm_config()?;
     let get = |k: &str| {
         config
             .get(k)
@@ -508,7 +550,9 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
     let retention = get("backup-retention");
     // The encryption keys: a secret that cannot be read or holds no usable key would make
     // every backup fail (never silently write them in the clear).
-    if let Err(e) = crate::crypt::Keys::load(&settings.keys, true) {
+    if let Err(e) =
+        crate::crypt::Keys::load(&settings.keys, true).and_then(|k| k.check_writes().map(|()| k))
+    {
         let msg = format!(
             "{}: {}",
             crate::crypt::SECRET_OPTION,
@@ -519,20 +563,8 @@ pub fn config_changed(settings: &crate::config::Settings) -> Result<String, Erro
             "the timer was left as it was: {msg}; fix it with `juju config` or `juju grant-secret`"
         ));
     }
-    let target = config
-        .get("backup-target")
-        .and_then(|v| v.as_str())
-        .filter(|t| !t.is_empty())
-        .unwrap_or(crate::cli::DEFAULT_TARGET)
-        .to_string();
-    let continuous = config
-        .get("continuous-backup")
-        .and_then(|v| v.as_bool().or_else(|| v.as_str().map(|s| s == "true")))
-        .unwrap_or(false);
-    let follow_note = if continuous
-        && (one_line("backup-target", &target).is_err() || !Path::new(&target).is_absolute())
-    {
-        let msg = "backup-target: not an absolute directory; continuous-backup needs one";
+    let (continuous, target) = follow_config(&config);
+    let follow_note = if let (true, Err(msg)) = (continuous, check_follow_target(&target)) {
         reporter.status("blocked", msg);
         return Ok(format!("the follow service was left as it was: {msg}"));
     } else {

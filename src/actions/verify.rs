@@ -191,7 +191,7 @@ fn history(
             &key("chain"),
             if report.sealed > 0 {
                 format!(
-                    "{} segments read; {} encrypted ones not opened (no identity): their links                      are unchecked",
+                    "{} segments read; {} encrypted ones not opened (no identity): their links are unchecked",
                     report.segments - report.sealed,
                     report.sealed
                 )
@@ -219,6 +219,7 @@ fn history(
         &opts.target,
         store.as_ref(),
         &crate::replay::Wanted::Revision(end),
+        None,
     ) {
         Ok(p) => p,
         Err(Error::History(why)) => {
@@ -265,7 +266,7 @@ fn history(
     results.set(
         "verify.history-drill",
         format!(
-            "passed: {} revisions ({} changes) replayed onto {} (revision {}) up to revision {}              in {:.1}s, {} keys",
+            "passed: {} revisions ({} changes) replayed onto {} (revision {}) up to revision {} in {:.1}s, {} keys",
             r.revisions, r.events, point.base.id, point.base_revision, end, r.seconds, r.keys
         ),
     );
