@@ -935,6 +935,36 @@ impl Watch {
         });
     }
 
+    /// The cluster's current revision by a linearizable read (it goes through the leader, so
+    /// a member cut off from the quorum cannot answer it): every change up to it has been
+    /// acknowledged by the cluster, and the watch owes them.
+    pub fn linearizable_revision(&mut self, wait: Duration) -> Result<i64, Error> {
+        let channel = self.channel.clone();
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(
+                wait,
+                KvClient::new(channel).range(pb::RangeRequest {
+                    key: vec![0],
+                    range_end: vec![0],
+                    limit: 1,
+                    count_only: true,
+                    serializable: false,
+                    ..Default::default()
+                }),
+            )
+            .await
+        });
+        match r {
+            Err(_) => Err(self.fail(&format!(
+                "a linearizable read got no answer within {}s (is this member cut off from the \
+                 quorum?)",
+                wait.as_secs()
+            ))),
+            Ok(Err(s)) => Err(self.fail(&format!("a linearizable read failed: {}", s.message()))),
+            Ok(Ok(r)) => Ok(r.into_inner().header.map_or(0, |h| h.revision)),
+        }
+    }
+
     /// The TTL a lease was granted with; `None` when it no longer exists.
     pub fn lease_ttl(&mut self, id: i64) -> Result<Option<i64>, Error> {
         let channel = self.channel.clone();

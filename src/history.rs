@@ -44,6 +44,10 @@ pub struct Head {
     /// sha256 of the previous segment's file; `None` when the chain starts here (right after
     /// a full snapshot at `first - 1`).
     pub prev_sha256: Option<String>,
+    /// Where the chain starts: the sha256 of the full snapshot archive at `first - 1` it
+    /// continues (only restored from that archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
     /// Revisions `first..=last` were lost (compacted before they were recorded).
     #[serde(default)]
     pub gap: bool,
@@ -335,9 +339,23 @@ pub fn local_dir(target: &Path, cluster_id: &str) -> PathBuf {
     target.join(DIR).join(cluster_id)
 }
 
-/// The store folder of a cluster's history.
-pub fn store_folder(folder: &str, cluster_id: &str) -> String {
-    format!("{folder}/{DIR}/{cluster_id}")
+/// The store folder of a cluster's history as one unit records it: each unit's chain apart
+/// (every unit of an application may run follow), never mixed with another's.
+pub fn store_folder(folder: &str, cluster_id: &str, unit: &str) -> String {
+    format!("{folder}/{DIR}/{cluster_id}/{unit}")
+}
+
+/// A unit's name as a folder name (`etcd/0` → `etcd-0`).
+pub fn unit_tag(unit: &str) -> String {
+    unit.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// Writes a segment durably into a held directory (see `fsutil::Dir`: nothing followed
@@ -383,23 +401,34 @@ pub struct Found {
     pub size: u64,
 }
 
-/// A cluster's segments, local and in the store, sorted by first revision.
+/// One chain of a cluster's segments, sorted by first revision: this unit's (its local files
+/// and its own folder in the store), or another unit's in the store (`unit` is its folder;
+/// empty for segments uploaded before chains were kept apart).
 #[derive(Debug, Clone, Default)]
 pub struct History {
     pub cluster_id: String,
+    pub unit: String,
+    /// This unit's own chain (the local files are in it).
+    pub own: bool,
     pub segments: Vec<Found>,
 }
 
-/// Every cluster's history in `target` and in the store's `folder`.
+type Chains =
+    std::collections::BTreeMap<(String, String), std::collections::BTreeMap<String, Found>>;
+
+/// Every cluster's chains in `target` (this unit's, `own` names it) and in the store's
+/// `folder`: this unit's first, then the others.
 pub fn list(
     target: &Path,
     store: Option<(&crate::store::Store, &str)>,
+    own: &str,
 ) -> Result<Vec<History>, Error> {
-    let mut all: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Found>> =
-        Default::default();
+    let mut all: Chains = Default::default();
     let root = target.join(DIR);
     if let Ok(clusters) = std::fs::read_dir(&root) {
         for c in clusters.flatten() {
+            let dir_name = c.file_name().to_string_lossy().into_owned();
+            // Only a cluster's own folder: a history set aside (a rollback) is not read.
             let Ok(files) = std::fs::read_dir(c.path()) else {
                 continue;
             };
@@ -408,71 +437,92 @@ pub fn list(
                 let Some(named) = Named::parse(&name) else {
                     continue;
                 };
+                if named.cluster_id != dir_name {
+                    continue;
+                }
                 let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                all.entry(named.cluster_id.clone()).or_default().insert(
-                    name,
-                    Found {
-                        path: Some(f.path()),
-                        key: None,
-                        size,
-                        named,
-                    },
-                );
+                all.entry((named.cluster_id.clone(), own.to_string()))
+                    .or_default()
+                    .insert(
+                        name,
+                        Found {
+                            path: Some(f.path()),
+                            key: None,
+                            size,
+                            named,
+                        },
+                    );
             }
         }
     }
     if let Some((store, folder)) = store {
-        let base = format!("{folder}/{DIR}");
-        let clusters: std::collections::BTreeSet<String> = all.keys().cloned().collect();
-        // Clusters are folders: list the parent's keys through one listing of each known
-        // cluster plus a walk of the prefix for others.
-        let mut seen = clusters.clone();
-        for key in store.keys_under(&base)? {
-            if let Some((c, _)) = key
-                .strip_prefix(&format!("{base}/"))
-                .and_then(|r| r.split_once('/'))
-            {
-                seen.insert(c.to_string());
+        list_store(&mut all, store, folder)?;
+    }
+    let mut out: Vec<History> = all
+        .into_iter()
+        .map(|((cluster_id, unit), m)| {
+            let mut segments: Vec<Found> = m.into_values().collect();
+            segments.sort_by_key(|f| (f.named.first, f.named.last));
+            History {
+                own: unit == own,
+                cluster_id,
+                unit,
+                segments,
             }
-        }
-        for c in seen {
-            for (name, size) in store.names(&store_folder(folder, &c))? {
-                let Some(named) = Named::parse(&name) else {
-                    continue;
-                };
-                if named.cluster_id != c {
-                    continue;
-                }
-                let key = format!("{}/{name}", store_folder(folder, &c));
-                let e = all.entry(c.clone()).or_default();
-                match e.get_mut(&name) {
-                    Some(f) => f.key = Some(key),
-                    None => {
-                        e.insert(
-                            name,
-                            Found {
-                                path: None,
-                                key: Some(key),
-                                size,
-                                named,
-                            },
-                        );
-                    }
+        })
+        .collect();
+    out.sort_by_key(|h| !h.own);
+    Ok(out)
+}
+
+/// Adds the store's segments: `<folder>/changes/<cluster>/<unit>/<segment>` (and, from
+/// before chains were kept apart, `<folder>/changes/<cluster>/<segment>`).
+fn list_store(all: &mut Chains, store: &crate::store::Store, folder: &str) -> Result<(), Error> {
+    let base = format!("{folder}/{DIR}");
+    let mut folders: std::collections::BTreeSet<(String, String)> = Default::default();
+    for key in store.keys_under(&base)? {
+        let Some(rest) = key.strip_prefix(&format!("{base}/")) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [c, _] => folders.insert((c.to_string(), String::new())),
+            [c, u, _] => folders.insert((c.to_string(), u.to_string())),
+            _ => false,
+        };
+    }
+    for (c, u) in folders {
+        let dir = if u.is_empty() {
+            format!("{base}/{c}")
+        } else {
+            store_folder(folder, &c, &u)
+        };
+        for (name, size) in store.names(&dir)? {
+            let Some(named) = Named::parse(&name) else {
+                continue;
+            };
+            if named.cluster_id != c {
+                continue;
+            }
+            let key = format!("{dir}/{name}");
+            let e = all.entry((c.clone(), u.clone())).or_default();
+            match e.get_mut(&name) {
+                Some(f) => f.key = Some(key),
+                None => {
+                    e.insert(
+                        name,
+                        Found {
+                            path: None,
+                            key: Some(key),
+                            size,
+                            named,
+                        },
+                    );
                 }
             }
         }
     }
-    Ok(all
-        .into_iter()
-        .map(|(cluster_id, m)| {
-            let mut segments: Vec<Found> = m.into_values().collect();
-            segments.sort_by_key(|f| (f.named.first, f.named.last));
-            History {
-                cluster_id,
-                segments,
-            }
-        })
-        .collect())
+    Ok(())
 }
 
 /// A run of revisions the history holds without a hole: `from..=to`, received between the
@@ -530,7 +580,8 @@ impl History {
         (spans, gaps)
     }
 
-    /// The segments that cover `from..=to` in chain order, or why they cannot.
+    /// The segments that cover `from..=to` in chain order, or why they cannot. A local
+    /// segment is taken before any store object for the same revisions.
     pub fn chain(&self, from: i64, to: i64) -> Result<Vec<&Found>, String> {
         let mut out = Vec::new();
         let mut next = from;
@@ -539,7 +590,7 @@ impl History {
                 .segments
                 .iter()
                 .filter(|f| f.named.first <= next && next <= f.named.last)
-                .max_by_key(|f| f.named.last)
+                .max_by_key(|f| (f.path.is_some(), f.named.last))
             else {
                 return Err(format!("no recorded changes hold revision {next}"));
             };
@@ -554,6 +605,15 @@ impl History {
             next = f.named.last + 1;
         }
         Ok(out)
+    }
+
+    /// The other segments that hold some of `seg`'s revisions (under another name).
+    pub fn overlapping<'a>(&'a self, seg: &'a Found) -> impl Iterator<Item = &'a Found> + 'a {
+        self.segments.iter().filter(move |f| {
+            f.named.name != seg.named.name
+                && f.named.first <= seg.named.last
+                && seg.named.first <= f.named.last
+        })
     }
 
     /// The newest segment (by last revision), if any.
@@ -591,6 +651,81 @@ pub fn read(found: &Found, store: Option<&crate::store::Store>) -> Result<Vec<u8
     }
 }
 
+/// Refuses what a chain of segments cannot be trusted for, before anything is replayed: a
+/// plaintext store object while recipients are set (anyone who can write the store could
+/// have put it there), and a segment that another segment of the history holds revisions of
+/// differently (a forged or foreign object beside this unit's own).
+pub fn check_trust(
+    h: &History,
+    chain: &[&Found],
+    store: Option<&crate::store::Store>,
+    keys: &Keys,
+) -> Result<(), Error> {
+    for f in chain {
+        if keys.encrypts() && !f.named.encrypted && f.path.is_none() {
+            return Err(Error::History(format!(
+                "change segment `{}` in the store is not encrypted though recipients are set: \
+                 it is refused (anyone who can write the store could have put it there); \
+                 remove it, or restore to a point before it",
+                f.named.name
+            )));
+        }
+        for other in h.overlapping(f) {
+            let mine = decode(&read(f, store)?, &f.named, keys)?;
+            let theirs = if other.named.gap {
+                None
+            } else {
+                Some(decode(&read(other, store)?, &other.named, keys)?)
+            };
+            let lo = f.named.first.max(other.named.first);
+            let hi = f.named.last.min(other.named.last);
+            let within = |revs: &[Rev]| -> Vec<(i64, Vec<Ev>)> {
+                revs.iter()
+                    .filter(|r| (lo..=hi).contains(&r.r))
+                    .map(|r| (r.r, r.ev.clone()))
+                    .collect()
+            };
+            let agree = theirs.is_some_and(|t| within(&mine.1) == within(&t.1));
+            if !agree {
+                return Err(Error::History(format!(
+                    "change segments `{}` and `{}` ({}) both hold revisions {lo}–{hi} and \
+                     disagree: the history is refused; remove the one this unit did not write",
+                    f.named.name,
+                    other.named.name,
+                    if other.path.is_some() {
+                        "local"
+                    } else {
+                        "in the store"
+                    }
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the first segment of a chain continues the full snapshot with sha256 `base`: a
+/// chain start names its full snapshot; one recorded before chains named it is taken only
+/// from the local target.
+pub fn continues(first: &Found, head: &Head, base: Option<&str>) -> Result<(), String> {
+    if head.prev_sha256.is_some() {
+        return Ok(());
+    }
+    match (&head.base_sha256, base) {
+        (Some(link), Some(b)) if link == b => Ok(()),
+        (Some(link), _) => Err(format!(
+            "`{}` continues the full snapshot with sha256 {}, not this one",
+            first.named.name,
+            &link[..link.len().min(16)]
+        )),
+        (None, _) if first.path.is_some() => Ok(()),
+        (None, _) => Err(format!(
+            "`{}` in the store starts a chain without naming its full snapshot",
+            first.named.name
+        )),
+    }
+}
+
 /// What `check_chain` found.
 #[derive(Debug, Clone, Default)]
 pub struct ChainReport {
@@ -612,7 +747,15 @@ pub fn check_chain(
 ) -> Result<ChainReport, Error> {
     let mut report = ChainReport::default();
     let mut prev: Option<(i64, String)> = None;
+    // A plaintext store object while recipients are set, or overlapping segments that
+    // disagree, are reported before anything else.
+    let all: Vec<&Found> = h.segments.iter().collect();
+    check_trust(h, &all, store, keys)?;
     for f in &h.segments {
+        if prev.as_ref().is_some_and(|(last, _)| f.named.last <= *last) {
+            // Held by the segment before (they agree: checked above).
+            continue;
+        }
         let bytes = read(f, store)?;
         let sha = sha256(&bytes);
         report.segments += 1;
@@ -748,6 +891,7 @@ mod tests {
             first: 6,
             last: 7,
             prev_sha256: None,
+            base_sha256: None,
             gap: false,
             revisions: 1,
             events: 1,

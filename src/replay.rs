@@ -158,17 +158,23 @@ pub fn resolve(
         Some(app) => s.cfg.folder(app),
         None => unit.store_folder(s),
     });
-    let histories = history::list(target, store.zip(folder.as_deref()))?;
+    let histories = history::list(
+        target,
+        store.zip(folder.as_deref()),
+        &history::unit_tag(&unit.name()),
+    )?;
     let entries = crate::catalog::list_in(unit, target, store, from_app)?;
     let live = Client::new(&unit.config)
         .status()
         .ok()
         .map(|s| crate::etcd::hex_id(s.cluster_id));
-    // The live cluster's history first, then the one recorded last.
+    // The live cluster's history first, this unit's own chain before other units', then
+    // the one recorded last.
     let mut order: Vec<&History> = histories.iter().collect();
     order.sort_by_key(|h| {
         (
             Some(&h.cluster_id) != live.as_ref(),
+            !h.own,
             std::cmp::Reverse(h.newest().map_or(0, |f| f.named.last_ms)),
         )
     });
@@ -197,12 +203,16 @@ pub fn resolve(
                     && e.revision.is_some()
             })
             .collect();
-        let read = |f: &Found| -> Result<Vec<history::Rev>, Error> {
+        let read = |f: &Found| -> Result<(history::Head, Vec<history::Rev>), Error> {
             let bytes = history::read(f, store)?;
-            Ok(history::decode(&bytes, &f.named, unit.keys()?)?.1)
+            history::decode(&bytes, &f.named, unit.keys()?)
         };
         match point_in(h, &fulls, wanted, target, &read)? {
-            Ok(p) => return Ok(p),
+            Ok(p) => {
+                let chain: Vec<&Found> = p.segments.iter().collect();
+                history::check_trust(h, &chain, store, unit.keys()?)?;
+                return Ok(p);
+            }
             Err(why) => refusals.push(format!(
                 "cluster {}: {why}; the history covers {}",
                 h.cluster_id,
@@ -221,12 +231,15 @@ pub fn resolve(
     )))
 }
 
+/// Reads and decodes one segment.
+type Read<'a> = dyn Fn(&Found) -> Result<(history::Head, Vec<history::Rev>), Error> + 'a;
+
 fn point_in(
     h: &History,
     fulls: &[&Entry],
     wanted: &Wanted,
     target: &Path,
-    read: &dyn Fn(&Found) -> Result<Vec<history::Rev>, Error>,
+    read: &Read,
 ) -> Result<Result<Point, String>, Error> {
     let (revision, asked) = match wanted {
         Wanted::Revision(r) => (*r, format!("revision {r}")),
@@ -252,6 +265,14 @@ fn point_in(
         let r = base.revision.expect("filtered").max(1);
         match h.chain(r + 1, revision) {
             Ok(chain) => {
+                // A chain that starts right after this snapshot must name it.
+                if let Some(first) = chain.first() {
+                    let (head, _) = read(first)?;
+                    if let Err(e) = history::continues(first, &head, base.sha256.as_deref()) {
+                        last_err = format!("from the full snapshot at revision {r}: {e}");
+                        continue;
+                    }
+                }
                 return Ok(Ok(Point {
                     cluster_id: h.cluster_id.clone(),
                     revision,
@@ -259,7 +280,7 @@ fn point_in(
                     base_revision: r,
                     segments: chain.into_iter().cloned().collect(),
                     asked,
-                }))
+                }));
             }
             Err(e) => last_err = format!("from the full snapshot at revision {r}: {e}"),
         }
@@ -277,7 +298,7 @@ fn time_point(
     ms: u64,
     text: &str,
     target: &Path,
-    read: &dyn Fn(&Found) -> Result<Vec<history::Rev>, Error>,
+    read: &Read,
 ) -> Result<Result<i64, String>, Error> {
     // The newest full snapshot taken at or before the time.
     let snap = fulls
@@ -298,7 +319,7 @@ fn time_point(
         .max_by_key(|f| f.named.first);
     let change = match candidate {
         Some(f) if ms >= f.named.last_ms => Some((f.named.last, f)),
-        Some(f) => history::last_at_or_before(&read(f)?, ms).map(|r| (r, f)),
+        Some(f) => history::last_at_or_before(&read(f)?.1, ms).map(|r| (r, f)),
         None => None,
     };
     // The revision, whether a later one is recorded (the history goes on past the time), and

@@ -128,6 +128,10 @@ struct Plan {
     /// The next revision to record.
     next: i64,
     prev_sha256: Option<String>,
+    /// The sha256 of the full snapshot a new chain starts from.
+    base_sha256: Option<String>,
+    /// This unit's folder name in the store's history.
+    tag: String,
     /// Bytes of segments since the newest full snapshot, and when that was taken.
     since_full: (u64, Instant),
     _lock: crate::fsutil::UnitLock,
@@ -173,9 +177,10 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
     let cluster = hex_id(status.cluster_id);
     let dir = changes.private_dir(&cluster)?;
     clean_temps(&dir);
-    let mine = history::list(target.path(), None)?
+    let tag = history::unit_tag(&unit.name());
+    let mine = history::list(target.path(), None, &tag)?
         .into_iter()
-        .find(|h| h.cluster_id == cluster)
+        .find(|h| h.cluster_id == cluster && h.own)
         .unwrap_or_default();
     let base = match newest_full(unit, target.path(), store.as_ref(), &cluster) {
         Ok(b) => b,
@@ -186,7 +191,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         }
         Err(e) => return Err(e),
     };
-    let (next, prev) = match mine.newest() {
+    let (next, prev, base_sha256) = match mine.newest() {
         Some(f) => {
             let bytes = history::read(f, None)?;
             // The chain goes on from the newest segment; a damaged one stops follow (its
@@ -198,24 +203,25 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
             if !f.named.encrypted {
                 history::decode(&bytes, &f.named, unit.keys()?)?;
             }
-            (f.named.last + 1, Some(history::sha256(&bytes)))
+            (f.named.last + 1, Some(history::sha256(&bytes)), None)
         }
         None => {
-            let rev = match base {
-                Some(r) => r,
+            let (rev, sha) = match base.clone() {
+                Some(b) => b,
                 None => {
                     unit.log("no full snapshot of this cluster yet: taking one first");
                     full_snapshot(unit, &opts.target, stop)?
                 }
             };
-            // An empty db records revision 0; etcd serves it at revision 1.
-            (rev.max(1) + 1, None)
+            // An empty db records revision 0; etcd serves it at revision 1. The chain's
+            // first segment names the full snapshot it continues.
+            (rev.max(1) + 1, None, sha)
         }
     };
     let since: u64 = mine
         .segments
         .iter()
-        .filter(|f| base.is_some_and(|b| f.named.first > b))
+        .filter(|f| base.as_ref().is_some_and(|b| f.named.first > b.0))
         .map(|f| f.size)
         .sum();
     unit.log(&format!(
@@ -232,6 +238,8 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         dir,
         next,
         prev_sha256: prev,
+        base_sha256,
+        tag,
         since_full: (since, Instant::now()),
         _lock: lock,
     })
@@ -246,13 +254,14 @@ fn clean_temps(dir: &crate::fsutil::Dir) {
     }
 }
 
-/// The revision of the newest complete full snapshot of `cluster`, in the target or the store.
+/// The revision and sha256 of the newest complete full snapshot of `cluster`, in the target
+/// or the store.
 fn newest_full(
     unit: &Unit<'_>,
     target: &Path,
     store: Option<&crate::store::Store>,
     cluster: &str,
-) -> Result<Option<i64>, Error> {
+) -> Result<Option<(i64, Option<String>)>, Error> {
     Ok(crate::catalog::list(unit, target, store)?
         .into_iter()
         .filter(|e| {
@@ -261,13 +270,17 @@ fn newest_full(
                 && crate::catalog::is_archive_name(&e.id)
                 && e.cluster_id.as_deref() == Some(cluster)
         })
-        .filter_map(|e| e.revision)
-        .max())
+        .filter_map(|e| Some((e.revision?, e.sha256)))
+        .max_by_key(|(r, _)| *r))
 }
 
 /// Takes a full snapshot with this program's `snapshot` in a child process (the settings in
-/// force passed in its environment), and returns its revision.
-fn full_snapshot(unit: &Unit<'_>, target: &Path, stop: &AtomicBool) -> Result<i64, Error> {
+/// force passed in its environment), and returns its revision and sha256.
+fn full_snapshot(
+    unit: &Unit<'_>,
+    target: &Path,
+    stop: &AtomicBool,
+) -> Result<(i64, Option<String>), Error> {
     let mut child = spawn_full(unit, target)?;
     loop {
         if let Some(done) = child
@@ -318,15 +331,19 @@ fn spawn_full(unit: &Unit<'_>, target: &Path) -> Result<std::process::Child, Err
     })
 }
 
-fn snapshot_revision(yaml: &str) -> Result<i64, Error> {
+fn snapshot_revision(yaml: &str) -> Result<(i64, Option<String>), Error> {
     let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap_or_default();
-    v.get("results")
-        .and_then(|r| r.get("snapshot"))
-        .and_then(|s| s.get("revision"))
+    let snap = v.get("results").and_then(|r| r.get("snapshot"));
+    let sha = snap
+        .and_then(|s| s.get("sha256"))
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+    snap.and_then(|s| s.get("revision"))
         .and_then(|r| {
             r.as_i64()
                 .or_else(|| r.as_str().and_then(|s| s.parse().ok()))
         })
+        .map(|r| (r, sha))
         .ok_or_else(|| Error::BadOutput {
             command: "etcd-actions snapshot".into(),
             problem: "no snapshot.revision in its results".into(),
@@ -341,6 +358,8 @@ struct Recorder<'a> {
     /// The last revision made durable.
     flushed_to: i64,
     prev_sha256: Option<String>,
+    /// The full snapshot the chain starts from, named by the first segment.
+    base_sha256: Option<String>,
     pending: Pending,
     first_at: Option<Instant>,
     uploads: Option<Uploader>,
@@ -350,6 +369,11 @@ struct Recorder<'a> {
     last_flush_ms: u64,
     /// How long the last segment took to encode and make durable.
     last_write: Duration,
+    /// Unix ms until which the history is known complete: the time a linearizable read was
+    /// asked whose revision the history holds durably. Nothing else advances it.
+    confirmed_ms: u64,
+    /// A linearizable read's revision not yet durable here, and when it was asked.
+    awaiting: Option<(i64, u64)>,
 }
 
 impl Recorder<'_> {
@@ -361,6 +385,11 @@ impl Recorder<'_> {
             first,
             last,
             prev_sha256: self.prev_sha256.clone(),
+            base_sha256: if self.prev_sha256.is_none() {
+                self.base_sha256.clone()
+            } else {
+                None
+            },
             gap: false,
             revisions: revs.len() as u64,
             events: revs.iter().map(|r| r.ev.len() as u64).sum(),
@@ -406,8 +435,40 @@ impl Recorder<'_> {
         self.flushed_to = last;
         self.first_at = None;
         self.last_flush_ms = lag;
+        self.confirm_awaited();
         self.write_state();
         Ok(())
+    }
+
+    /// A linearizable read's answer whose revision is now durable confirms its time.
+    fn confirm_awaited(&mut self) {
+        if let Some((rev, asked)) = self.awaiting {
+            if rev <= self.flushed_to {
+                self.confirmed_ms = self.confirmed_ms.max(asked);
+                self.awaiting = None;
+            }
+        }
+    }
+
+    /// Asks the cluster (a linearizable read) how far it is; the history is complete until
+    /// the time of asking once it holds that revision durably. A member cut off from the
+    /// quorum cannot answer: the history's end then stays where it was (and the stall alert
+    /// fires), however quiet the watch is.
+    fn confirm(&mut self, watch: &mut crate::etcd::Watch, wait: Duration) {
+        let asked = now_ms();
+        match watch.linearizable_revision(wait) {
+            Ok(rev) => {
+                self.awaiting = Some((rev, asked));
+                if self.pending.is_empty() {
+                    self.confirm_awaited();
+                }
+            }
+            Err(e) => eprintln!(
+                "etcd-actions follow: cannot confirm the history is complete: {e}; it stays \
+                 complete through {}",
+                crate::replay::show_ms(self.confirmed_ms)
+            ),
+        }
     }
 
     fn publish(&mut self, named: &Named, bytes: &[u8]) -> Result<(), Error> {
@@ -523,7 +584,7 @@ impl Recorder<'_> {
             let m = crate::health::FollowMetrics {
                 lag_seconds: lag_ms as f64 / 1000.0,
                 durable_revision: self.flushed_to,
-                complete_through: now_ms() as f64 / 1000.0,
+                complete_through: self.confirmed_ms as f64 / 1000.0,
                 segments: self.segments,
             };
             if let Err(e) = crate::health::write_textfile(
@@ -538,7 +599,7 @@ impl Recorder<'_> {
             pid: std::process::id(),
             cluster_id: self.cluster.clone(),
             through_revision: self.flushed_to,
-            through_ms: now_ms(),
+            through_ms: self.confirmed_ms,
             segments_written: self.segments,
             last_flush_lag_ms: lag_ms,
         };
@@ -563,11 +624,16 @@ impl Uploader {
 
 /// Uploads published segments in the background (the store's pace never holds up the
 /// watch); a failed upload is tried again with the next one, and at the next start.
-fn uploader(unit: &Unit<'_>, dir: &Path, cluster: &str) -> Result<Option<Uploader>, Error> {
+fn uploader(
+    unit: &Unit<'_>,
+    dir: &Path,
+    cluster: &str,
+    tag: &str,
+) -> Result<Option<Uploader>, Error> {
     let Some(store) = unit.store()? else {
         return Ok(None);
     };
-    let folder = history::store_folder(&unit.store_folder(&store), cluster);
+    let folder = history::store_folder(&unit.store_folder(&store), cluster, tag);
     let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
     // What the store lacks from an earlier run.
     // The store being away does not stop the history: what it lacks is uploaded at the next
@@ -646,13 +712,18 @@ fn record(
 ) -> Result<(), Error> {
     let client = Client::new(&unit.config);
     let cluster = hex_id(plan.cluster_id);
-    let uploads = uploader(unit, plan.dir.path(), &cluster)?;
+    let uploads = uploader(unit, plan.dir.path(), &cluster, &plan.tag)?;
+    // What the last run confirmed stands for the revisions it made durable.
+    let confirmed_ms = history::read_state(plan.dir.path())
+        .filter(|s| s.cluster_id == cluster && s.through_revision < plan.next)
+        .map_or(0, |s| s.through_ms);
     let mut rec = Recorder {
         unit,
         cluster: cluster.clone(),
         dir: plan.dir,
         flushed_to: plan.next - 1,
         prev_sha256: plan.prev_sha256.clone(),
+        base_sha256: plan.base_sha256.clone(),
         pending: Pending::default(),
         first_at: None,
         uploads,
@@ -660,6 +731,8 @@ fn record(
         segments: 0,
         last_flush_ms: 0,
         last_write: Duration::ZERO,
+        confirmed_ms,
+        awaiting: None,
     };
     rec.write_state();
     let mut leases = HashSet::new();
@@ -728,10 +801,14 @@ fn record(
             if due(&rec, opts) {
                 rec.flush()?;
             }
-            if rec.pending.is_empty() && last_progress.elapsed() >= opts.flush_interval {
-                // Nothing pending: everything received is durable; say so with the time.
+            if last_progress.elapsed() >= opts.flush_interval {
+                // The history's end advances only on the cluster's word (see `confirm`).
                 last_progress = Instant::now();
-                watch.progress();
+                rec.confirm(
+                    &mut watch,
+                    opts.flush_interval
+                        .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+                );
                 rec.write_state();
             }
             // A new full snapshot bounds the replay: after an age or a size of changes.
@@ -801,7 +878,7 @@ fn outran(
     if hex_id(now.cluster_id) != rec.cluster {
         return Err(other_cluster(&rec.cluster, now.cluster_id));
     }
-    let rev = full_snapshot(unit, &opts.target, stop)?.max(1);
+    let rev = full_snapshot(unit, &opts.target, stop)?.0.max(1);
     rec.gap(rev)?;
     rec.since_full = (0, Instant::now());
     Ok(())

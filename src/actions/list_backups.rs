@@ -90,7 +90,11 @@ pub fn run(unit: &Unit<'_>, target: &Path, results: &mut Results) -> Result<(), 
     results.set("count", entries.len());
     // The change history `follow` records: what a restore to a point can reach.
     let folder = store.as_ref().map(|s| unit.store_folder(s));
-    let histories = crate::history::list(target, store.as_ref().zip(folder.as_deref()))?;
+    let histories = crate::history::list(
+        target,
+        store.as_ref().zip(folder.as_deref()),
+        &crate::history::unit_tag(&unit.name()),
+    )?;
     for (i, h) in histories.iter().enumerate() {
         let key = |k: &str| format!("history.{i}.{k}");
         let (spans, gaps) = h.spans();

@@ -285,12 +285,18 @@ fn prune_history(
         return Ok(());
     };
     let folder = store.map(|s| unit.store_folder(s));
-    let histories = crate::history::list(&opts.target, store.zip(folder.as_deref()))?;
-    let Some(h) = histories.into_iter().find(|h| h.cluster_id == cluster) else {
-        return Ok(());
-    };
+    let histories = crate::history::list(
+        &opts.target,
+        store.zip(folder.as_deref()),
+        &crate::history::unit_tag(&unit.name()),
+    )?;
     let (mut removed, mut kept) = (0u64, 0u64);
-    for f in &h.segments {
+    let mut local_dir = None;
+    for f in histories
+        .iter()
+        .filter(|h| h.cluster_id == cluster)
+        .flat_map(|h| &h.segments)
+    {
         let needed = windows
             .iter()
             .any(|(from, to)| f.named.last > *from && f.named.first <= *to);
@@ -307,11 +313,12 @@ fn prune_history(
         }
         if let Some(p) = &f.path {
             crate::fsutil::remove_any(p)?;
+            local_dir = p.parent().map(std::path::Path::to_path_buf);
         }
     }
     if removed > 0 && !opts.dry_run {
-        if let Some(p) = h.segments.iter().find_map(|f| f.path.as_ref()) {
-            let _ = crate::fsutil::sync_dir(p.parent().unwrap_or(&opts.target));
+        if let Some(d) = &local_dir {
+            let _ = crate::fsutil::sync_dir(d);
         }
         unit.log(&format!(
             "removed {removed} change segments outside the windows of the kept full \

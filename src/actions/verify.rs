@@ -171,7 +171,11 @@ fn history(
 ) -> Result<(), Error> {
     let store = unit.store()?;
     let folder = store.as_ref().map(|s| unit.store_folder(s));
-    let histories = crate::history::list(&opts.target, store.as_ref().zip(folder.as_deref()))?;
+    let histories = crate::history::list(
+        &opts.target,
+        store.as_ref().zip(folder.as_deref()),
+        &crate::history::unit_tag(&unit.name()),
+    )?;
     for (i, h) in histories.iter().enumerate() {
         let key = |k: &str| format!("verify.history.{i}.{k}");
         let report = crate::history::check_chain(h, store.as_ref(), unit.keys()?)?;
