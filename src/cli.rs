@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_ETCD_CONFIG: &str = "/var/snap/etcd/common/etcd.conf.yml";
 pub const DEFAULT_TARGET: &str = "/home/ubuntu/etcd-snapshots";
+
+/// When `follow` takes a new full snapshot unless told otherwise (`--full-every`).
+pub const FULL_EVERY_DEFAULT: &str = "1h,128MiB";
 pub const DEFAULT_STOP: &str = "systemctl stop snap.etcd.etcd";
 pub const DEFAULT_START: &str = "systemctl start snap.etcd.etcd";
 
@@ -401,7 +404,7 @@ pub struct FollowArgs {
 
     /// A new full snapshot when the changes since the last one pass an age or a size:
     /// `1h`, `256MiB`, or both (`1h,256MiB`). Bounds a restore's replay.
-    #[arg(long, env = "ETCD_ACTIONS_FULL_EVERY", default_value = crate::actions::follow::FULL_EVERY_DEFAULT)]
+    #[arg(long, env = "ETCD_ACTIONS_FULL_EVERY", default_value = FULL_EVERY_DEFAULT)]
     pub full_every: String,
 
     #[command(flatten)]

@@ -82,6 +82,10 @@ pub struct Status {
     pub db_size: u64,
     /// The member's raft applied index (0 where etcd does not report it).
     pub applied_index: u64,
+    /// The member's raft index and term: they only grow in a cluster's life, so going back
+    /// means the member's data was rolled back.
+    pub raft_index: u64,
+    pub raft_term: u64,
     /// The db's storage version (etcd 3.6 and later).
     pub storage_version: Option<String>,
 }
@@ -350,6 +354,8 @@ impl Client {
                 revision: h.revision,
                 db_size: u64::try_from(r.db_size).unwrap_or(0),
                 applied_index: r.raft_applied_index,
+                raft_index: r.raft_index,
+                raft_term: r.raft_term,
                 storage_version: Some(r.storage_version).filter(|v| !v.is_empty()),
             })
         })

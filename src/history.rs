@@ -48,6 +48,12 @@ pub struct Head {
     /// continues (only restored from that archive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_sha256: Option<String>,
+    /// Full snapshots taken while this chain was recorded (revision, archive sha256): a
+    /// restore starts from a full snapshot in the middle of a chain only when the chain
+    /// names it (a snapshot of another timeline of the same cluster, after a rollback, is
+    /// never spliced onto this one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<(i64, String)>,
     /// Revisions `first..=last` were lost (compacted before they were recorded).
     #[serde(default)]
     pub gap: bool,
@@ -424,10 +430,15 @@ pub fn list(
     own: &str,
 ) -> Result<Vec<History>, Error> {
     let mut all: Chains = Default::default();
+    // Each cluster's own chain: its store folder is named in the local dir.
+    let mut mine: std::collections::BTreeMap<String, String> = Default::default();
     let root = target.join(DIR);
     if let Ok(clusters) = std::fs::read_dir(&root) {
         for c in clusters.flatten() {
             let dir_name = c.file_name().to_string_lossy().into_owned();
+            let own = chain_name(&c.path(), own);
+            mine.insert(dir_name.clone(), own.clone());
+            let own = own.as_str();
             // Only a cluster's own folder: a history set aside (a rollback) is not read.
             let Ok(files) = std::fs::read_dir(c.path()) else {
                 continue;
@@ -464,7 +475,7 @@ pub fn list(
             let mut segments: Vec<Found> = m.into_values().collect();
             segments.sort_by_key(|f| (f.named.first, f.named.last));
             History {
-                own: unit == own,
+                own: unit == *mine.get(&cluster_id).map_or(own, String::as_str),
                 cluster_id,
                 unit,
                 segments,
@@ -704,26 +715,38 @@ pub fn check_trust(
     Ok(())
 }
 
-/// Whether the first segment of a chain continues the full snapshot with sha256 `base`: a
-/// chain start names its full snapshot; one recorded before chains named it is taken only
-/// from the local target.
-pub fn continues(first: &Found, head: &Head, base: Option<&str>) -> Result<(), String> {
-    if head.prev_sha256.is_some() {
-        return Ok(());
+/// A chain start recorded before chains named their full snapshot: trusted only from the
+/// local target (root's own files).
+pub fn legacy_start(first: &Found, head: &Head) -> bool {
+    first.path.is_some() && head.prev_sha256.is_none() && head.base_sha256.is_none()
+}
+
+/// Whether the history names the full snapshot at revision `r` with sha256 `sha` (in a
+/// chain start's link or in the bases of a segment from `r` on): read forward from `r` until
+/// a segment names it. `Ok(true)` too when nothing was recorded after `r` (nothing there
+/// could contradict it).
+pub fn names_base(
+    h: &History,
+    r: i64,
+    sha: Option<&str>,
+    read: &dyn Fn(&Found) -> Result<Head, Error>,
+) -> Result<bool, Error> {
+    let Some(sha) = sha else {
+        return Ok(false);
+    };
+    let mut after = h.segments.iter().filter(|f| f.named.last >= r).peekable();
+    if after.peek().is_none() {
+        return Ok(true);
     }
-    match (&head.base_sha256, base) {
-        (Some(link), Some(b)) if link == b => Ok(()),
-        (Some(link), _) => Err(format!(
-            "`{}` continues the full snapshot with sha256 {}, not this one",
-            first.named.name,
-            &link[..link.len().min(16)]
-        )),
-        (None, _) if first.path.is_some() => Ok(()),
-        (None, _) => Err(format!(
-            "`{}` in the store starts a chain without naming its full snapshot",
-            first.named.name
-        )),
+    for f in after {
+        let head = read(f)?;
+        if head.bases.iter().any(|(br, bs)| *br == r && bs == sha)
+            || (f.named.first == r + 1 && head.base_sha256.as_deref() == Some(sha))
+        {
+            return Ok(true);
+        }
     }
+    Ok(false)
 }
 
 /// What `check_chain` found.
@@ -801,6 +824,32 @@ pub struct FollowState {
     pub segments_written: u64,
     /// How long the last segment's first change waited to be durable.
     pub last_flush_lag_ms: u64,
+    /// The member follow watched and its raft index when last seen: a rollback of its data
+    /// shows as the index (or the revision) going back.
+    #[serde(default)]
+    pub member_id: u64,
+    #[serde(default)]
+    pub raft_index: u64,
+}
+
+/// The file in a cluster's history dir that names this chain's folder in the store (a new
+/// chain after a rollback gets a folder of its own). Without it, the unit's tag.
+pub const CHAIN: &str = "chain";
+
+/// The store folder name of the chain in a cluster's local dir.
+pub fn chain_name(dir: &Path, default: &str) -> String {
+    crate::fsutil::open_regular_path(&dir.join(CHAIN))
+        .ok()
+        .and_then(|f| {
+            let mut text = String::new();
+            f.take(256).read_to_string(&mut text).ok()?;
+            let t = text.trim().to_string();
+            (!t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_@".contains(&b)))
+            .then_some(t)
+        })
+        .unwrap_or_else(|| default.to_string())
 }
 
 /// Writes the state into a cluster's (held) history dir, atomically.
@@ -892,6 +941,7 @@ mod tests {
             last: 7,
             prev_sha256: None,
             base_sha256: None,
+            bases: vec![],
             gap: false,
             revisions: 1,
             events: 1,

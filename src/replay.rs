@@ -231,6 +231,21 @@ pub fn resolve(
     )))
 }
 
+/// A full snapshot taken while this unit's own local chain was recorded (a scheduled
+/// backup, which the chain does not name): its time is at or after the chain's first local
+/// segment. A rollback sets the local chain aside, so a snapshot of the timeline before it
+/// is always older than the local chain.
+fn taken_during_own(h: &History, base: &Entry) -> bool {
+    let start = h
+        .segments
+        .iter()
+        .filter(|f| f.path.is_some())
+        .map(|f| f.named.first_ms)
+        .min();
+    let taken = parse_rfc3339_ms(&base.time).and_then(|t| u64::try_from(t).ok());
+    h.own && base.path.is_some() && matches!((start, taken), (Some(s), Some(t)) if t >= s)
+}
+
 /// Reads and decodes one segment.
 type Read<'a> = dyn Fn(&Found) -> Result<(history::Head, Vec<history::Rev>), Error> + 'a;
 
@@ -265,13 +280,25 @@ fn point_in(
         let r = base.revision.expect("filtered").max(1);
         match h.chain(r + 1, revision) {
             Ok(chain) => {
-                // A chain that starts right after this snapshot must name it.
-                if let Some(first) = chain.first() {
-                    let (head, _) = read(first)?;
-                    if let Err(e) = history::continues(first, &head, base.sha256.as_deref()) {
-                        last_err = format!("from the full snapshot at revision {r}: {e}");
-                        continue;
+                // Only a full snapshot the history names (a chain's start, or one taken
+                // while it was recorded): a snapshot of another timeline of the cluster at
+                // the same revision (after a rollback) is never spliced onto this one.
+                let head_of = |f: &Found| read(f).map(|(head, _)| head);
+                let tied = history::names_base(h, r, base.sha256.as_deref(), &head_of)?
+                    || match chain.first() {
+                        Some(first) if first.named.first == r + 1 => {
+                            history::legacy_start(first, &read(first)?.0)
+                        }
+                        _ => false,
                     }
+                    || taken_during_own(h, base);
+                if !tied {
+                    last_err = format!(
+                        "the history does not name the full snapshot `{}` at revision {r} (it \
+                         is not the one this history continues)",
+                        base.id
+                    );
+                    continue;
                 }
                 return Ok(Ok(Point {
                     cluster_id: h.cluster_id.clone(),
@@ -310,7 +337,7 @@ fn time_point(
             ))
         })
         .filter(|(_, t)| *t <= ms)
-        .max();
+        .max_by_key(|(r, t)| (*t, *r));
     // The last change received at or before the time.
     let candidate = h
         .segments

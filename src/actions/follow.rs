@@ -38,7 +38,7 @@ pub struct FullEvery {
     pub bytes: u64,
 }
 
-pub const FULL_EVERY_DEFAULT: &str = "1h,128MiB";
+pub use crate::cli::FULL_EVERY_DEFAULT;
 
 impl FullEvery {
     /// `6h`, `512MiB`, or both separated by a comma.
@@ -134,6 +134,8 @@ struct Plan {
     tag: String,
     /// Bytes of segments since the newest full snapshot, and when that was taken.
     since_full: (u64, Instant),
+    /// The member and its raft index when the plan was made.
+    seen: (u64, u64),
     _lock: crate::fsutil::UnitLock,
 }
 
@@ -143,18 +145,82 @@ pub fn run(unit: &Unit<'_>, opts: &FollowOptions) -> Result<(), Error> {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .ctx(|| "cannot handle SIGTERM".to_string())?;
     }
-    let plan = match plan(unit, opts, &stop) {
-        Ok(p) => p,
-        // Stopped before anything was recorded (during the first full snapshot): a stop.
-        Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    record(unit, opts, plan, &stop)
+    let mut rolled_back = None;
+    loop {
+        let plan = match plan(unit, opts, &stop, rolled_back.take()) {
+            Ok(p) => p,
+            // Stopped before anything was recorded (during the first full snapshot): a stop.
+            Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match record(unit, opts, plan, &stop)? {
+            // etcd's data went back under the same cluster id: the history so far ends, and
+            // a new one starts from a full snapshot (a chain never crosses a rollback).
+            Ended::RolledBack(why) => rolled_back = Some(why),
+            Ended::Stopped => return Ok(()),
+        }
+    }
+}
+
+/// How `record` ended without an error.
+enum Ended {
+    Stopped,
+    RolledBack(String),
+}
+
+/// Whether etcd's data went back since follow last saw it: the revision below the one the
+/// history holds, or the member's raft index below the one seen.
+fn rollback(seen: (u64, u64), through: i64, now: &crate::etcd::Status) -> Option<String> {
+    let (member, index) = seen;
+    if now.revision < through {
+        return Some(format!(
+            "etcd is at revision {} though the history holds revision {through}",
+            now.revision
+        ));
+    }
+    if member == now.member_id && index > 0 && now.raft_index < index {
+        return Some(format!(
+            "member {}'s raft index went back from {index} to {}",
+            hex_id(member),
+            now.raft_index
+        ));
+    }
+    None
+}
+
+/// Sets a cluster's history aside (`<cluster>.rolled-back-<ms>`, never read again by a
+/// restore) and starts its dir anew, with a store folder of its own for the new chain.
+fn set_aside(
+    changes: &crate::fsutil::Dir,
+    cluster: &str,
+    tag: &str,
+    why: &str,
+) -> Result<crate::fsutil::Dir, Error> {
+    let aside = format!("{cluster}.rolled-back-{}", now_ms());
+    changes.rename_noreplace(cluster, changes, &aside)?;
+    changes.sync()?;
+    eprintln!(
+        "etcd-actions follow: etcd was rolled back ({why}): the history so far is set aside in \
+         `{}` and a new one starts from a full snapshot",
+        changes.join(&aside).display()
+    );
+    let dir = changes.private_dir(cluster)?;
+    dir.write_replacing(
+        history::CHAIN,
+        format!("{tag}@{}\n", now_ms()).as_bytes(),
+        0o600,
+    )?;
+    Ok(dir)
 }
 
 /// Refuses a second follow on the target, finds where the history resumes (the last durable
 /// segment, else the newest full snapshot), and takes a full snapshot when there is none.
-fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan, Error> {
+fn plan(
+    unit: &Unit<'_>,
+    opts: &FollowOptions,
+    stop: &AtomicBool,
+    rolled_back: Option<String>,
+) -> Result<Plan, Error> {
     let client = Client::new(&unit.config);
     let target = super::open_target(unit, &opts.target)?;
     unit.keys()?;
@@ -175,10 +241,21 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         })?;
     let status = client.status()?;
     let cluster = hex_id(status.cluster_id);
-    let dir = changes.private_dir(&cluster)?;
+    let mut dir = changes.private_dir(&cluster)?;
     clean_temps(&dir);
-    let tag = history::unit_tag(&unit.name());
-    let mine = history::list(target.path(), None, &tag)?
+    let unit_tag = history::unit_tag(&unit.name());
+    // A rollback seen while recording, or since the last run (its state says how far the
+    // history went and which raft index it saw).
+    let rolled_back = rolled_back.or_else(|| {
+        history::read_state(dir.path())
+            .filter(|s| s.cluster_id == cluster)
+            .and_then(|s| rollback((s.member_id, s.raft_index), s.through_revision, &status))
+    });
+    if let Some(why) = &rolled_back {
+        dir = set_aside(&changes, &cluster, &unit_tag, why)?;
+    }
+    let tag = history::chain_name(dir.path(), &unit_tag);
+    let mine = history::list(target.path(), None, &unit_tag)?
         .into_iter()
         .find(|h| h.cluster_id == cluster && h.own)
         .unwrap_or_default();
@@ -191,7 +268,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
         }
         Err(e) => return Err(e),
     };
-    let (next, prev, base_sha256) = match mine.newest() {
+    let (next, prev, base_sha256) = match mine.newest().filter(|_| rolled_back.is_none()) {
         Some(f) => {
             let bytes = history::read(f, None)?;
             // The chain goes on from the newest segment; a damaged one stops follow (its
@@ -206,7 +283,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
             (f.named.last + 1, Some(history::sha256(&bytes)), None)
         }
         None => {
-            let (rev, sha) = match base.clone() {
+            let (rev, sha) = match base.clone().filter(|_| rolled_back.is_none()) {
                 Some(b) => b,
                 None => {
                     unit.log("no full snapshot of this cluster yet: taking one first");
@@ -235,6 +312,7 @@ fn plan(unit: &Unit<'_>, opts: &FollowOptions, stop: &AtomicBool) -> Result<Plan
     ));
     Ok(Plan {
         cluster_id: status.cluster_id,
+        seen: (status.member_id, status.raft_index),
         dir,
         next,
         prev_sha256: prev,
@@ -331,6 +409,22 @@ fn spawn_full(unit: &Unit<'_>, target: &Path) -> Result<std::process::Child, Err
     })
 }
 
+/// The revision and sha256 of a finished full snapshot, from its results.
+fn finished_full(mut child: std::process::Child) -> Result<(i64, String), Error> {
+    use std::io::Read;
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    match snapshot_revision(&out)? {
+        (r, Some(sha)) => Ok((r.max(1), sha)),
+        _ => Err(Error::BadOutput {
+            command: "etcd-actions snapshot".into(),
+            problem: "no snapshot.sha256 in its results".into(),
+        }),
+    }
+}
+
 fn snapshot_revision(yaml: &str) -> Result<(i64, Option<String>), Error> {
     let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap_or_default();
     let snap = v.get("results").and_then(|r| r.get("snapshot"));
@@ -360,6 +454,10 @@ struct Recorder<'a> {
     prev_sha256: Option<String>,
     /// The full snapshot the chain starts from, named by the first segment.
     base_sha256: Option<String>,
+    /// Full snapshots taken meanwhile, named by the next segment written.
+    new_bases: Vec<(i64, String)>,
+    /// The member watched and its raft index when last seen (rollbacks show there).
+    seen: (u64, u64),
     pending: Pending,
     first_at: Option<Instant>,
     uploads: Option<Uploader>,
@@ -390,6 +488,7 @@ impl Recorder<'_> {
             } else {
                 None
             },
+            bases: self.new_bases.clone(),
             gap: false,
             revisions: revs.len() as u64,
             events: revs.iter().map(|r| r.ev.len() as u64).sum(),
@@ -433,6 +532,9 @@ impl Recorder<'_> {
         self.segments += 1;
         self.prev_sha256 = Some(history::sha256(&bytes));
         self.flushed_to = last;
+        // Named again until a segment past it is written (prune keeps only segments past a
+        // kept snapshot's revision: one of them must name it).
+        self.new_bases.retain(|(r, _)| *r >= last);
         self.first_at = None;
         self.last_flush_ms = lag;
         self.confirm_awaited();
@@ -525,6 +627,9 @@ impl Recorder<'_> {
         );
         self.prev_sha256 = Some(history::sha256(&bytes));
         self.flushed_to = last;
+        // Named again until a segment past it is written (prune keeps only segments past a
+        // kept snapshot's revision: one of them must name it).
+        self.new_bases.retain(|(r, _)| *r >= last);
         self.write_state();
         Ok(())
     }
@@ -602,6 +707,8 @@ impl Recorder<'_> {
             through_ms: self.confirmed_ms,
             segments_written: self.segments,
             last_flush_lag_ms: lag_ms,
+            member_id: self.seen.0,
+            raft_index: self.seen.1,
         };
         if let Err(e) = history::write_state(&self.dir, &state) {
             eprintln!("etcd-actions follow: cannot write its state: {e}");
@@ -709,7 +816,7 @@ fn record(
     opts: &FollowOptions,
     plan: Plan,
     stop: &AtomicBool,
-) -> Result<(), Error> {
+) -> Result<Ended, Error> {
     let client = Client::new(&unit.config);
     let cluster = hex_id(plan.cluster_id);
     let uploads = uploader(unit, plan.dir.path(), &cluster, &plan.tag)?;
@@ -724,6 +831,8 @@ fn record(
         flushed_to: plan.next - 1,
         prev_sha256: plan.prev_sha256.clone(),
         base_sha256: plan.base_sha256.clone(),
+        new_bases: Vec::new(),
+        seen: plan.seen,
         pending: Pending::default(),
         first_at: None,
         uploads,
@@ -743,28 +852,17 @@ fn record(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let from = rec.received() + 1;
-        let mut watch = match client.watch(from) {
-            Ok(w) => w,
-            Err(Error::Compacted(c)) => {
-                outran(unit, opts, &mut rec, stop, c, from)?;
-                continue;
-            }
-            Err(e) => {
-                // etcd restarting, a leader change, a network blip: keep what is pending
-                // (flushed on time) and resume after the last change received.
-                eprintln!(
-                    "etcd-actions follow: {e}; reconnecting in {:.1}s",
-                    backoff.as_secs_f64()
-                );
-                back_off(&mut rec, opts, stop, &mut backoff)?;
-                continue;
+        let mut watch = match connect(&client, opts, &mut rec, stop, &mut backoff, plan.cluster_id)?
+        {
+            Connected::Watch(w) => w,
+            Connected::Retry => continue,
+            Connected::RolledBack(why) => {
+                if let Some(u) = rec.uploads.take() {
+                    u.finish();
+                }
+                return Ok(Ended::RolledBack(why));
             }
         };
-        if watch.cluster_id != plan.cluster_id && watch.cluster_id != 0 {
-            rec.flush()?;
-            return Err(other_cluster(&cluster, watch.cluster_id));
-        }
         loop {
             if stop.load(Ordering::SeqCst) {
                 break 'connect;
@@ -817,7 +915,9 @@ fn record(
                     if !st.success() {
                         eprintln!("etcd-actions follow: the periodic full snapshot failed ({st}); trying again later");
                     }
-                    full = None;
+                    // The next segment names it: a restore may start from it.
+                    rec.new_bases
+                        .extend(full.take().and_then(|c| finished_full(c).ok()));
                     rec.since_full = (0, Instant::now());
                 }
                 Some(_) => {}
@@ -830,10 +930,7 @@ fn record(
                             human_size(bytes),
                             at.elapsed().as_secs_f64()
                         );
-                        let mut child = spawn_full(unit, &opts.target)?;
-                        // Its results are not needed here; the catalog lists the archive.
-                        drop(child.stdout.take());
-                        full = Some(child);
+                        full = Some(spawn_full(unit, &opts.target)?);
                         rec.since_full = (0, Instant::now());
                     }
                 }
@@ -854,7 +951,66 @@ fn record(
         crate::manifest::rfc3339(now_secs())
     );
     rec.write_state();
-    Ok(())
+    Ok(Ended::Stopped)
+}
+
+/// What a (re)connection gave.
+enum Connected {
+    Watch(crate::etcd::Watch),
+    /// etcd did not answer (waited already): try again.
+    Retry,
+    RolledBack(String),
+}
+
+/// Checks that etcd is the same cluster and was not rolled back since it was last seen (the
+/// pending changes are flushed first: they belong to the history so far), then watches from
+/// the revision after the last one received.
+fn connect(
+    client: &Client,
+    opts: &FollowOptions,
+    rec: &mut Recorder<'_>,
+    stop: &AtomicBool,
+    backoff: &mut Duration,
+    cluster_id: u64,
+) -> Result<Connected, Error> {
+    let unit = rec.unit;
+    let checked = client.status().and_then(|st| {
+        if st.cluster_id != cluster_id {
+            rec.flush()?;
+            return Err(other_cluster(&rec.cluster, st.cluster_id));
+        }
+        Ok(st)
+    });
+    let from = rec.received() + 1;
+    let watched = checked.and_then(|st| match rollback(rec.seen, rec.received(), &st) {
+        Some(why) => Ok(Err(why)),
+        None => {
+            rec.seen = (st.member_id, st.raft_index);
+            client.watch(from).map(Ok)
+        }
+    });
+    match watched {
+        Ok(Ok(w)) => Ok(Connected::Watch(w)),
+        Ok(Err(why)) => {
+            rec.flush()?;
+            Ok(Connected::RolledBack(why))
+        }
+        Err(Error::Compacted(c)) => {
+            outran(unit, opts, rec, stop, c, from)?;
+            Ok(Connected::Retry)
+        }
+        Err(e @ Error::Declined(_)) => Err(e),
+        Err(e) => {
+            // etcd restarting, a leader change, a network blip: keep what is pending
+            // (flushed on time) and resume after the last change received.
+            eprintln!(
+                "etcd-actions follow: {e}; reconnecting in {:.1}s",
+                backoff.as_secs_f64()
+            );
+            back_off(rec, opts, stop, backoff)?;
+            Ok(Connected::Retry)
+        }
+    }
 }
 
 /// A compaction outran the history (it was down, or too slow): what it had is flushed, a
@@ -878,7 +1034,9 @@ fn outran(
     if hex_id(now.cluster_id) != rec.cluster {
         return Err(other_cluster(&rec.cluster, now.cluster_id));
     }
-    let rev = full_snapshot(unit, &opts.target, stop)?.0.max(1);
+    let (rev, sha) = full_snapshot(unit, &opts.target, stop)?;
+    let rev = rev.max(1);
+    rec.new_bases.extend(sha.map(|s| (rev, s)));
     rec.gap(rev)?;
     rec.since_full = (0, Instant::now());
     Ok(())
