@@ -898,6 +898,8 @@ mod tests {
         };
         let h = History {
             cluster_id: "c".into(),
+            unit: String::new(),
+            own: true,
             segments: vec![
                 seg(5, 9, false),
                 seg(10, 12, false),

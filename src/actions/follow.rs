@@ -956,7 +956,7 @@ fn record(
 
 /// What a (re)connection gave.
 enum Connected {
-    Watch(crate::etcd::Watch),
+    Watch(Box<crate::etcd::Watch>),
     /// etcd did not answer (waited already): try again.
     Retry,
     RolledBack(String),
@@ -990,7 +990,7 @@ fn connect(
         }
     });
     match watched {
-        Ok(Ok(w)) => Ok(Connected::Watch(w)),
+        Ok(Ok(w)) => Ok(Connected::Watch(Box::new(w))),
         Ok(Err(why)) => {
             rec.flush()?;
             Ok(Connected::RolledBack(why))
