@@ -415,6 +415,37 @@ impl Client {
         })
     }
 
+    /// One key as it was at `revision`: its mod revision and value, `None` when it did not
+    /// exist then. `Ok(Err(why))` when etcd cannot say: the revision was compacted, or it
+    /// is in etcd's future.
+    pub fn key_at(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Result<Option<(i64, Vec<u8>)>, String>, Error> {
+        let key = key.to_vec();
+        let got = self.call("range", |c| async move {
+            match KvClient::new(c)
+                .range(pb::RangeRequest {
+                    key,
+                    revision,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(r) => Ok(Ok(r
+                    .into_inner()
+                    .kvs
+                    .into_iter()
+                    .next()
+                    .map(|kv| (kv.mod_revision, kv.value)))),
+                Err(s) if s.code() == tonic::Code::OutOfRange => Ok(Err(s.message().to_string())),
+                Err(s) => Err(CallError::Status(s)),
+            }
+        })?;
+        Ok(got)
+    }
+
     /// Number of live keys at `revision`: one count-only Range over all keys.
     pub fn key_count(&self, revision: i64) -> Result<u64, Error> {
         self.call("range count", |c| async move {

@@ -830,6 +830,10 @@ pub struct FollowState {
     pub member_id: u64,
     #[serde(default)]
     pub raft_index: u64,
+    /// The last key put that the history holds: revision, key (base64), sha256 of the value.
+    /// etcd must still have it at that revision, or its data went back (a rollback).
+    #[serde(default)]
+    pub last_put: Option<(i64, String, String)>,
 }
 
 /// The file in a cluster's history dir that names this chain's folder in the store (a new

@@ -9,6 +9,7 @@ mod encryption;
 mod errors;
 mod hardening;
 mod hardening3;
+mod hardening4;
 mod health;
 mod hooktools;
 mod hostile;

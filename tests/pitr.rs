@@ -13,7 +13,7 @@ use crate::util::*;
 
 /// Every key at `rev` (0: now) with its value, create and mod revisions and version, as
 /// etcd's own Range gives them.
-fn range(node: &Node, rev: i64) -> BTreeMap<String, (String, i64, i64, i64, i64)> {
+pub fn range(node: &Node, rev: i64) -> BTreeMap<String, (String, i64, i64, i64, i64)> {
     let mut args = vec!["get", "", "--prefix", "-w", "json"];
     let r = format!("--rev={rev}");
     if rev > 0 {
@@ -51,7 +51,7 @@ fn range(node: &Node, rev: i64) -> BTreeMap<String, (String, i64, i64, i64, i64)
 }
 
 /// The same without leases (a restore keeps lease ids; compared separately).
-fn no_leases(
+pub fn no_leases(
     m: BTreeMap<String, (String, i64, i64, i64, i64)>,
 ) -> BTreeMap<String, (String, i64, i64, i64)> {
     m.into_iter()
@@ -59,7 +59,7 @@ fn no_leases(
         .collect()
 }
 
-fn follow_agent(node: &Node, target: &Path) -> Agent {
+pub fn follow_agent(node: &Node, target: &Path) -> Agent {
     Agent::standalone(
         node,
         &[
@@ -72,12 +72,12 @@ fn follow_agent(node: &Node, target: &Path) -> Agent {
     )
 }
 
-fn follow(node: &Node, target: &Path) -> Child {
+pub fn follow(node: &Node, target: &Path) -> Child {
     follow_agent(node, target).spawn()
 }
 
 /// Waits until follow's state says it has made `rev` durable.
-fn wait_recorded(target: &Path, node: &Node, rev: i64) {
+pub fn wait_recorded(target: &Path, node: &Node, rev: i64) {
     let state = target
         .join("changes")
         .join(format!("{:x}", node.cluster_id()))
@@ -99,7 +99,7 @@ fn wait_recorded(target: &Path, node: &Node, rev: i64) {
     }
 }
 
-fn sigterm(mut child: Child) -> std::process::Output {
+pub fn sigterm(mut child: Child) -> std::process::Output {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -114,7 +114,7 @@ fn sigterm(mut child: Child) -> std::process::Output {
 }
 
 /// Every segment of the node's cluster in `target`, in order, decoded.
-fn segments(target: &Path, cluster: u64) -> Vec<(Named, history::Head, Vec<history::Rev>)> {
+pub fn segments(target: &Path, cluster: u64) -> Vec<(Named, history::Head, Vec<history::Rev>)> {
     let dir = target.join("changes").join(format!("{cluster:x}"));
     let mut names: Vec<Named> = std::fs::read_dir(&dir)
         .unwrap()
@@ -133,7 +133,7 @@ fn segments(target: &Path, cluster: u64) -> Vec<(Named, history::Head, Vec<histo
         .collect()
 }
 
-fn txn(node: &Node, ops: &str) {
+pub fn txn(node: &Node, ops: &str) {
     let out = run_with_stdin(node.ctl().arg("txn"), format!("\n{ops}\n\n\n").as_bytes());
     assert!(out.status.success(), "{out:?}");
 }

@@ -136,6 +136,8 @@ struct Plan {
     since_full: (u64, Instant),
     /// The member and its raft index when the plan was made.
     seen: (u64, u64),
+    /// The last key put the history holds (from the last run's state).
+    last_put: Option<(i64, String, String)>,
     _lock: crate::fsutil::UnitLock,
 }
 
@@ -186,6 +188,27 @@ fn rollback(seen: (u64, u64), through: i64, now: &crate::etcd::Status) -> Option
         ));
     }
     None
+}
+
+/// Whether etcd no longer holds the last key put the history holds, as it was recorded: its
+/// data went back (a rollback that has since gone past the same revisions). `None` when it
+/// does, or when etcd cannot say (compacted, unreachable).
+fn diverged(client: &Client, last_put: Option<&(i64, String, String)>) -> Option<String> {
+    use base64::Engine;
+    let (rev, key, sha) = last_put?;
+    let k = base64::engine::general_purpose::STANDARD.decode(key).ok()?;
+    let shown = String::from_utf8_lossy(&k).into_owned();
+    match client.key_at(&k, *rev).ok()? {
+        Ok(Some((m, v))) if m == *rev && history::sha256(&v) == *sha => None,
+        Ok(_) => Some(format!(
+            "key `{}` at revision {rev} is not what the history recorded",
+            crate::error::bounded(&shown, 100)
+        )),
+        Err(why) if why.contains("future") => Some(format!(
+            "etcd has not reached revision {rev}, which the history holds"
+        )),
+        Err(_) => None,
+    }
 }
 
 /// Sets a cluster's history aside (`<cluster>.rolled-back-<ms>`, never read again by a
@@ -246,10 +269,11 @@ fn plan(
     let unit_tag = history::unit_tag(&unit.name());
     // A rollback seen while recording, or since the last run (its state says how far the
     // history went and which raft index it saw).
+    let state = history::read_state(dir.path()).filter(|s| s.cluster_id == cluster);
     let rolled_back = rolled_back.or_else(|| {
-        history::read_state(dir.path())
-            .filter(|s| s.cluster_id == cluster)
-            .and_then(|s| rollback((s.member_id, s.raft_index), s.through_revision, &status))
+        let s = state.as_ref()?;
+        rollback((s.member_id, s.raft_index), s.through_revision, &status)
+            .or_else(|| diverged(&client, s.last_put.as_ref()))
     });
     if let Some(why) = &rolled_back {
         dir = set_aside(&changes, &cluster, &unit_tag, why)?;
@@ -313,6 +337,11 @@ fn plan(
     Ok(Plan {
         cluster_id: status.cluster_id,
         seen: (status.member_id, status.raft_index),
+        last_put: if rolled_back.is_some() {
+            None
+        } else {
+            state.and_then(|s| s.last_put)
+        },
         dir,
         next,
         prev_sha256: prev,
@@ -458,6 +487,8 @@ struct Recorder<'a> {
     new_bases: Vec<(i64, String)>,
     /// The member watched and its raft index when last seen (rollbacks show there).
     seen: (u64, u64),
+    /// The last key put that was received (see `FollowState::last_put`).
+    last_put: Option<(i64, String, String)>,
     pending: Pending,
     first_at: Option<Instant>,
     uploads: Option<Uploader>,
@@ -649,6 +680,14 @@ impl Recorder<'_> {
                 // Already recorded (never expected: the watch resumes after the last one).
                 continue;
             }
+            if !c.delete {
+                use base64::Engine;
+                self.last_put = Some((
+                    c.mod_revision,
+                    base64::engine::general_purpose::STANDARD.encode(&c.key),
+                    history::sha256(&c.value),
+                ));
+            }
             let mut lease = None;
             if c.lease != 0 && leases.insert(c.lease) {
                 // The watch carries no lease grants: the TTL is asked for once per lease.
@@ -709,6 +748,7 @@ impl Recorder<'_> {
             last_flush_lag_ms: lag_ms,
             member_id: self.seen.0,
             raft_index: self.seen.1,
+            last_put: self.last_put.clone(),
         };
         if let Err(e) = history::write_state(&self.dir, &state) {
             eprintln!("etcd-actions follow: cannot write its state: {e}");
@@ -833,6 +873,7 @@ fn record(
         base_sha256: plan.base_sha256.clone(),
         new_bases: Vec::new(),
         seen: plan.seen,
+        last_put: plan.last_put.clone(),
         pending: Pending::default(),
         first_at: None,
         uploads,
@@ -982,11 +1023,15 @@ fn connect(
         Ok(st)
     });
     let from = rec.received() + 1;
-    let watched = checked.and_then(|st| match rollback(rec.seen, rec.received(), &st) {
-        Some(why) => Ok(Err(why)),
-        None => {
-            rec.seen = (st.member_id, st.raft_index);
-            client.watch(from).map(Ok)
+    let watched = checked.and_then(|st| {
+        match rollback(rec.seen, rec.received(), &st)
+            .or_else(|| diverged(client, rec.last_put.as_ref()))
+        {
+            Some(why) => Ok(Err(why)),
+            None => {
+                rec.seen = (st.member_id, st.raft_index);
+                client.watch(from).map(Ok)
+            }
         }
     });
     match watched {
