@@ -415,14 +415,10 @@ impl Client {
         })
     }
 
-    /// One key as it was at `revision`: its mod revision and value, `None` when it did not
+    /// One key as it was at `revision` (see `KeyAt`): its mod revision and value, `None` when it did not
     /// exist then. `Ok(Err(why))` when etcd cannot say: the revision was compacted, or it
     /// is in etcd's future.
-    pub fn key_at(
-        &self,
-        key: &[u8],
-        revision: i64,
-    ) -> Result<Result<Option<(i64, Vec<u8>)>, String>, Error> {
+    pub fn key_at(&self, key: &[u8], revision: i64) -> Result<KeyAt, Error> {
         let key = key.to_vec();
         let got = self.call("range", |c| async move {
             match KvClient::new(c)
@@ -1023,6 +1019,10 @@ impl Watch {
         }
     }
 }
+
+/// A key at a revision: `Ok(Some((mod revision, value)))`, `Ok(None)` when it did not exist
+/// then, `Err(why)` when etcd cannot say (compacted, or a future revision).
+pub type KeyAt = Result<Option<(i64, Vec<u8>)>, String>;
 
 /// A revision to apply: its changes, guarded by the one before it.
 pub struct Step<'a> {
