@@ -45,7 +45,7 @@ fn peak_rss_kb(file: &Path) -> u64 {
     text.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// 1. follow never writes through a symlink or a directory planted under the target, and a
+/// Defect 1: follow never writes through a symlink or a directory planted under the target, and a
 /// FIFO planted as `follow.json` does not hang `status`.
 #[test]
 fn nothing_planted_under_the_target_is_followed_or_waited_on() {
@@ -129,7 +129,7 @@ fn nothing_planted_under_the_target_is_followed_or_waited_on() {
     }
 }
 
-/// 2. A watch message over 4 MiB (a catch-up of eight 1 MB values) is recorded, not a
+/// Defect 2: A watch message over 4 MiB (a catch-up of eight 1 MB values) is recorded, not a
 /// reconnect loop.
 #[test]
 fn watch_messages_over_4_mib_are_recorded() {
@@ -162,7 +162,7 @@ fn watch_messages_over_4_mib_are_recorded() {
     assert!(!text.contains("not reachable"), "{text}");
 }
 
-/// 3. A segment that decompresses to hundreds of MB is refused with bounded memory.
+/// Defect 3: A segment that decompresses to hundreds of MB is refused with bounded memory.
 #[test]
 fn a_segment_decompression_bomb_costs_little_memory() {
     let tmp = tempdir();
@@ -203,7 +203,7 @@ fn a_segment_decompression_bomb_costs_little_memory() {
     assert!(kb < 300 * 1024, "verify's peak RSS was {kb} kB");
 }
 
-/// 9. After a key rotation follow (holding only the new identity) resumes its history.
+/// Defect 9: After a key rotation follow (holding only the new identity) resumes its history.
 #[test]
 fn follow_resumes_after_a_key_rotation() {
     let tmp = tempdir();
@@ -264,7 +264,7 @@ fn age_tool(name: &str) -> PathBuf {
     panic!("{name} is not installed (scripts/install-deps installs age)");
 }
 
-/// 10. Creating and deleting fresh keys (Events, Leases) replays deterministically.
+/// Defect 10: Creating and deleting fresh keys (Events, Leases) replays deterministically.
 #[test]
 fn put_delete_pairs_of_fresh_keys_replay() {
     let tmp = tempdir();
@@ -310,7 +310,7 @@ fn put_delete_pairs_of_fresh_keys_replay() {
     }
 }
 
-/// 12. A second restore of an older point lands above every revision clients have seen.
+/// Defect 12: A second restore of an older point lands above every revision clients have seen.
 #[test]
 fn the_revision_bump_never_goes_backwards() {
     let tmp = tempdir();
@@ -337,7 +337,7 @@ fn the_revision_bump_never_goes_backwards() {
     );
 }
 
-/// 13. The metrics textfile is never chmod'ed through a name another user can swap.
+/// Defect 13: The metrics textfile is never chmod'ed through a name another user can swap.
 #[test]
 fn the_textfile_is_never_chmodded_by_name() {
     let tmp = tempdir();
@@ -377,7 +377,7 @@ fn the_textfile_is_never_chmodded_by_name() {
     }
 }
 
-/// 14. Encryption configured without a usable recipient never gives plaintext backups.
+/// Defect 14: Encryption configured without a usable recipient never gives plaintext backups.
 #[test]
 fn encryption_without_a_usable_recipient_refuses_plaintext() {
     let tmp = tempdir();
@@ -594,7 +594,7 @@ fn now_rfc3339() -> String {
     etcd_actions::replay::show_ms(ms)
 }
 
-/// 7. A time after a gap is answered by the full snapshot follow took after it.
+/// Defect 7: A time after a gap is answered by the full snapshot follow took after it.
 #[test]
 fn to_time_after_a_gap_takes_the_snapshot_after_it() {
     let tmp = tempdir();
@@ -652,7 +652,7 @@ fn segment_keys(s3: &S3, bucket: &str) -> Vec<String> {
         .collect()
 }
 
-/// 4. A forged store object beside this unit's own segments, and a plaintext store segment
+/// Defect 4: A forged store object beside this unit's own segments, and a plaintext store segment
 /// while recipients are set, are refused by restore and reported by verify.
 #[test]
 fn forged_store_segments_never_override_the_local_history() {
@@ -677,7 +677,7 @@ fn forged_store_segments_never_override_the_local_history() {
     // The attacker's object: the same revisions, other names, other changes.
     let newest = keys
         .iter()
-        .map(|k| Path::new(k))
+        .map(Path::new)
         .max_by_key(|k| {
             Named::parse(k.file_name().unwrap().to_str().unwrap())
                 .unwrap()
@@ -785,7 +785,7 @@ fn forged_store_segments_never_override_the_local_history() {
     assert!(run.failure().contains("not encrypted"), "{}", run.failure());
 }
 
-/// 5. Three units of one cluster all run follow into one store folder; a new unit restores
+/// Defect 5: Three units of one cluster all run follow into one store folder; a new unit restores
 /// to a point from the store alone.
 #[test]
 fn three_units_following_one_cluster_restore_from_the_store() {
@@ -806,8 +806,8 @@ fn three_units_following_one_cluster_restore_from_the_store() {
             )
         })
         .collect();
-    for i in 0..3 {
-        wait_recorded(&tmp.path().join(format!("backups-{i}")), &nodes[i], 1);
+    for (i, n) in nodes.iter().enumerate() {
+        wait_recorded(&tmp.path().join(format!("backups-{i}")), n, n.revision());
     }
     for i in 0..30 {
         nodes[i % 3].put(&format!("k/{i}"), &format!("v{i}"));
@@ -851,7 +851,7 @@ fn three_units_following_one_cluster_restore_from_the_store() {
     assert_eq!(no_leases(range(&fresh, 0)), no_leases(want));
 }
 
-/// 6. A member cut off from the quorum never says the history is complete through now.
+/// Defect 6: A member cut off from the quorum never says the history is complete through now.
 #[test]
 fn a_member_cut_off_from_the_quorum_stops_the_history_end() {
     let tmp = tempdir();
@@ -898,7 +898,7 @@ fn a_member_cut_off_from_the_quorum_stops_the_history_end() {
     sigterm(f);
 }
 
-/// 8. Another application's history restores with `from-app` (a clone or migration).
+/// Defect 8: Another application's history restores with `from-app` (a clone or migration).
 #[test]
 fn another_applications_history_restores_with_from_app() {
     let tmp = tempdir();
@@ -943,7 +943,7 @@ fn another_applications_history_restores_with_from_app() {
     assert_eq!(no_leases(range(&clone, 0)), no_leases(want));
 }
 
-/// 11. etcd rolled back under the same cluster id while follow runs: the history starts anew
+/// Defect 11: etcd rolled back under the same cluster id while follow runs: the history starts anew
 /// and a restore never splices the two timelines.
 #[test]
 fn a_rollback_under_the_same_cluster_id_is_never_spliced() {
