@@ -453,6 +453,17 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// Whose archives `unit`'s lifecycle rules count, for the cluster with `cluster_id`.
+    pub fn of(unit: &Unit<'_>, cluster_id: u64) -> Owner {
+        let (model_uuid, app) = crate::unit::juju_identity();
+        Owner {
+            cluster_id: crate::etcd::hex_id(cluster_id),
+            unit: unit.name(),
+            model_uuid,
+            app,
+        }
+    }
+
     fn same_juju(&self, e: &Entry) -> bool {
         let agrees = |recorded: &Option<String>, mine: &Option<String>| {
             recorded.is_none() || recorded == mine

@@ -411,6 +411,26 @@ pub struct Replayed {
     pub sent: u64,
 }
 
+/// The throwaway etcd's settings for a replay: any txn size and quota, no raft snapshots,
+/// and no fsync of its own where the server allows it.
+fn tune(etcd: &Path, data_dir: &Path, args: &mut Vec<String>) {
+    args.extend([
+        // A revision is replayed as one txn however many changes it holds (a prefix delete
+        // of thousands of keys), and the db may be as large as the source allowed.
+        "--max-txn-ops=100000000".to_string(),
+        "--max-request-bytes=1073741824".to_string(),
+        format!("--quota-backend-bytes={}", quota(data_dir)),
+        // No raft snapshots during the replay: they would only cost time.
+        "--snapshot-count=1000000000".to_string(),
+    ]);
+    // The replayed data is taken from this etcd's db once it stopped cleanly, and the
+    // restore tool then builds the member that is swapped in (and synced): its own fsyncs
+    // would only slow the replay.
+    if takes_no_fsync(etcd) {
+        args.push("--unsafe-no-fsync".into());
+    }
+}
+
 /// Replays the point's changes into a throwaway etcd serving `data_dir` (a restored member
 /// dir of the base snapshot, no revision bump), then stops it cleanly so that its db holds
 /// every change. Nothing of the live etcd is touched.
@@ -437,21 +457,7 @@ pub fn replay(
         mut args,
         ..
     } = Throwaway::new(&unit.config.name, data_dir)?;
-    args.extend([
-        // A revision is replayed as one txn however many changes it holds (a prefix delete
-        // of thousands of keys), and the db may be as large as the source allowed.
-        "--max-txn-ops=100000000".to_string(),
-        "--max-request-bytes=1073741824".to_string(),
-        format!("--quota-backend-bytes={}", quota(data_dir)),
-        // No raft snapshots during the replay: they would only cost time.
-        "--snapshot-count=1000000000".to_string(),
-    ]);
-    // The replayed data is taken from this etcd's db once it stopped cleanly, and the
-    // restore tool then builds the member that is swapped in (and synced): its own fsyncs
-    // would only slow the replay.
-    if takes_no_fsync(&etcd) {
-        args.push("--unsafe-no-fsync".into());
-    }
+    tune(&etcd, data_dir, &mut args);
     let log_path = data_dir.with_extension("log");
     let log = std::fs::File::create(&log_path)
         .ctx(|| format!("cannot create `{}`", log_path.display()))?;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{EtcdConfig, Settings};
 use crate::error::{Error, IoContext};
-use crate::etcd::hex_id;
 use crate::fsutil::{Dir, UnitLock};
 use crate::juju::Reporter;
 use crate::store::{Store, StoreConfig};
@@ -121,17 +120,6 @@ impl<'a> Unit<'a> {
             .ok()
             .filter(|u| !u.trim().is_empty())
             .unwrap_or_else(|| self.reporter.unit().to_string())
-    }
-
-    /// Whose archives this unit's lifecycle rules count, for the cluster with `cluster_id`.
-    pub fn owner(&self, cluster_id: u64) -> crate::catalog::Owner {
-        let (model_uuid, app) = juju_identity();
-        crate::catalog::Owner {
-            cluster_id: hex_id(cluster_id),
-            unit: self.name(),
-            model_uuid,
-            app,
-        }
     }
 }
 

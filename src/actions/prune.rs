@@ -136,7 +136,7 @@ pub fn run(unit: &Unit<'_>, opts: &PruneOptions, results: &mut Results) -> Resul
                  {e}; nothing was deleted. Start etcd and run it again"
             ))
         })?;
-    let owner = unit.owner(status.cluster_id);
+    let owner = crate::catalog::Owner::of(unit, status.cluster_id);
     let _lock = unit.lock("prune")?;
     // A restore that crashed is finished or rolled back first, as every action does.
     crate::recovery::recover(unit)?;

@@ -207,7 +207,7 @@ fn unchanged(
     status: &Status,
     results: &mut Results,
 ) -> Result<Option<String>, Error> {
-    let owner = unit.owner(status.cluster_id);
+    let owner = crate::catalog::Owner::of(unit, status.cluster_id);
     let entries = catalog::list(unit, &opts.target, store)?;
     let now = crate::manifest::now_secs() as i64;
     // This cluster's newest snapshot archive (backups, foreign files, other clusters' archives
