@@ -407,6 +407,13 @@ pub struct Found {
     pub size: u64,
 }
 
+/// Whether `p` is a real directory (not a symlink) of this user's.
+fn own_dir(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
+}
+
 /// One chain of a cluster's segments, sorted by first revision: this unit's (its local files
 /// and its own folder in the store), or another unit's in the store (`unit` is its folder;
 /// empty for segments uploaded before chains were kept apart).
@@ -433,8 +440,14 @@ pub fn list(
     // Each cluster's own chain: its store folder is named in the local dir.
     let mut mine: std::collections::BTreeMap<String, String> = Default::default();
     let root = target.join(DIR);
-    if let Ok(clusters) = std::fs::read_dir(&root) {
+    // Local segments are trusted as root's own: only a real directory of this user's (follow
+    // makes them 0700), never one the target's owner could have made or planted.
+    let clusters = std::fs::read_dir(&root).ok().filter(|_| own_dir(&root));
+    if let Some(clusters) = clusters {
         for c in clusters.flatten() {
+            if !own_dir(&c.path()) {
+                continue;
+            }
             let dir_name = c.file_name().to_string_lossy().into_owned();
             let own = chain_name(&c.path(), own);
             mine.insert(dir_name.clone(), own.clone());
@@ -451,7 +464,21 @@ pub fn list(
                 if named.cluster_id != dir_name {
                     continue;
                 }
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                // `DirEntry::metadata` does not follow a symlink: a regular file only.
+                let Ok(meta) =
+                    f.metadata().map_err(drop).and_then(
+                        |m| {
+                            if m.is_file() {
+                                Ok(m)
+                            } else {
+                                Err(())
+                            }
+                        },
+                    )
+                else {
+                    continue;
+                };
+                let size = meta.len();
                 all.entry((named.cluster_id.clone(), own.to_string()))
                     .or_default()
                     .insert(
@@ -865,6 +892,10 @@ pub fn write_state(dir: &crate::fsutil::Dir, state: &FollowState) -> Result<(), 
 /// The state in a cluster's history dir, when there is a readable one: a regular file (no
 /// symlink followed, no FIFO waited on), read up to 64 KiB.
 pub fn read_state(dir: &Path) -> Option<FollowState> {
+    // Only follow's own word: a state in a directory someone else made says nothing.
+    if !own_dir(dir) || !dir.parent().is_some_and(own_dir) {
+        return None;
+    }
     let f = crate::fsutil::open_regular_path(&dir.join(STATE)).ok()?;
     let mut text = Vec::new();
     f.take(64 << 10).read_to_end(&mut text).ok()?;

@@ -373,6 +373,7 @@ fn time_point(
         // After the last change recorded: only when follow said it had recorded everything
         // until at least then.
         let through = history::read_state(&history::local_dir(target, &h.cluster_id))
+            .filter(|_| h.own)
             .filter(|s| s.through_revision >= rev)
             .map_or(point_ms, |s| s.through_ms.max(point_ms));
         if ms > through {
