@@ -888,7 +888,11 @@ fn record(
     let mut leases = HashSet::new();
     let mut backoff = Duration::from_millis(200);
     let mut full: Option<std::process::Child> = None;
-    let mut last_progress = Instant::now();
+    // The first confirmation right after the watch starts (the history's end is then known
+    // without waiting an interval).
+    let mut last_progress = Instant::now()
+        .checked_sub(opts.flush_interval)
+        .unwrap_or_else(Instant::now);
     'connect: loop {
         if stop.load(Ordering::SeqCst) {
             break;
