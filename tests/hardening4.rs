@@ -209,22 +209,7 @@ fn follow_resumes_after_a_key_rotation() {
     let tmp = tempdir();
     let node = Node::single(tmp.path(), "h4rot", &v35());
     let target = tmp.path().join("backups");
-    let keys = |name: &str| {
-        let p = tmp.path().join(name);
-        let out = Command::new(age_tool("age-keygen"))
-            .arg("-o")
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let text = fs::read_to_string(&p).unwrap();
-        let public = text
-            .lines()
-            .find_map(|l| l.strip_prefix("# public key: "))
-            .unwrap()
-            .to_string();
-        (p, public)
-    };
+    let keys = |name: &str| keygen(tmp.path(), name);
     let (old_id, old_pub) = keys("old.txt");
     let (new_id, new_pub) = keys("new.txt");
     let with = |id: &Path, public: &str| {
@@ -252,6 +237,24 @@ fn follow_resumes_after_a_key_rotation() {
     }
     let out = sigterm(f);
     assert!(out.status.success());
+}
+
+/// A new age identity file in `dir` and its public key, made by the stock `age-keygen`.
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let p = dir.join(name);
+    let out = Command::new(age_tool("age-keygen"))
+        .arg("-o")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let public = fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .unwrap()
+        .to_string();
+    (p, public)
 }
 
 fn age_tool(name: &str) -> PathBuf {
@@ -397,16 +400,7 @@ fn encryption_without_a_usable_recipient_refuses_plaintext() {
     // Juju: a secret with only an identity, or only comments as recipients.
     let juju = Juju::new(tmp.path(), "etcd/0");
     let uri = "secret:cs8d8k3mp25c7r5sd7eh";
-    let (id, _) = {
-        let p = tmp.path().join("id.txt");
-        let out = Command::new(age_tool("age-keygen"))
-            .arg("-o")
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        (fs::read_to_string(&p).unwrap(), p)
-    };
+    let id = fs::read_to_string(keygen(tmp.path(), "id.txt").0).unwrap();
     let units = tmp.path().join("units");
     fs::create_dir_all(&units).unwrap();
     let hook = juju.config_hook(tmp.path(), &units);
@@ -456,22 +450,10 @@ fn the_follow_service_follows_the_secret_and_keeps_its_target() {
     let units = tmp.path().join("charm-units");
     let hook = juju.config_hook(tmp.path(), &units);
     let uri = "secret:cs8d8k3mp25c7r5sd7ei";
-    let keygen = |name: &str| {
-        let p = tmp.path().join(name);
-        let out = Command::new(age_tool("age-keygen"))
-            .arg("-o")
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        fs::read_to_string(&p)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("# public key: "))
-            .unwrap()
-            .to_string()
-    };
-    let (old, new) = (keygen("old.txt"), keygen("new.txt"));
+    let (old, new) = (
+        keygen(tmp.path(), "old.txt").1,
+        keygen(tmp.path(), "new.txt").1,
+    );
     let set_secret = |r: &str| {
         fs::write(
             juju.state.join("secrets.json"),
@@ -765,21 +747,7 @@ fn forged_store_segments_never_override_the_local_history() {
 
     // A unit with no local history and recipients set refuses the store's plaintext segments.
     fs::rename(target.join("changes"), tmp.path().join("changes-aside")).unwrap();
-    let public = {
-        let p = tmp.path().join("k.txt");
-        let out = Command::new(age_tool("age-keygen"))
-            .arg("-o")
-            .arg(&p)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        fs::read_to_string(&p)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("# public key: "))
-            .unwrap()
-            .to_string()
-    };
+    let public = keygen(tmp.path(), "k.txt").1;
     let run = restore(&[("ETCD_ACTIONS_ENCRYPT_TO", &public)]);
     assert_ne!(run.code(), 0);
     assert!(run.failure().contains("not encrypted"), "{}", run.failure());
