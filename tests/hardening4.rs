@@ -55,6 +55,14 @@ fn nothing_planted_under_the_target_is_followed_or_waited_on() {
     fs::write(&victim, "root:secret-hash:19000::::::\n").unwrap();
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o640)).unwrap();
     let before = fs::read(&victim).unwrap();
+    let untouched = || {
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            before,
+            "the victim is untouched"
+        );
+        assert_eq!(mode(&victim), 0o640);
+    };
 
     // `changes` is a symlink to a directory holding a lock that points at the victim.
     let target = tmp.path().join("backups");
@@ -65,12 +73,7 @@ fn nothing_planted_under_the_target_is_followed_or_waited_on() {
     std::os::unix::fs::symlink(&elsewhere, target.join("changes")).unwrap();
     let run = follow_agent(&node, &target).run();
     assert_ne!(run.code(), 0, "follow refuses a symlinked `changes`");
-    assert_eq!(
-        fs::read(&victim).unwrap(),
-        before,
-        "the victim is untouched"
-    );
-    assert_eq!(mode(&victim), 0o640);
+    untouched();
 
     // `changes` is a real directory of another user's with the lock a symlink to the victim.
     fs::remove_file(target.join("changes")).unwrap();
@@ -88,12 +91,7 @@ fn nothing_planted_under_the_target_is_followed_or_waited_on() {
         "{}",
         run.stderr()
     );
-    assert_eq!(
-        fs::read(&victim).unwrap(),
-        before,
-        "the victim is untouched"
-    );
-    assert_eq!(mode(&victim), 0o640);
+    untouched();
 
     // Root's own `changes` with the lock a symlink (planted before): refused, not followed.
     fs::remove_dir_all(target.join("changes")).unwrap();
@@ -101,11 +99,7 @@ fn nothing_planted_under_the_target_is_followed_or_waited_on() {
     std::os::unix::fs::symlink(&victim, target.join("changes/.follow.lock")).unwrap();
     let run = follow_agent(&node, &target).run();
     assert_ne!(run.code(), 0);
-    assert_eq!(
-        fs::read(&victim).unwrap(),
-        before,
-        "the victim is untouched"
-    );
+    untouched();
 
     // A FIFO as follow.json and as the lock: status answers at once.
     fs::remove_dir_all(target.join("changes")).unwrap();
