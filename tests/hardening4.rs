@@ -755,6 +755,16 @@ fn three_units_following_one_cluster_restore_from_the_store() {
     let s3 = S3::start(tmp.path(), &["hist"]);
     let nodes = cluster(tmp.path(), "h4three", &v3530());
     nodes[0].put("a", "1");
+    // One full snapshot in the store first: three units taking theirs in the same second race
+    // for one name on a store that does not enforce write-once (s3s-fs; issue 27).
+    s3.env(
+        Agent::snapshot(&nodes[0], tmp.path().join("backups-0").to_str().unwrap()),
+        "hist",
+        "etcd",
+    )
+    .env("JUJU_UNIT_NAME", "etcd/0")
+    .run()
+    .success();
     let follows: Vec<Child> = nodes
         .iter()
         .enumerate()
@@ -804,8 +814,15 @@ fn three_units_following_one_cluster_restore_from_the_store() {
             "etcd",
         )
         .env("JUJU_UNIT_NAME", "etcd/7")
-        .run()
-        .success();
+        .run();
+    assert_eq!(
+        r.code(),
+        0,
+        "{}\nin the store: {:#?}",
+        r.stderr(),
+        s3.objects("hist", "")
+    );
+    let r = r.success();
     assert_eq!(
         r["restore"]["point-revision"].as_str(),
         Some(&*end.to_string())
