@@ -25,6 +25,19 @@ fn follow_logged(agent: Agent, log: &Path) -> Child {
         .unwrap()
 }
 
+/// Waits until follow (logging to `log`) has made `rev` durable; fails with `what` and its log.
+fn wait_logged(target: &Path, node: &Node, rev: i64, log: &Path, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while state_of(target, node)["through_revision"].as_i64() < Some(rev) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn state_of(target: &Path, node: &Node) -> serde_json::Value {
     let state = target
         .join("changes")
@@ -142,15 +155,14 @@ fn watch_messages_over_4_mib_are_recorded() {
     let end = node.revision();
     let log = tmp.path().join("follow.log");
     let f = follow_logged(follow_agent(&node, &target), &log);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while state_of(&target, &node)["through_revision"].as_i64() < Some(end) {
-        assert!(
-            Instant::now() < deadline,
-            "follow never recorded the 8 MB catch-up: {}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_logged(
+        &target,
+        &node,
+        end,
+        &log,
+        40,
+        "follow never recorded the 8 MB catch-up",
+    );
     sigterm(f);
     let text = fs::read_to_string(&log).unwrap();
     assert!(!text.contains("not reachable"), "{text}");
@@ -221,15 +233,14 @@ fn follow_resumes_after_a_key_rotation() {
     let end = node.revision();
     let log = tmp.path().join("follow.log");
     let f = follow_logged(with(&new_id, &new_pub), &log);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while state_of(&target, &node)["through_revision"].as_i64() < Some(end) {
-        assert!(
-            Instant::now() < deadline,
-            "follow with the rotated key did not resume: {}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_logged(
+        &target,
+        &node,
+        end,
+        &log,
+        30,
+        "follow with the rotated key did not resume",
+    );
     let out = sigterm(f);
     assert!(out.status.success());
 }
@@ -971,15 +982,14 @@ fn a_rollback_under_the_same_cluster_id_is_never_spliced() {
     assert!(new_end > old_end);
     let point = old_end - 5;
     let want = range(&node, point);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state_of(&target, &node)["through_revision"].as_i64() < Some(new_end) {
-        assert!(
-            Instant::now() < deadline,
-            "follow did not record the new timeline: {}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_logged(
+        &target,
+        &node,
+        new_end,
+        &log,
+        60,
+        "follow did not record the new timeline",
+    );
     sigterm(f);
     assert!(
         fs::read_to_string(&log).unwrap().contains("rolled back"),
