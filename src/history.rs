@@ -269,6 +269,20 @@ impl<R: Read> Read for Capped<R> {
 /// Decodes a segment file's bytes, streaming (line by line, each line and the whole capped);
 /// checks the head against the name.
 pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev>), Error> {
+    parse(bytes, named, keys, false)
+}
+
+/// Decodes only a segment's head (checked against the name): the rest is not read.
+pub fn decode_head(bytes: &[u8], named: &Named, keys: &Keys) -> Result<Head, Error> {
+    parse(bytes, named, keys, true).map(|(head, _)| head)
+}
+
+fn parse(
+    bytes: &[u8],
+    named: &Named,
+    keys: &Keys,
+    head_only: bool,
+) -> Result<(Head, Vec<Rev>), Error> {
     use serde::Deserialize as _;
     let bad = |problem: String| {
         Error::History(format!(
@@ -303,6 +317,9 @@ pub fn decode(bytes: &[u8], named: &Named, keys: &Keys) -> Result<(Head, Vec<Rev
         || head.gap != named.gap
     {
         return Err(bad("its head does not match its name".into()));
+    }
+    if head_only {
+        return Ok((head, Vec::new()));
     }
     let mut revs = Vec::new();
     let mut prev = head.first - 1;
@@ -708,8 +725,12 @@ pub fn check_trust(
                 f.named.name
             )));
         }
+        let mut mine: Option<Vec<Rev>> = None;
         for other in h.overlapping(f) {
-            let mine = decode(&read(f, store)?, &f.named, keys)?;
+            let mine = match &mut mine {
+                Some(m) => m,
+                None => mine.insert(decode(&read(f, store)?, &f.named, keys)?.1),
+            };
             let theirs = if other.named.gap {
                 None
             } else {
@@ -723,7 +744,7 @@ pub fn check_trust(
                     .map(|r| (r.r, r.ev.clone()))
                     .collect()
             };
-            let agree = theirs.is_some_and(|t| within(&mine.1) == within(&t.1));
+            let agree = theirs.is_some_and(|t| within(mine) == within(&t.1));
             if !agree {
                 return Err(Error::History(format!(
                     "change segments `{}` and `{}` ({}) both hold revisions {lo}–{hi} and \

@@ -207,7 +207,11 @@ pub fn resolve(
             let bytes = history::read(f, store)?;
             history::decode(&bytes, &f.named, unit.keys()?)
         };
-        match point_in(h, &fulls, wanted, target, &read)? {
+        let head = |f: &Found| -> Result<history::Head, Error> {
+            let bytes = history::read(f, store)?;
+            history::decode_head(&bytes, &f.named, unit.keys()?)
+        };
+        match point_in(h, &fulls, wanted, target, &read, &head)? {
             Ok(p) => {
                 let chain: Vec<&Found> = p.segments.iter().collect();
                 history::check_trust(h, &chain, store, unit.keys()?)?;
@@ -248,6 +252,8 @@ fn taken_during_own(h: &History, base: &Entry) -> bool {
 
 /// Reads and decodes one segment.
 type Read<'a> = dyn Fn(&Found) -> Result<(history::Head, Vec<history::Rev>), Error> + 'a;
+/// Reads one segment's head only.
+type ReadHead<'a> = dyn Fn(&Found) -> Result<history::Head, Error> + 'a;
 
 fn point_in(
     h: &History,
@@ -255,6 +261,7 @@ fn point_in(
     wanted: &Wanted,
     target: &Path,
     read: &Read,
+    head: &ReadHead,
 ) -> Result<Result<Point, String>, Error> {
     let (revision, asked) = match wanted {
         Wanted::Revision(r) => (*r, format!("revision {r}")),
@@ -283,11 +290,10 @@ fn point_in(
                 // Only a full snapshot the history names (a chain's start, or one taken
                 // while it was recorded): a snapshot of another timeline of the cluster at
                 // the same revision (after a rollback) is never spliced onto this one.
-                let head_of = |f: &Found| read(f).map(|(head, _)| head);
-                let tied = history::names_base(h, r, base.sha256.as_deref(), &head_of)?
+                let tied = history::names_base(h, r, base.sha256.as_deref(), head)?
                     || match chain.first() {
                         Some(first) if first.named.first == r + 1 => {
-                            history::legacy_start(first, &read(first)?.0)
+                            history::legacy_start(first, &head(first)?)
                         }
                         _ => false,
                     }

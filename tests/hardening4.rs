@@ -38,6 +38,21 @@ fn wait_logged(target: &Path, node: &Node, rev: i64, log: &Path, secs: u64, what
     }
 }
 
+/// `restore --to-revision <rev> --target <target> --skip-backup`, standalone.
+fn restore_to(node: &Node, rev: i64, target: &str) -> Agent {
+    Agent::standalone(
+        node,
+        &[
+            "restore",
+            "--to-revision",
+            &rev.to_string(),
+            "--target",
+            target,
+            "--skip-backup",
+        ],
+    )
+}
+
 fn state_of(target: &Path, node: &Node) -> serde_json::Value {
     let state = target
         .join("changes")
@@ -298,19 +313,9 @@ fn put_delete_pairs_of_fresh_keys_replay() {
     wait_recorded(&target, &node, end);
     sigterm(f);
     for _ in 0..2 {
-        let r = Agent::standalone(
-            &node,
-            &[
-                "restore",
-                "--to-revision",
-                &end.to_string(),
-                "--target",
-                target.to_str().unwrap(),
-                "--skip-backup",
-            ],
-        )
-        .run()
-        .success();
+        let r = restore_to(&node, end, target.to_str().unwrap())
+            .run()
+            .success();
         assert_eq!(
             r["restore"]["point-revision"].as_str(),
             Some(&*end.to_string())
@@ -718,17 +723,7 @@ fn forged_store_segments_never_override_the_local_history() {
     fs::write(&forged, &bytes).unwrap();
 
     let restore = |extra: &[(&str, &str)]| {
-        let mut a = with_store(Agent::standalone(
-            &node,
-            &[
-                "restore",
-                "--to-revision",
-                &end.to_string(),
-                "--target",
-                t,
-                "--skip-backup",
-            ],
-        ));
+        let mut a = with_store(restore_to(&node, end, t));
         for (k, v) in extra {
             a = a.env(k, v);
         }
@@ -811,16 +806,10 @@ fn three_units_following_one_cluster_restore_from_the_store() {
     let fresh = Node::single(tmp.path(), "h4new", &v3530());
     let r = s3
         .env(
-            Agent::standalone(
+            restore_to(
                 &fresh,
-                &[
-                    "restore",
-                    "--to-revision",
-                    &end.to_string(),
-                    "--target",
-                    tmp.path().join("fresh-backups").to_str().unwrap(),
-                    "--skip-backup",
-                ],
+                end,
+                tmp.path().join("fresh-backups").to_str().unwrap(),
             ),
             "hist",
             "etcd",
@@ -996,19 +985,9 @@ fn a_rollback_under_the_same_cluster_id_is_never_spliced() {
         "{}",
         fs::read_to_string(&log).unwrap()
     );
-    let r = Agent::standalone(
-        &node,
-        &[
-            "restore",
-            "--to-revision",
-            &point.to_string(),
-            "--target",
-            target.to_str().unwrap(),
-            "--skip-backup",
-        ],
-    )
-    .run()
-    .success();
+    let r = restore_to(&node, point, target.to_str().unwrap())
+        .run()
+        .success();
     assert_eq!(
         r["restore"]["point-revision"].as_str(),
         Some(&*point.to_string())
