@@ -141,6 +141,12 @@ pub struct StoreArgs {
     /// PEM file of CA certificates to trust for the S3 endpoint.
     #[arg(long, env = "ETCD_ACTIONS_S3_CA_FILE")]
     pub s3_ca_file: Option<PathBuf>,
+
+    /// Integrity headers: `auto` (CRC64NVME checksums where the store takes them, Content-MD5
+    /// always), `crc64nvme` (always; a refusal is an error), or `md5` (Content-MD5 only, for
+    /// stores that refuse checksum headers: MinIO before 2025-01-20, Backblaze B2, Wasabi).
+    #[arg(long, env = "ETCD_ACTIONS_S3_CHECKSUM", default_value = "auto")]
+    pub s3_checksum: String,
 }
 
 /// Writing an archive (snapshot, backup, and restore's backup of the current data).

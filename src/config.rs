@@ -87,6 +87,7 @@ impl Settings {
                 region: store.s3_region.filter(|v| !v.is_empty()),
                 uri_style: store.s3_uri_style.filter(|v| !v.is_empty()),
                 ca_file: store.s3_ca_file.filter(|p| !p.as_os_str().is_empty()),
+                checksum: Some(store.s3_checksum),
                 credentials,
             },
             metrics_dir: args.metrics_dir.filter(|p| !p.as_os_str().is_empty()),

@@ -118,6 +118,13 @@ pub enum Error {
     #[error("object store {store}: `{key}` already holds another archive, and an archive is never written over; nothing in the store was changed. Another cluster writes to the same folder: give each cluster a folder of its own (the s3 `path`)")]
     StoreConflict { store: String, key: String },
 
+    #[error("object store {store}: the object written at `{key}` is not the archive that was sent ({problem}); it was removed and nothing was reported as uploaded")]
+    StoreUnconfirmed {
+        store: String,
+        key: String,
+        problem: String,
+    },
+
     #[error("refusing to restore: {0}")]
     Refused(String),
 

@@ -214,7 +214,10 @@ impl Ran {
 fn is_store_error(e: &Error) -> bool {
     matches!(
         e,
-        Error::Store { .. } | Error::StoreConflict { .. } | Error::StoreNotReady(_)
+        Error::Store { .. }
+            | Error::StoreConflict { .. }
+            | Error::StoreUnconfirmed { .. }
+            | Error::StoreNotReady(_)
     )
 }
 

@@ -93,7 +93,19 @@ impl<'a> Unit<'a> {
         // In an action, or run by `juju-exec` (the backup timer): the relation has it.
         let cfg = if self.in_juju() {
             match self.reporter.s3_relation()? {
-                Some(bag) => Some(StoreConfig::from_relation_bag(&bag)?),
+                Some(bag) => {
+                    let mut cfg = StoreConfig::from_relation_bag(&bag)?;
+                    // The charm's option, else the agent's own setting (default `auto`).
+                    let set = crate::juju::config_value("s3-checksum")
+                        .filter(|v| !v.trim().is_empty())
+                        .or_else(|| self.settings.s3.checksum.clone());
+                    cfg.checksum = crate::store::parse_checksum(set.as_deref().unwrap_or(""))
+                        .map_err(|e| Error::ConfigInvalid {
+                            path: "config s3-checksum".into(),
+                            problem: e.to_string(),
+                        })?;
+                    Some(cfg)
+                }
                 None => None,
             }
         } else {

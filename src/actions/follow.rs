@@ -818,7 +818,11 @@ fn uploader(
                     let Ok(bytes) = read_segment(p) else {
                         return false;
                     };
-                    match store.put_once(&format!("{folder}/{name}"), bytes) {
+                    let put = store.put_once(&format!("{folder}/{name}"), bytes);
+                    for note in crate::store::take_notes() {
+                        eprintln!("etcd-actions follow: {note}");
+                    }
+                    match put {
                         Ok(()) => false,
                         Err(e) => {
                             eprintln!("etcd-actions follow: upload of {name} failed, tried again with the next segment: {e}");

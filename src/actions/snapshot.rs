@@ -121,7 +121,9 @@ fn holds_what_etcd_holds(e: &Entry, status: &Status, now: &Marks) -> bool {
 
 /// Completes an upload of `archive` under its own name, and reports it. When another unit of
 /// this cluster took that key in the same second (every unit's timer fires at once), the
-/// archive takes the next name free here and in the store, and is uploaded under it.
+/// archive takes the next name free here and in the store, and is uploaded under it. When the
+/// object written was not the archive (bytes changed on the way, not caught before), it was
+/// removed, and the archive is uploaded again under the same name.
 fn commit(
     unit: &Unit<'_>,
     (store, target, folder): (&Store, &Dir, &str),
@@ -132,14 +134,30 @@ fn commit(
     let key = format!("{folder}/{}", archive.name());
     let mut done = upload.commit(&key, &archive.record());
     let mut current = archive.clone();
-    for _ in 0..3 {
-        if !matches!(done, Err(Error::StoreConflict { .. })) {
-            break;
+    for _ in 0..4 {
+        log_store_notes(unit);
+        match &done {
+            Err(Error::StoreConflict { .. }) => {}
+            Err(Error::StoreUnconfirmed { .. }) => {
+                unit.log(&format!(
+                    "{}; uploading `{}` again",
+                    done.as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                    current.name()
+                ));
+                let again = upload_again(store, folder, &current)?;
+                done = again.commit(&format!("{folder}/{}", current.name()), &current.record());
+                continue;
+            }
+            _ => break,
         }
         let renamed = crate::writer::renamed_for_store(target, &current, store, folder)?;
         unit.log(&format!(
-            "`{key}` was taken by another archive (another unit of this cluster, in the same \
-             second): uploading this one as `{}`",
+            "`{folder}/{}` was taken by another archive (another unit of this cluster, in the \
+             same second): uploading this one as `{}`",
+            current.name(),
             renamed.name()
         ));
         let again = upload_again(store, folder, &renamed)?;
@@ -151,10 +169,8 @@ fn commit(
         }
         done = again.commit(&format!("{folder}/{}", renamed.name()), &renamed.record());
         current = renamed;
-        if done.is_ok() {
-            return report_upload(unit, done?, results);
-        }
     }
+    log_store_notes(unit);
     let done = done.map_err(|e| match e {
         Error::Store { store, problem } => Error::Store {
             store,
@@ -162,12 +178,19 @@ fn commit(
                 "the upload of `{key}` failed ({problem}); the local archive `{}` is complete \
                      and verified, nothing was left under that key, and the next `snapshot \
                      --if-changed` (or `backup`) uploads it",
-                archive.path.display()
+                current.path.display()
             ),
         },
         other => other,
     })?;
     report_upload(unit, done, results)
+}
+
+/// Logs what the store was found to refuse or ignore (once a run).
+fn log_store_notes(unit: &Unit<'_>) {
+    for note in crate::store::take_notes() {
+        unit.log(&note);
+    }
 }
 
 /// Uploads a published archive by reading it again; the upload may be completed only when the
@@ -192,7 +215,14 @@ fn report_upload(
     results.set("upload.url", &done.url);
     results.set("upload.etag", &done.etag);
     results.set("upload.size", done.size);
-    unit.log(&format!("uploaded {}", done.url));
+    results.set("upload.confirmed", done.confirmed.as_str());
+    results.set("upload.checksum", done.checksum);
+    unit.log(&format!(
+        "uploaded {} ({} bytes; confirmed by its {})",
+        done.url,
+        done.size,
+        done.confirmed.as_str()
+    ));
     Ok(())
 }
 

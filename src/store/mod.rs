@@ -4,12 +4,23 @@
 //! current-thread tokio runtime at the edge.
 //!
 //! An upload is one more sink in the archive's streaming nest (`UploadTee`): parts go out
-//! while the archive is written, to a temporary key. Only once the archive is verified and
-//! published locally is the multipart upload completed, and the object copied server-side to
-//! its final key with its user metadata (sha256, revision, ...), which S3 can only take when an
-//! object is created. Any failure aborts the upload: no partial or unverified object is ever
-//! visible under a final key. Credentials never leave this module's memory: not in argv, not in
-//! a child's environment, not in a message.
+//! while the archive is written, straight to the archive's key. Only once the archive is
+//! verified and published locally is the multipart upload completed. What is reported as
+//! uploaded has been confirmed here, with nothing from the store but what every S3 store does:
+//! - each part and each small object carries its `Content-MD5` (`guard`), and an MD5 ETag
+//!   other than the body's sends the part again;
+//! - before completing, the key is free (a HEAD) and claimed (`claim`): write-once holds on a
+//!   store that ignores `If-None-Match`;
+//! - after completing, the object is the archive: its size and multipart ETag (the MD5 of the
+//!   parts' MD5s), or else its bytes read back and hashed.
+//! CRC64NVME checksums and `If-None-Match` are sent where the store takes them (`caps`).
+//! Credentials never leave this module's memory: not in argv, not in a child's environment,
+//! not in a message.
+
+mod caps;
+mod guard;
+
+pub use caps::{take_notes, ChecksumMode};
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -19,16 +30,16 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
-};
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, RetryConfig,
 };
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use guard::{Connector, Watch, LIST_DEADLINE, LIST_KEYS_MAX};
 
 use crate::error::{bounded, Error};
 
@@ -88,6 +99,8 @@ pub struct StoreSettings {
     pub region: Option<String>,
     pub uri_style: Option<String>,
     pub ca_file: Option<std::path::PathBuf>,
+    /// `auto`, `crc64nvme` or `md5` (`--s3-checksum`).
+    pub checksum: Option<String>,
     pub credentials: Credentials,
 }
 
@@ -105,6 +118,7 @@ pub struct StoreConfig {
     pub host_style: bool,
     pub ca_pems: Vec<String>,
     pub storage_class: Option<String>,
+    pub checksum: ChecksumMode,
     access_key: String,
     secret_key: String,
     session_token: Option<String>,
@@ -207,6 +221,19 @@ fn check_prefix(prefix: &str, from: &str) -> Result<(), String> {
 }
 
 /// A JSON list of strings, or failing that the raw text as one item.
+/// The checksum mode an operator set (`--s3-checksum`, `ETCD_ACTIONS_S3_CHECKSUM`, or the charm's
+/// `s3-checksum` option).
+pub fn parse_checksum(text: &str) -> Result<ChecksumMode, Error> {
+    ChecksumMode::parse(text).ok_or_else(|| {
+        Error::Usage(format!(
+            "--s3-checksum `{}`: expected `auto` (CRC64NVME where the store takes it, the \
+             default), `crc64nvme` (always; for stores that check it) or `md5` (Content-MD5 \
+             only; for stores that refuse checksum headers)",
+            bounded(text, 100)
+        ))
+    })
+}
+
 fn json_list(text: &str) -> Vec<String> {
     match serde_json::from_str::<Vec<String>>(text) {
         Ok(v) => v,
@@ -283,6 +310,7 @@ impl StoreConfig {
                 .map(|t| json_list(&t))
                 .unwrap_or_default(),
             storage_class: get("storage-class"),
+            checksum: ChecksumMode::Auto,
             access_key: get("access-key").expect("checked"),
             secret_key: get("secret-key").expect("checked"),
             session_token: None,
@@ -327,6 +355,7 @@ impl StoreConfig {
         check_bucket(&bucket, "fix --s3-bucket (ETCD_ACTIONS_S3_BUCKET)").map_err(bad)?;
         let path = s.path.as_deref().unwrap_or("");
         check_prefix(path, "fix --s3-path (ETCD_ACTIONS_S3_PATH)").map_err(bad)?;
+        let checksum = parse_checksum(s.checksum.as_deref().unwrap_or(""))?;
         Ok(Some(StoreConfig {
             endpoint,
             bucket,
@@ -335,6 +364,7 @@ impl StoreConfig {
             host_style,
             ca_pems,
             storage_class: None,
+            checksum,
             access_key,
             secret_key,
             session_token: s.credentials.session_token.clone(),
@@ -357,6 +387,12 @@ impl StoreConfig {
             "ETCD_ACTIONS_S3_URI_STYLE".into(),
             if self.host_style { "host" } else { "path" }.into(),
         ));
+        if self.checksum != ChecksumMode::Auto {
+            public.push((
+                "ETCD_ACTIONS_S3_CHECKSUM".into(),
+                self.checksum.as_str().into(),
+            ));
+        }
         if let Some(f) = ca_file.filter(|_| !self.ca_pems.is_empty()) {
             public.push(("ETCD_ACTIONS_S3_CA_FILE".into(), f.display().to_string()));
         }
@@ -454,17 +490,9 @@ impl StoreConfig {
         self.client_watched(&Watch::default(), Vec::new(), false)
     }
 
-    /// A client whose requests carry `headers` where object_store adds its default headers
-    /// (before signing: the completion of a multipart upload among them); with `checksums`,
-    /// each part of an upload carries its CRC64NVME.
-    fn client_with(
-        &self,
-        headers: Vec<(String, String)>,
-        checksums: bool,
-    ) -> Result<AmazonS3, Error> {
-        self.client_watched(&Watch::default(), headers, checksums)
-    }
-
+    /// A client over `watch`'s HTTP layer whose requests carry `headers` where object_store
+    /// adds its default headers (before signing: the completion of a multipart upload among
+    /// them); with `checksums`, each part of an upload carries its CRC64NVME.
     fn client_watched(
         &self,
         watch: &Watch,
@@ -473,8 +501,7 @@ impl StoreConfig {
     ) -> Result<AmazonS3, Error> {
         let connector = Connector {
             client: self.http()?,
-            pages: watch.pages.clone(),
-            skipped: watch.skipped.clone(),
+            watch: watch.clone(),
         };
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
@@ -527,162 +554,6 @@ fn header_map(headers: Vec<(String, String)>) -> Result<http::HeaderMap, Error> 
         map.insert(name, value);
     }
     Ok(map)
-}
-
-/// Bounds on a listing: pages (S3 gives up to 1000 keys a page), one page's XML, keys kept,
-/// and the time it may take. A store past any of them gets a clear error, not our memory.
-const LIST_PAGES_MAX: u32 = 1000;
-const LIST_PAGE_BYTES_MAX: usize = 16 << 20;
-const LIST_KEYS_MAX: usize = 100_000;
-const LIST_DEADLINE: Duration = Duration::from_secs(120);
-
-/// What the HTTP layer saw of listings: pages requested, keys taken out.
-#[derive(Debug, Default, Clone)]
-struct Watch {
-    pages: Arc<AtomicU32>,
-    skipped: Arc<Mutex<Vec<String>>>,
-}
-
-#[derive(Debug)]
-struct Connector {
-    client: reqwest::Client,
-    pages: Arc<AtomicU32>,
-    skipped: Arc<Mutex<Vec<String>>>,
-}
-
-impl HttpConnector for Connector {
-    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        Ok(HttpClient::new(Guarded {
-            client: self.client.clone(),
-            pages: self.pages.clone(),
-            skipped: self.skipped.clone(),
-        }))
-    }
-}
-
-/// Counts listing pages and reads each one with a size cap before object_store parses it.
-#[derive(Debug)]
-struct Guarded {
-    client: reqwest::Client,
-    pages: Arc<AtomicU32>,
-    skipped: Arc<Mutex<Vec<String>>>,
-}
-
-fn refused(what: String) -> HttpError {
-    // `Decode` is never retried.
-    HttpError::new(HttpErrorKind::Decode, io::Error::other(what))
-}
-
-#[async_trait::async_trait]
-impl HttpService for Guarded {
-    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let listing = req.method() == http::Method::GET
-            && req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
-        if listing && self.pages.fetch_add(1, Ordering::SeqCst) >= LIST_PAGES_MAX {
-            return Err(refused(format!(
-                "the listing did not end after {LIST_PAGES_MAX} pages; the store keeps saying \
-                 there is more"
-            )));
-        }
-        let response = self.client.call(req).await?;
-        if !listing {
-            return Ok(response);
-        }
-        let (parts, body) = response.into_parts();
-        let mut stream = body.bytes_stream();
-        let mut page = Vec::new();
-        while let Some(piece) = stream.next().await {
-            let piece = piece?;
-            if page.len() + piece.len() > LIST_PAGE_BYTES_MAX {
-                return Err(refused(format!(
-                    "a listing page is larger than {} MiB; no S3 server sends that",
-                    LIST_PAGE_BYTES_MAX >> 20
-                )));
-            }
-            page.extend_from_slice(&piece);
-        }
-        let page = match String::from_utf8(page) {
-            Ok(text) => {
-                let (kept, skipped) = drop_unusable_keys(&text);
-                if let Ok(mut s) = self.skipped.lock() {
-                    s.extend(skipped);
-                }
-                kept.into_bytes()
-            }
-            Err(e) => e.into_bytes(),
-        };
-        Ok(HttpResponse::from_parts(parts, page.into()))
-    }
-}
-
-/// Takes out of a ListObjectsV2 page the `<Contents>` entries whose key the client could not
-/// take as a path (`a//b`, `..`): one such key would fail the whole listing. Returns the page
-/// and the keys taken out, for the operator to see.
-fn drop_unusable_keys(page: &str) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(page.len());
-    let mut skipped = Vec::new();
-    let mut rest = page;
-    while let Some(start) = rest.find("<Contents>") {
-        let Some(len) = rest[start..].find("</Contents>") else {
-            break;
-        };
-        let end = start + len + "</Contents>".len();
-        let entry = &rest[start..end];
-        out.push_str(&rest[..start]);
-        let key = entry
-            .split_once("<Key>")
-            .and_then(|(_, k)| k.split_once("</Key>"))
-            .map(|(k, _)| xml_unescape(k));
-        match key {
-            Some(k) if ObjectPath::parse(&k).is_err() => skipped.push(bounded(&k, 300)),
-            _ => out.push_str(entry),
-        }
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    (out, skipped)
-}
-
-fn xml_unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let Some(semi) = tail.find(';').filter(|&n| n <= 10) else {
-            out.push('&');
-            rest = &tail[1..];
-            continue;
-        };
-        let entity = &tail[1..semi];
-        let c = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            _ => entity
-                .strip_prefix("#x")
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match c {
-            Some(c) => {
-                out.push(c);
-                rest = &tail[semi + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// One object of the store.
@@ -749,32 +620,7 @@ impl Store {
 
     /// The object at `key` with its user metadata; `None` when there is none.
     pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>, Error> {
-        let path = ObjectPath::from(key);
-        let opts = GetOptions {
-            head: true,
-            ..Default::default()
-        };
-        match self.rt.block_on(self.s3.get_opts(&path, opts)) {
-            Ok(r) => {
-                let meta = r
-                    .attributes
-                    .iter()
-                    .filter_map(|(k, v)| match k {
-                        Attribute::Metadata(name) => Some((name.to_string(), v.to_string())),
-                        _ => None,
-                    })
-                    .collect();
-                Ok(Some(ObjectInfo {
-                    key: key.to_string(),
-                    size: r.meta.size,
-                    modified: r.meta.last_modified.to_rfc3339(),
-                    etag: r.meta.e_tag.clone(),
-                    meta,
-                }))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.fail(&format!("cannot read `{key}`"), e)),
-        }
+        head_of(&self.rt, &self.s3, &self.cfg, key)
     }
 
     /// Every object directly in `folder`, as the listing gives it (no metadata: `head` reads
@@ -851,55 +697,20 @@ impl Store {
     }
 
     /// Writes a small object (a change segment) once: an object already at `key` is fine
-    /// only when it holds the same bytes.
+    /// only when it holds the same bytes. Confirmed by reading it back.
     pub fn put_once(&self, key: &str, bytes: Vec<u8>) -> Result<(), Error> {
-        let opts = object_store::PutOptions {
-            mode: object_store::PutMode::Create,
-            ..Default::default()
-        };
         let same = bytes.clone();
-        let put = self
-            .rt
-            .block_on(self.s3.put_opts(&ObjectPath::from(key), bytes.into(), opts));
-        match put {
-            Ok(_) => Ok(()),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => match self.get_bytes(key, same.len() as u64)? {
-                Some(there) if there == same => Ok(()),
-                _ => Err(Error::StoreConflict {
-                    store: self.cfg.describe(),
-                    key: key.to_string(),
-                }),
-            },
-            Err(e) => Err(self.fail(&format!("cannot write `{key}`"), e)),
-        }
+        put_small_once(&self.rt, &self.s3, &self.cfg, key, bytes, &|b| b == same)
     }
 
     /// The object at `key` when it is at most `max` bytes; `None` when absent or larger.
     pub fn get_bytes(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, Error> {
-        self.rt.block_on(async {
-            let got = match self.s3.get(&ObjectPath::from(key)).await {
-                Ok(g) => g,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(self.fail(&format!("cannot read `{key}`"), e)),
-            };
-            if got.meta.size > max {
-                return Ok(None);
-            }
-            let mut stream = got.into_stream();
-            let mut out = Vec::with_capacity(got_size(max));
-            while let Some(piece) = stream.next().await {
-                out.extend_from_slice(
-                    &piece.map_err(|e| self.fail(&format!("cannot read `{key}`"), e))?,
-                );
-                if out.len() as u64 > max {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(out))
-        })
+        Ok(
+            match get_limited(&self.rt, &self.s3, &self.cfg, key, max)? {
+                Small::Bytes(b) => Some(b),
+                _ => None,
+            },
+        )
     }
 
     /// Every key under `prefix` (recursively), bounded by `LIST_KEYS_MAX`.
@@ -945,7 +756,12 @@ fn got_size(max: u64) -> usize {
 pub struct Uploaded {
     pub url: String,
     pub etag: String,
+    /// The object's size, confirmed.
     pub size: u64,
+    /// How the object was confirmed to be the archive.
+    pub confirmed: Confirmed,
+    /// The integrity header its parts carried: `crc64nvme` (and Content-MD5), or `md5`.
+    pub checksum: &'static str,
 }
 
 enum Decision {
@@ -1048,130 +864,442 @@ impl Upload {
     }
 }
 
-/// The upload's thread: a multipart upload straight to the archive's final key, parts sent
-/// as the archive is written (two in flight), completed only once the archive is verified
-/// and published locally, with `If-None-Match: *` (never over an object already there) and
-/// the whole object's CRC64NVME (`x-amz-checksum-type: FULL_OBJECT`), for servers that check
-/// it. Then the record object, written once: the archive counts as complete only with it.
-/// Any failure before completion aborts the upload; no copy is ever made.
+/// The upload's thread: a multipart upload straight to the archive's final key, parts sent as
+/// the archive is written (two in flight), completed only once the archive is verified and
+/// published locally; then confirmed, and its record written once. Stages: `start` (create and
+/// send), the decision, `claim` (the key is free and ours to write), `complete`, `confirm`, the
+/// record. Any failure before completion aborts the upload; no copy is ever made.
 fn upload_thread(
     cfg: StoreConfig,
     folder: String,
     mut data_rx: tokio::sync::mpsc::Receiver<Msg>,
     decide_rx: Receiver<Decision>,
 ) -> Result<Uploaded, Error> {
-    use object_store::multipart::MultipartStore;
-    let store_err = |what: String, e: object_store::Error| Error::Store {
-        store: cfg.describe(),
-        problem: bounded(&format!("{what}: {e}"), 2048),
-    };
-    let rt = runtime()?;
-    let s3 = Arc::new(cfg.client_with(Vec::new(), true)?);
+    let up = Uploader::new(cfg)?;
     let mut received = Received {
         crc64: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme),
         bytes: 0,
     };
-    let started = rt.block_on(async {
-        // The bucket must exist (some servers would create it on the first write).
-        s3.list_with_delimiter(Some(&ObjectPath::from(folder.as_str())))
-            .await
-            .map_err(|e| store_err("cannot list the bucket".into(), e))?;
-        let key = match data_rx.recv().await {
-            Some(Msg::Begin(name)) => format!("{folder}/{name}"),
-            // The writer stopped before naming its archive.
-            _ => return Ok(None),
-        };
-        let path = ObjectPath::from(key.as_str());
-        let mut opts = PutMultipartOptions::default();
-        if let Some(class) = &cfg.storage_class {
-            opts.attributes
-                .insert(Attribute::StorageClass, class.clone().into());
-        }
-        let id = s3
-            .create_multipart_opts(&path, opts)
-            .await
-            .map_err(|e| store_err(format!("cannot start the upload of `{key}`"), e))?;
-        let sent = send_parts(&s3, &path, &id, &mut data_rx, &mut received).await;
-        match sent {
-            Ok(parts) => Ok(Some((key, id, parts))),
-            Err(e) => {
-                let _ = s3.abort_multipart(&path, &id).await;
-                Err(store_err(format!("uploading a part of `{key}` failed"), e))
-            }
-        }
-    });
-    let Some((key, id, parts)) = started? else {
-        return Err(Error::Store {
-            store: cfg.describe(),
-            problem: "the upload was aborted before it began".into(),
-        });
+    let Some(started) = up.start(&folder, &mut data_rx, &mut received)? else {
+        return Err(up.problem("the upload was aborted before it began".into()));
     };
-    let path = ObjectPath::from(key.as_str());
     // All data is in; wait for the archive to be verified and published.
     let decision = decide_rx.recv().unwrap_or(Decision::Abort);
     let Decision::Commit(record) = decision else {
-        let _ = rt.block_on(s3.abort_multipart(&path, &id));
-        return Err(Error::Store {
-            store: cfg.describe(),
-            problem: "the upload was aborted".into(),
-        });
+        up.abort(&started);
+        return Err(up.problem("the upload was aborted".into()));
     };
+    let key = &started.key;
     if !key.ends_with(&format!("/{}", record.archive)) || received.bytes != record.size {
-        let _ = rt.block_on(s3.abort_multipart(&path, &id));
-        return Err(Error::Store {
-            store: cfg.describe(),
-            problem: format!(
-                "the upload of `{key}` received {} bytes, not the archive `{}` ({} bytes); it \
-                 was aborted",
-                received.bytes, record.archive, record.size
-            ),
-        });
+        up.abort(&started);
+        return Err(up.problem(format!(
+            "the upload of `{key}` received {} bytes, not the archive `{}` ({} bytes); it was \
+             aborted",
+            received.bytes, record.archive, record.size
+        )));
     }
-    let crc = {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(received.crc64.finalize().to_be_bytes())
+    let expected = up
+        .watch
+        .part_digests(&started.id, started.parts.len())
+        .map(|d| multipart_etag(&d));
+    let mine = match up.claim(key, &record, expected.as_deref())? {
+        Claim::Free(mine) => mine,
+        Claim::Ours(confirmed, etag) => {
+            // Ours already (an upload retried after its record was lost or never written).
+            up.abort(&started);
+            write_record(&up.rt, &up.plain, &up.cfg, key, &record)?;
+            return Ok(up.uploaded(key, &record, confirmed, etag, started.crc));
+        }
+        Claim::Taken => {
+            up.abort(&started);
+            return Err(Error::StoreConflict {
+                store: up.cfg.describe(),
+                key: key.clone(),
+            });
+        }
     };
-    let completer = cfg.client_with(
-        vec![
-            ("if-none-match".into(), "*".into()),
-            ("x-amz-checksum-crc64nvme".into(), crc),
-            ("x-amz-checksum-type".into(), "FULL_OBJECT".into()),
-        ],
-        true,
-    )?;
-    let completed = rt.block_on(completer.complete_multipart(&path, &id, parts));
-    match completed {
-        Ok(_) => {}
-        Err(
-            object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. },
-        ) => {
-            let _ = rt.block_on(s3.abort_multipart(&path, &id));
-            // Ours already (an upload retried after its record was lost or never written)?
-            if !object_is(&rt, &s3, &cfg, &key, &record)? {
-                return Err(Error::StoreConflict {
-                    store: cfg.describe(),
+    let done = up.complete_and_confirm(&started, &record, &received, expected.as_deref());
+    up.release(&mine);
+    let (confirmed, etag) = done?;
+    crate::points::crash_point("upload-before-record");
+    write_record(&up.rt, &up.plain, &up.cfg, key, &record)?;
+    Ok(up.uploaded(key, &record, confirmed, etag, started.crc))
+}
+
+/// How an object was confirmed to be the archive sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Its size, and its multipart ETag: the MD5 of the MD5s of the parts as sent.
+    ETag,
+    /// Its bytes read back: their size and sha256.
+    ReadBack,
+}
+
+impl Confirmed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confirmed::ETag => "size and multipart etag",
+            Confirmed::ReadBack => "size and sha256 read back",
+        }
+    }
+}
+
+/// The ETag S3 stores give a multipart object: the MD5 of the parts' MD5s, and their number.
+fn multipart_etag(parts: &[[u8; 16]]) -> String {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    format!("{}-{}", hex::encode(h.finalize()), parts.len())
+}
+
+fn plain_etag(etag: &str) -> String {
+    etag.trim().trim_matches('"').to_ascii_lowercase()
+}
+
+/// An upload begun: its key, its id, its parts sent, and whether it carries CRC64NVME.
+struct Started {
+    key: String,
+    id: String,
+    parts: Vec<object_store::multipart::PartId>,
+    crc: bool,
+}
+
+/// What `claim` found.
+enum Claim {
+    /// The key is free and claimed by this upload (the claim object's key).
+    Free(String),
+    /// The key already holds this very archive.
+    Ours(Confirmed, String),
+    /// The key holds, or is being written with, another archive.
+    Taken,
+}
+
+/// Claim rounds before a key held by another writer's claim counts as taken, and the pause
+/// between them.
+const CLAIM_ROUNDS: u32 = 8;
+
+/// The upload thread's clients: one without checksum headers, one with (used while the store
+/// takes them), both over one HTTP layer that keeps the MD5s of the parts.
+struct Uploader {
+    cfg: StoreConfig,
+    rt: tokio::runtime::Runtime,
+    watch: Watch,
+    plain: Arc<AmazonS3>,
+    crc: Arc<AmazonS3>,
+}
+
+impl Uploader {
+    fn new(cfg: StoreConfig) -> Result<Uploader, Error> {
+        let watch = Watch::default();
+        Ok(Uploader {
+            rt: runtime()?,
+            plain: Arc::new(cfg.client_watched(&watch, Vec::new(), false)?),
+            crc: Arc::new(cfg.client_watched(&watch, Vec::new(), true)?),
+            watch,
+            cfg,
+        })
+    }
+
+    fn client(&self, u: caps::Using) -> Arc<AmazonS3> {
+        if u.checksums {
+            self.crc.clone()
+        } else {
+            self.plain.clone()
+        }
+    }
+
+    fn problem(&self, problem: String) -> Error {
+        Error::Store {
+            store: self.cfg.describe(),
+            problem,
+        }
+    }
+
+    fn fail(&self, what: String, e: impl std::fmt::Display) -> Error {
+        self.problem(bounded(&format!("{what}: {e}"), 2048))
+    }
+
+    fn abort(&self, st: &Started) {
+        let path = ObjectPath::from(st.key.as_str());
+        let _ = self.rt.block_on(self.plain.abort_multipart(&path, &st.id));
+        self.watch.forget(&st.id);
+    }
+
+    fn uploaded(
+        &self,
+        key: &str,
+        record: &crate::manifest::Record,
+        confirmed: Confirmed,
+        etag: String,
+        crc: bool,
+    ) -> Uploaded {
+        Uploaded {
+            url: self.cfg.url(key),
+            etag,
+            size: record.size,
+            confirmed,
+            checksum: if crc { "crc64nvme" } else { "md5" },
+        }
+    }
+
+    /// Creates the multipart upload once the archive is named, and sends its parts as they
+    /// come. `None`: the writer stopped before naming its archive.
+    fn start(
+        &self,
+        folder: &str,
+        data_rx: &mut tokio::sync::mpsc::Receiver<Msg>,
+        received: &mut Received,
+    ) -> Result<Option<Started>, Error> {
+        let mode = self.cfg.checksum;
+        self.rt.block_on(async {
+            // The bucket must exist (some servers would create it on the first write).
+            self.plain
+                .list_with_delimiter(Some(&ObjectPath::from(folder)))
+                .await
+                .map_err(|e| self.fail("cannot list the bucket".into(), e))?;
+            let key = match data_rx.recv().await {
+                Some(Msg::Begin(name)) => format!("{folder}/{name}"),
+                _ => return Ok(None),
+            };
+            let path = ObjectPath::from(key.as_str());
+            let mut opts = PutMultipartOptions::default();
+            if let Some(class) = &self.cfg.storage_class {
+                opts.attributes
+                    .insert(Attribute::StorageClass, class.clone().into());
+            }
+            let (id, crc) = loop {
+                let u = caps::using(mode);
+                match self
+                    .client(u)
+                    .create_multipart_opts(&path, opts.clone())
+                    .await
+                {
+                    Err(_) if caps::using(mode) != u => continue,
+                    Err(e) => {
+                        return Err(self.fail(format!("cannot start the upload of `{key}`"), e))
+                    }
+                    Ok(id) => break (id, u.checksums),
+                }
+            };
+            let clients = (self.plain.clone(), self.crc.clone(), mode);
+            let sent = send_parts(clients, &path, &id, data_rx, received).await;
+            match sent {
+                Ok(parts) => Ok(Some(Started {
                     key,
+                    id,
+                    parts,
+                    crc,
+                })),
+                Err(e) => {
+                    let _ = self.plain.abort_multipart(&path, &id).await;
+                    Err(self.fail(format!("uploading a part of `{key}` failed"), e))
+                }
+            }
+        })
+    }
+
+    /// Whether `key` is free, and this upload's to write: free by a HEAD, then claimed by an
+    /// object of its own under `<folder>/.claims/<name>/` that turned out to be the only
+    /// claim there. Two writers cannot both see only their own claim on a store that lists
+    /// what was written (S3's strong consistency); when both see two, both withdraw and try
+    /// again after a random pause, until one is alone or the key holds an archive.
+    fn claim(
+        &self,
+        key: &str,
+        record: &crate::manifest::Record,
+        expected: Option<&str>,
+    ) -> Result<Claim, Error> {
+        let (dir, name) = key.rsplit_once('/').unwrap_or(("", key));
+        let claims = format!("{dir}/.claims/{name}");
+        let mine = format!("{claims}/{}", claim_token());
+        for round in 0..CLAIM_ROUNDS {
+            if head_of(&self.rt, &self.plain, &self.cfg, key)?.is_some() {
+                return Ok(match self.confirm(key, record, expected)? {
+                    Some((c, etag)) => Claim::Ours(c, etag),
+                    None => Claim::Taken,
                 });
             }
+            let body = format!("{}\n", record.sha256).into_bytes();
+            self.rt
+                .block_on(
+                    self.plain
+                        .put(&ObjectPath::from(mine.as_str()), body.into()),
+                )
+                .map_err(|e| self.fail(format!("cannot write the claim `{mine}`"), e))?;
+            let others = self.rt.block_on(async {
+                let mut out = Vec::new();
+                let mut stream = self.plain.list(Some(&ObjectPath::from(claims.as_str())));
+                while let Some(item) = stream.next().await {
+                    let k = item?.location.to_string();
+                    if k != mine {
+                        out.push(k);
+                    }
+                }
+                Ok::<_, object_store::Error>(out)
+            });
+            let others = others.map_err(|e| self.fail(format!("cannot list `{claims}/`"), e))?;
+            if others.is_empty() {
+                return Ok(Claim::Free(mine));
+            }
+            self.release(&mine);
+            std::thread::sleep(jitter(round));
         }
-        Err(e) => {
-            let _ = rt.block_on(s3.abort_multipart(&path, &id));
-            return Err(store_err(
-                format!("completing the upload of `{key}` failed"),
-                e,
-            ));
-        }
+        Ok(Claim::Taken)
     }
-    crate::points::crash_point("upload-before-record");
-    write_record(&rt, &s3, &cfg, &key, &record)?;
-    let head = rt
-        .block_on(s3.head(&path))
-        .map_err(|e| store_err(format!("cannot read back `{key}`"), e))?;
-    Ok(Uploaded {
-        url: cfg.url(&key),
-        etag: head.e_tag.unwrap_or_default().trim_matches('"').to_string(),
-        size: head.size,
-    })
+
+    fn release(&self, claim: &str) {
+        let _ = self
+            .rt
+            .block_on(self.plain.delete(&ObjectPath::from(claim)));
+    }
+
+    /// Completes the upload (with `If-None-Match: *` and the whole object's CRC64NVME where
+    /// the store takes them), then confirms what the key holds. An object that is not the
+    /// archive but is the one this completion made (bytes changed on the way and not caught
+    /// before) is removed.
+    fn complete_and_confirm(
+        &self,
+        st: &Started,
+        record: &crate::manifest::Record,
+        received: &Received,
+        expected: Option<&str>,
+    ) -> Result<(Confirmed, String), Error> {
+        let key = &st.key;
+        let path = ObjectPath::from(key.as_str());
+        let crc = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .encode(received.crc64.clone().finalize().to_be_bytes())
+        };
+        let completed = loop {
+            let u = caps::using(self.cfg.checksum);
+            let mut headers = Vec::new();
+            if u.conditional {
+                headers.push(("if-none-match".to_string(), "*".to_string()));
+            }
+            if st.crc && u.checksums {
+                headers.push(("x-amz-checksum-crc64nvme".into(), crc.clone()));
+                headers.push(("x-amz-checksum-type".into(), "FULL_OBJECT".into()));
+            }
+            let completer = self
+                .cfg
+                .client_watched(&self.watch, headers, st.crc && u.checksums)?;
+            let r = self
+                .rt
+                .block_on(completer.complete_multipart(&path, &st.id, st.parts.clone()));
+            match r {
+                Err(_) if caps::using(self.cfg.checksum) != u => continue,
+                r => break r,
+            }
+        };
+        let made = match completed {
+            Ok(put) => put.e_tag.map(|e| plain_etag(&e)),
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => {
+                self.abort(st);
+                return match self.confirm(key, record, expected)? {
+                    Some(done) => Ok(done),
+                    None => Err(Error::StoreConflict {
+                        store: self.cfg.describe(),
+                        key: key.clone(),
+                    }),
+                };
+            }
+            Err(e) => {
+                self.abort(st);
+                return Err(self.fail(format!("completing the upload of `{key}` failed"), e));
+            }
+        };
+        self.watch.forget(&st.id);
+        if let Some(done) = self.confirm(key, record, expected)? {
+            return Ok(done);
+        }
+        let now = head_of(&self.rt, &self.plain, &self.cfg, key)?;
+        let now_etag = now.as_ref().and_then(|o| o.etag.as_deref()).map(plain_etag);
+        if now_etag.is_some() && now_etag == made {
+            let _ = self.rt.block_on(self.plain.delete(&path));
+            return Err(Error::StoreUnconfirmed {
+                store: self.cfg.describe(),
+                key: key.clone(),
+                problem: format!(
+                    "its size or sha256 differs from the archive's ({} bytes, sha256 {})",
+                    record.size, record.sha256
+                ),
+            });
+        }
+        Err(Error::StoreConflict {
+            store: self.cfg.describe(),
+            key: key.clone(),
+        })
+    }
+
+    /// Whether the object at `key` is the archive `record` describes: its size and the
+    /// multipart ETag expected from the parts sent, or else its bytes read back. Returns how,
+    /// and its ETag; `None` when it is absent or another object.
+    fn confirm(
+        &self,
+        key: &str,
+        record: &crate::manifest::Record,
+        expected: Option<&str>,
+    ) -> Result<Option<(Confirmed, String)>, Error> {
+        use sha2::Digest;
+        let Some(head) = head_of(&self.rt, &self.plain, &self.cfg, key)? else {
+            return Ok(None);
+        };
+        let etag = head.etag.as_deref().map(plain_etag).unwrap_or_default();
+        if head.size == record.size && expected.is_some_and(|e| e == etag) {
+            return Ok(Some((Confirmed::ETag, etag)));
+        }
+        if head.size != record.size && head.size != 0 {
+            return Ok(None);
+        }
+        let fail = |e: object_store::Error| self.fail(format!("cannot read back `{key}`"), e);
+        let (sha, size) = self.rt.block_on(async {
+            let got = self.plain.get(&ObjectPath::from(key)).await.map_err(fail)?;
+            let mut stream = got.into_stream();
+            let mut h = sha2::Sha256::new();
+            let mut size = 0u64;
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(fail)?;
+                size += piece.len() as u64;
+                h.update(&piece);
+            }
+            Ok::<_, Error>((hex::encode(h.finalize()), size))
+        })?;
+        Ok((sha == record.sha256 && size == record.size).then_some((Confirmed::ReadBack, etag)))
+    }
+}
+
+/// A claim's name: unique to this process and moment.
+fn claim_token() -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{host}-{}-{nanos}", std::process::id())
+}
+
+/// A pause of 100 to 600 ms, different in each process.
+fn jitter(round: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let mix = (nanos ^ std::process::id().wrapping_mul(2_654_435_761) ^ round.wrapping_mul(40_503))
+        .wrapping_mul(2_246_822_519);
+    Duration::from_millis(100 + u64::from(mix % 500))
 }
 
 /// A part's buffer, lent to the request that sends it: when the request is done with it (the
@@ -1199,13 +1327,12 @@ impl Drop for PartBuf {
 /// Sends the archive's bytes as parts of `PART`, two in flight, counting and checksumming them
 /// as they pass.
 async fn send_parts(
-    s3: &Arc<AmazonS3>,
+    (plain, crc, mode): (Arc<AmazonS3>, Arc<AmazonS3>, ChecksumMode),
     path: &ObjectPath,
     id: &str,
     data_rx: &mut tokio::sync::mpsc::Receiver<Msg>,
     received: &mut Received,
 ) -> Result<Vec<object_store::multipart::PartId>, object_store::Error> {
-    use object_store::multipart::MultipartStore;
     let mut in_flight = tokio::task::JoinSet::new();
     let mut parts = BTreeMap::new();
     let mut buf: Vec<u8> = Vec::with_capacity(PART);
@@ -1219,14 +1346,21 @@ async fn send_parts(
             .unwrap_or_else(|_| Vec::with_capacity(PART))
     };
     let send = |data: Vec<u8>, idx: usize, in_flight: &mut Parts| {
-        let (s3, path, id) = (s3.clone(), path.clone(), id.to_string());
+        let (plain, crc, path, id) = (plain.clone(), crc.clone(), path.clone(), id.to_string());
         let payload = bytes::Bytes::from_owner(PartBuf {
             data,
             home: home.clone(),
         });
         in_flight.spawn(async move {
-            let part = s3.put_part(&path, &id, idx, payload.into()).await?;
-            Ok((idx, part))
+            // Sent again without the checksum header when the store refuses it.
+            loop {
+                let u = caps::using(mode);
+                let s3 = if u.checksums { &crc } else { &plain };
+                match s3.put_part(&path, &id, idx, payload.clone().into()).await {
+                    Err(_) if caps::using(mode) != u => continue,
+                    r => return Ok((idx, r?)),
+                }
+            }
         });
     };
     let joined = |r: Result<_, tokio::task::JoinError>| {
@@ -1268,35 +1402,41 @@ async fn send_parts(
     Ok(parts.into_values().collect())
 }
 
-/// Whether the object at `key` is the archive `record` describes: its record says so, or,
-/// with no record, its bytes hash to the record's sha256 (then the record is written).
-fn object_is(
+/// The object at `key` (size, ETag, metadata); `None` when there is none.
+fn head_of(
     rt: &tokio::runtime::Runtime,
     s3: &AmazonS3,
     cfg: &StoreConfig,
     key: &str,
-    record: &crate::manifest::Record,
-) -> Result<bool, Error> {
-    use sha2::Digest;
-    if let Some(there) = read_record(rt, s3, cfg, key)? {
-        return Ok(there.sha256 == record.sha256 && there.size == record.size);
-    }
-    let fail = |e: object_store::Error| Error::Store {
-        store: cfg.describe(),
-        problem: bounded(&format!("cannot read `{key}`: {e}"), 2048),
+) -> Result<Option<ObjectInfo>, Error> {
+    let opts = GetOptions {
+        head: true,
+        ..Default::default()
     };
-    rt.block_on(async {
-        let got = s3.get(&ObjectPath::from(key)).await.map_err(fail)?;
-        if got.meta.size != record.size {
-            return Ok(false);
+    match rt.block_on(s3.get_opts(&ObjectPath::from(key), opts)) {
+        Ok(r) => {
+            let meta = r
+                .attributes
+                .iter()
+                .filter_map(|(k, v)| match k {
+                    Attribute::Metadata(name) => Some((name.to_string(), v.to_string())),
+                    _ => None,
+                })
+                .collect();
+            Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: r.meta.size,
+                modified: r.meta.last_modified.to_rfc3339(),
+                etag: r.meta.e_tag.clone(),
+                meta,
+            }))
         }
-        let mut stream = got.into_stream();
-        let mut h = sha2::Sha256::new();
-        while let Some(piece) = stream.next().await {
-            h.update(&piece.map_err(fail)?);
-        }
-        Ok(hex::encode(h.finalize()) == record.sha256)
-    })
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(Error::Store {
+            store: cfg.describe(),
+            problem: bounded(&format!("cannot read `{key}`: {e}"), 2048),
+        }),
+    }
 }
 
 /// Reads the record beside `key`, if there is one (bounded; an unreadable one is none).
@@ -1307,18 +1447,31 @@ fn read_record(
     key: &str,
 ) -> Result<Option<crate::manifest::Record>, Error> {
     let name = key.rsplit('/').next().unwrap_or(key);
-    Ok(get_small(rt, s3, cfg, &record_key(key))?
-        .and_then(|text| crate::manifest::Record::from_yaml(&text, name).ok()))
+    Ok(
+        match get_limited(rt, s3, cfg, &record_key(key), crate::manifest::RECORD_MAX)? {
+            Small::Bytes(b) => String::from_utf8(b)
+                .ok()
+                .and_then(|text| crate::manifest::Record::from_yaml(&text, name).ok()),
+            _ => None,
+        },
+    )
 }
 
-/// The object at `key` as text when it is at most `RECORD_MAX` bytes; `None` when absent,
-/// larger or not UTF-8.
-fn get_small(
+/// A small object, read whole.
+enum Small {
+    Absent,
+    /// Larger than asked for.
+    Large,
+    Bytes(Vec<u8>),
+}
+
+fn get_limited(
     rt: &tokio::runtime::Runtime,
     s3: &AmazonS3,
     cfg: &StoreConfig,
     key: &str,
-) -> Result<Option<String>, Error> {
+    max: u64,
+) -> Result<Small, Error> {
     let fail = |e: object_store::Error| Error::Store {
         store: cfg.describe(),
         problem: bounded(&format!("cannot read `{key}`: {e}"), 2048),
@@ -1326,22 +1479,90 @@ fn get_small(
     rt.block_on(async {
         let got = match s3.get(&ObjectPath::from(key)).await {
             Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(object_store::Error::NotFound { .. }) => return Ok(Small::Absent),
             Err(e) => return Err(fail(e)),
         };
-        if got.meta.size > crate::manifest::RECORD_MAX {
-            return Ok(None);
+        if got.meta.size > max {
+            return Ok(Small::Large);
         }
         let mut stream = got.into_stream();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(got_size(max));
         while let Some(piece) = stream.next().await {
             out.extend_from_slice(&piece.map_err(fail)?);
-            if out.len() as u64 > crate::manifest::RECORD_MAX {
-                return Ok(None);
+            if out.len() as u64 > max {
+                return Ok(Small::Large);
             }
         }
-        Ok(String::from_utf8(out).ok())
+        Ok(Small::Bytes(out))
     })
+}
+
+/// Writes a small object once, and confirms it: an object already at `key` is fine only when
+/// `same` takes its bytes. A HEAD-like read first (write-once on a store that ignores
+/// `If-None-Match`), `If-None-Match: *` where the store takes it, and the bytes read back
+/// after. `Content-MD5` is checked by the store on the way in.
+fn put_small_once(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    cfg: &StoreConfig,
+    key: &str,
+    bytes: Vec<u8>,
+    same: &dyn Fn(&[u8]) -> bool,
+) -> Result<(), Error> {
+    let max = (bytes.len() as u64).max(crate::manifest::RECORD_MAX);
+    let conflict = || Error::StoreConflict {
+        store: cfg.describe(),
+        key: key.to_string(),
+    };
+    let there = |rt| match get_limited(rt, s3, cfg, key, max)? {
+        Small::Absent => Ok(None),
+        Small::Large => Ok(Some(false)),
+        Small::Bytes(b) => Ok(Some(same(&b))),
+    };
+    if let Some(ok) = there(rt)? {
+        return if ok { Ok(()) } else { Err(conflict()) };
+    }
+    let path = ObjectPath::from(key);
+    let conditional = loop {
+        let u = caps::using(cfg.checksum);
+        let opts = object_store::PutOptions {
+            mode: if u.conditional {
+                object_store::PutMode::Create
+            } else {
+                object_store::PutMode::Overwrite
+            },
+            ..Default::default()
+        };
+        match rt.block_on(s3.put_opts(&path, bytes.clone().into(), opts)) {
+            Ok(_) => break u.conditional,
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {
+                return match there(rt)? {
+                    Some(true) => Ok(()),
+                    _ => Err(conflict()),
+                }
+            }
+            Err(_) if caps::using(cfg.checksum) != u => continue,
+            Err(e) => {
+                return Err(Error::Store {
+                    store: cfg.describe(),
+                    problem: bounded(&format!("cannot write `{key}`: {e}"), 2048),
+                })
+            }
+        }
+    };
+    match get_limited(rt, s3, cfg, key, max)? {
+        Small::Bytes(b) if b == bytes => Ok(()),
+        Small::Bytes(b) if same(&b) => Ok(()),
+        _ => {
+            if conditional {
+                caps::conditional_ignored();
+            }
+            Err(conflict())
+        }
+    }
 }
 
 /// Writes the record of the archive at `key`, once: a record already there is fine only when
@@ -1354,38 +1575,27 @@ fn write_record(
     record: &crate::manifest::Record,
 ) -> Result<(), Error> {
     let rkey = record_key(key);
-    let opts = object_store::PutOptions {
-        mode: object_store::PutMode::Create,
-        ..Default::default()
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let same = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|t| crate::manifest::Record::from_yaml(t, name).ok())
+            .is_some_and(|r| r.sha256 == record.sha256 && r.size == record.size)
     };
-    let put = rt.block_on(s3.put_opts(
-        &ObjectPath::from(rkey.as_str()),
-        record.to_yaml().into_bytes().into(),
-        opts,
-    ));
-    match put {
-        Ok(_) => Ok(()),
-        Err(
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
-        ) => match read_record(rt, s3, cfg, key)? {
-            Some(r) if r.sha256 == record.sha256 && r.size == record.size => Ok(()),
-            _ => Err(Error::StoreConflict {
-                store: cfg.describe(),
-                key: rkey,
-            }),
-        },
-        Err(e) => Err(Error::Store {
-            store: cfg.describe(),
+    put_small_once(rt, s3, cfg, &rkey, record.to_yaml().into_bytes(), &same).map_err(|e| match e {
+        Error::Store { store, problem } => Error::Store {
+            store,
             problem: bounded(
                 &format!(
                     "the archive `{key}` is complete but its record `{rkey}` could not be \
-                     written ({e}); until it is, the archive is listed as incomplete. The next \
-                     `snapshot --if-changed` (or `backup`) writes it"
+                     written ({problem}); until it is, the archive is listed as incomplete. The \
+                     next `snapshot --if-changed` (or `backup`) writes it"
                 ),
                 2048,
             ),
-        }),
-    }
+        },
+        other => other,
+    })
 }
 
 impl Drop for Upload {
