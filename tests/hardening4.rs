@@ -14,7 +14,7 @@ use crate::pitr::{follow, follow_agent, no_leases, range, sigterm, txn, wait_rec
 use crate::util::*;
 
 /// follow started with its stderr in a file (a pipe nobody reads would block it).
-fn follow_logged(agent: Agent, log: &Path) -> Child {
+pub fn follow_logged(agent: Agent, log: &Path) -> Child {
     let mut agent = agent;
     agent
         .command()
@@ -26,7 +26,7 @@ fn follow_logged(agent: Agent, log: &Path) -> Child {
 }
 
 /// Waits until follow (logging to `log`) has made `rev` durable; fails with `what` and its log.
-fn wait_logged(target: &Path, node: &Node, rev: i64, log: &Path, secs: u64, what: &str) {
+pub fn wait_logged(target: &Path, node: &Node, rev: i64, log: &Path, secs: u64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while state_of(target, node)["through_revision"].as_i64() < Some(rev) {
         assert!(
@@ -39,7 +39,7 @@ fn wait_logged(target: &Path, node: &Node, rev: i64, log: &Path, secs: u64, what
 }
 
 /// `restore --to-revision <rev> --target <target> --skip-backup`, standalone.
-fn restore_to(node: &Node, rev: i64, target: &str) -> Agent {
+pub fn restore_to(node: &Node, rev: i64, target: &str) -> Agent {
     Agent::standalone(
         node,
         &[
@@ -261,7 +261,7 @@ fn follow_resumes_after_a_key_rotation() {
 }
 
 /// A new age identity file in `dir` and its public key, made by the stock `age-keygen`.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let p = dir.join(name);
     let out = Command::new(age_tool("age-keygen"))
         .arg("-o")
@@ -278,7 +278,7 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (p, public)
 }
 
-fn age_tool(name: &str) -> PathBuf {
+pub fn age_tool(name: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin"] {
         let p = Path::new(dir).join(name);
         if p.exists() {

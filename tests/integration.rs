@@ -22,3 +22,4 @@ mod revision;
 mod s3;
 mod snapshot;
 mod standalone;
+mod stores;

@@ -49,6 +49,11 @@ static CHECKSUMS_REFUSED: AtomicBool = AtomicBool::new(false);
 static CONDITIONAL_REFUSED: AtomicBool = AtomicBool::new(false);
 static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// Whether the store refused checksum headers in this process.
+pub fn checksums_refused() -> bool {
+    CHECKSUMS_REFUSED.load(Ordering::SeqCst)
+}
+
 /// Whether writes carry `If-None-Match: *` now.
 pub fn conditional() -> bool {
     !CONDITIONAL_REFUSED.load(Ordering::SeqCst)
@@ -99,9 +104,9 @@ pub fn refused(carried: Carried, status: u16, body: &str) {
     if carried.checksum {
         if !CHECKSUMS_REFUSED.swap(true, Ordering::SeqCst) {
             note(format!(
-                "the store refuses CRC64NVME checksum headers ({}); uploads go on with \
-                 Content-MD5 on every part and a confirmation of each object (set \
-                 --s3-checksum md5 to skip the first try)",
+                "the store refuses CRC64NVME checksum headers ({}); with `--s3-checksum auto` \
+                 uploads go on without them, with Content-MD5 on every part and a \
+                 confirmation of each object (`md5` skips the first try)",
                 code_of(status, body)
             ));
         }

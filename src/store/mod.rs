@@ -584,6 +584,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 pub struct Store {
     pub cfg: StoreConfig,
     s3: AmazonS3,
+    /// For requests object_store makes otherwise (a single DELETE).
+    http: reqwest::Client,
     rt: tokio::runtime::Runtime,
     watch: Watch,
 }
@@ -606,6 +608,7 @@ impl Store {
         Ok(Store {
             rt: runtime()?,
             s3,
+            http: cfg.http()?,
             cfg,
             watch,
         })
@@ -678,10 +681,9 @@ impl Store {
         Ok(Listing { objects, skipped })
     }
 
+    /// Deletes the object at `key` (gone already is fine).
     pub fn delete(&self, key: &str) -> Result<(), Error> {
-        self.rt
-            .block_on(self.s3.delete(&ObjectPath::from(key)))
-            .map_err(|e| self.fail(&format!("cannot delete `{key}`"), e))
+        delete_one(&self.rt, &self.s3, &self.http, &self.cfg, key)
     }
 
     /// Starts an upload into `folder`: a multipart upload to a temporary key there, fed by
@@ -988,6 +990,7 @@ struct Uploader {
     watch: Watch,
     plain: Arc<AmazonS3>,
     crc: Arc<AmazonS3>,
+    http: reqwest::Client,
 }
 
 impl Uploader {
@@ -997,6 +1000,7 @@ impl Uploader {
             rt: runtime()?,
             plain: Arc::new(cfg.client_watched(&watch, Vec::new(), false)?),
             crc: Arc::new(cfg.client_watched(&watch, Vec::new(), true)?),
+            http: cfg.http()?,
             watch,
             cfg,
         })
@@ -1078,7 +1082,10 @@ impl Uploader {
                 {
                     Err(_) if caps::using(mode) != u => continue,
                     Err(e) => {
-                        return Err(self.fail(format!("cannot start the upload of `{key}`"), e))
+                        return Err(self.fail(
+                            format!("cannot start the upload of `{key}`{}", pinned_hint(mode)),
+                            e,
+                        ))
                     }
                     Ok(id) => break (id, u.checksums),
                 }
@@ -1094,7 +1101,10 @@ impl Uploader {
                 })),
                 Err(e) => {
                     let _ = self.plain.abort_multipart(&path, &id).await;
-                    Err(self.fail(format!("uploading a part of `{key}` failed"), e))
+                    Err(self.fail(
+                        format!("uploading a part of `{key}` failed{}", pinned_hint(mode)),
+                        e,
+                    ))
                 }
             }
         })
@@ -1150,9 +1160,11 @@ impl Uploader {
     }
 
     fn release(&self, claim: &str) {
-        let _ = self
-            .rt
-            .block_on(self.plain.delete(&ObjectPath::from(claim)));
+        let _ = self.delete(claim);
+    }
+
+    fn delete(&self, key: &str) -> Result<(), Error> {
+        delete_one(&self.rt, &self.plain, &self.http, &self.cfg, key)
     }
 
     /// Completes the upload (with `If-None-Match: *` and the whole object's CRC64NVME where
@@ -1221,7 +1233,7 @@ impl Uploader {
         let now = head_of(&self.rt, &self.plain, &self.cfg, key)?;
         let now_etag = now.as_ref().and_then(|o| o.etag.as_deref()).map(plain_etag);
         if now_etag.is_some() && now_etag == made {
-            let _ = self.rt.block_on(self.plain.delete(&path));
+            self.delete(key)?;
             return Err(Error::StoreUnconfirmed {
                 store: self.cfg.describe(),
                 key: key.clone(),
@@ -1271,6 +1283,16 @@ impl Uploader {
             Ok::<_, Error>((hex::encode(h.finalize()), size))
         })?;
         Ok((sha == record.sha256 && size == record.size).then_some((Confirmed::ReadBack, etag)))
+    }
+}
+
+/// With `--s3-checksum crc64nvme` on a store that refused the checksum headers: what to set.
+fn pinned_hint(mode: ChecksumMode) -> &'static str {
+    if mode == ChecksumMode::Crc64nvme && caps::checksums_refused() {
+        " (the store refuses CRC64NVME checksum headers and --s3-checksum is crc64nvme: set it \
+         to `auto` or `md5`; in Juju, the charm's `s3-checksum` option)"
+    } else {
+        ""
     }
 }
 
@@ -1400,6 +1422,53 @@ async fn send_parts(
         parts.insert(idx, part);
     }
     Ok(parts.into_values().collect())
+}
+
+/// Deletes one object with a plain `DELETE`, which every S3 store has. (object_store's own
+/// delete is a multi-object `POST ?delete`, which GCS's S3 interop and Alibaba OSS lack, and
+/// which carries a checksum header that stores refusing them refuse.) The request is signed
+/// in its URL, for five minutes.
+fn delete_one(
+    rt: &tokio::runtime::Runtime,
+    s3: &AmazonS3,
+    http: &reqwest::Client,
+    cfg: &StoreConfig,
+    key: &str,
+) -> Result<(), Error> {
+    use object_store::signer::Signer;
+    let fail = |e: String| Error::Store {
+        store: cfg.describe(),
+        problem: bounded(&format!("cannot delete `{key}`: {e}"), 2048),
+    };
+    rt.block_on(async {
+        let url = s3
+            .signed_url(
+                http::Method::DELETE,
+                &ObjectPath::from(key),
+                Duration::from_secs(300),
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let answer = http.delete(url.clone()).send().await;
+            match answer {
+                Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => return Ok(()),
+                Ok(r) if r.status().is_server_error() && tries < 4 => {}
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    return Err(fail(format!("{status}: {}", bounded(&body, 500))));
+                }
+                Err(e) if tries < 4 => {
+                    let _ = e;
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+        }
+    })
 }
 
 /// The object at `key` (size, ETag, metadata); `None` when there is none.

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod stores;
+pub use stores::*;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_etcd-actions");
 
 pub fn repo() -> PathBuf {

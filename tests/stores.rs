@@ -1,0 +1,430 @@
+//! The store suite on every S3 implementation we can run: s3s-fs, moto's S3 server, and a
+//! strict front of our own that behaves like the old stores operators run (refuses checksum
+//! headers, ignores `If-None-Match`, changes a byte on the way, has no multi-object delete).
+//! What the agent reports as uploaded, it has confirmed itself.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+
+use crate::hardening4::{follow_logged, keygen, restore_to, wait_logged};
+use crate::pitr::{follow_agent, no_leases, range, sigterm};
+use crate::util::*;
+
+const BUCKET: &str = "etcd-backups";
+const FOLDER: &str = "suite/etcd";
+
+fn name_of(r: &serde_yaml::Value) -> String {
+    PathBuf::from(r["snapshot"]["path"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The archives directly in the suite's folder of `store`.
+fn in_folder(store: &dyn TestStore) -> Vec<String> {
+    store
+        .archives(BUCKET, FOLDER)
+        .into_iter()
+        .filter(|k| {
+            k.strip_prefix(&format!("{FOLDER}/"))
+                .is_some_and(|n| !n.contains('/'))
+        })
+        .collect()
+}
+
+/// A snapshot uploaded to `store`: the results say the real size and how the object was
+/// confirmed, and the object is the archive, byte for byte, with its record beside it.
+fn snapshot_uploads(store: &dyn TestStore, agent: Agent) -> serde_yaml::Value {
+    let run = store.env(agent, BUCKET, "suite").run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let r = run.success();
+    let name = name_of(&r);
+    let key = format!("{FOLDER}/{name}");
+    assert_eq!(
+        r["upload"]["url"].as_str(),
+        Some(&*format!("s3://{BUCKET}/{key}"))
+    );
+    assert_eq!(r["upload"]["size"], r["snapshot"]["bytes"], "{r:?}");
+    let how = r["upload"]["confirmed"].as_str().unwrap_or_default();
+    assert!(how.contains("etag") || how.contains("read back"), "{r:?}");
+    let local = fs::read(r["snapshot"]["path"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        store.get(BUCKET, &key).as_deref(),
+        Some(&local[..]),
+        "the object is not the archive"
+    );
+    let record = store
+        .get(BUCKET, &format!("{key}.manifest.yaml"))
+        .unwrap_or_else(|| panic!("no record: {:?}", store.objects(BUCKET, "")));
+    let record = String::from_utf8(record).unwrap();
+    assert!(
+        record.contains(r["snapshot"]["sha256"].as_str().unwrap()),
+        "{record}"
+    );
+    r
+}
+
+/// The whole store suite on one store: upload, encryption, list, restore by id from the store
+/// alone, follow's segments and a restore to a revision from the store alone, and prune.
+fn store_suite(store: &dyn TestStore, tmp: &Path, tag: &str) {
+    let node = Node::single(tmp, &format!("{tag}src"), &v3530());
+    node.fill("k/", 40);
+    let target = tmp.join("backups");
+    let t = target.to_str().unwrap();
+    let first = snapshot_uploads(store, Agent::snapshot(&node, t));
+    node.fill("more/", 20);
+
+    // Encrypted, uploaded, restored by id on a new unit from the store alone.
+    let (identity, public) = keygen(tmp, "key.txt");
+    let enc = snapshot_uploads(
+        store,
+        Agent::snapshot(&node, t).env("ETCD_ACTIONS_ENCRYPT_TO", &public),
+    );
+    let enc_name = name_of(&enc);
+    assert!(
+        store
+            .get(BUCKET, &format!("{FOLDER}/{enc_name}"))
+            .is_some_and(|b| b.starts_with(b"age-encryption.org/v1")),
+        "the object is not age-encrypted"
+    );
+    let list = store
+        .env(
+            Agent::standalone(&node, &["list-backups", "--target", t]),
+            BUCKET,
+            "suite",
+        )
+        .run()
+        .success();
+    let listed = format!("{list:?}");
+    assert!(
+        listed.contains(&enc_name) && listed.contains(&name_of(&first)),
+        "{listed}"
+    );
+    assert!(listed.contains("both"), "{listed}");
+    let fresh = Node::single(tmp, &format!("{tag}fresh"), &v3530());
+    let fresh_target = tmp.join("fresh-backups");
+    let restored = store
+        .env(
+            Agent::standalone(
+                &fresh,
+                &[
+                    "restore",
+                    "--backup-id",
+                    &format!("etcd/{enc_name}"),
+                    "--target",
+                    fresh_target.to_str().unwrap(),
+                    "--skip-backup",
+                ],
+            ),
+            BUCKET,
+            "suite",
+        )
+        .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
+        .run();
+    assert_eq!(restored.code(), 0, "{}", restored.stderr());
+    assert_eq!(restored.success()["restore"]["origin"], "store");
+    assert_eq!(fresh.dump(), node.dump());
+    drop(fresh);
+
+    // follow's segments reach the store; a new unit restores to a revision from it alone.
+    let log = tmp.join("follow.log");
+    let f: Child = follow_logged(
+        store.env(follow_agent(&node, &target), BUCKET, "suite"),
+        &log,
+    );
+    for i in 0..30 {
+        node.put(&format!("f/{i}"), &format!("v{i}"));
+    }
+    let end = node.revision();
+    let want = range(&node, end);
+    wait_logged(
+        &target,
+        &node,
+        end,
+        &log,
+        40,
+        "follow did not record the writes",
+    );
+    let out = sigterm(f);
+    assert!(
+        out.status.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap()
+    );
+    let segments = store.objects(BUCKET, "suite/etcd/changes/");
+    assert!(!segments.is_empty(), "no segment reached the store");
+    let new = Node::single(tmp, &format!("{tag}new"), &v3530());
+    let r = store
+        .env(
+            restore_to(&new, end, tmp.join("new-backups").to_str().unwrap()),
+            BUCKET,
+            "suite",
+        )
+        .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
+        .run();
+    assert_eq!(
+        r.code(),
+        0,
+        "{}\n{}",
+        r.stderr(),
+        fs::read_to_string(&log).unwrap()
+    );
+    assert_eq!(no_leases(range(&new, 0)), no_leases(want));
+    drop(new);
+
+    // prune, for real: one archive is left, here and in the store.
+    let before = in_folder(store).len();
+    assert!(before >= 2, "{:?}", in_folder(store));
+    let p = store
+        .env(
+            Agent::standalone(&node, &["prune", "--keep-last", "1", "--target", t]),
+            BUCKET,
+            "suite",
+        )
+        .run();
+    assert_eq!(p.code(), 0, "{}", p.stderr());
+    assert_eq!(in_folder(store).len(), 1, "{:?}", in_folder(store));
+    let records: Vec<String> = store
+        .objects(BUCKET, FOLDER)
+        .into_iter()
+        .filter(|k| k.ends_with(".manifest.yaml") && !k.contains("/changes/"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    // No claim is left behind.
+    assert!(
+        !store
+            .objects(BUCKET, FOLDER)
+            .iter()
+            .any(|k| k.contains("/.claims/")),
+        "{:?}",
+        store.objects(BUCKET, FOLDER)
+    );
+}
+
+#[test]
+fn the_store_suite_on_s3s_fs() {
+    let tmp = tempdir();
+    let s3 = S3::start(tmp.path(), &[BUCKET]);
+    store_suite(&s3, tmp.path(), "sfs");
+}
+
+#[test]
+fn the_store_suite_on_moto() {
+    let tmp = tempdir();
+    let moto = Moto::start(&[BUCKET]);
+    store_suite(&moto, tmp.path(), "moto");
+}
+
+#[test]
+fn the_store_suite_on_a_store_that_refuses_checksums_ignores_conditions_and_flips_a_byte() {
+    let tmp = tempdir();
+    let front = Front::start(tmp.path(), &[BUCKET], Rules::strict());
+    store_suite(&front, tmp.path(), "strict");
+    let seen = front.seen.lines();
+    assert!(front.seen.count("refused checksum") >= 1, "{seen:#?}");
+    assert!(front.seen.count("bad digest") == 1, "{seen:#?}");
+    // Refused once, then never asked again in that run; prune deleted one object at a time.
+    assert!(front.seen.count("refused multi-delete") == 0, "{seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("DELETE ") && l.contains("-> 204")),
+        "{seen:#?}"
+    );
+}
+
+/// A byte changed on the way and stored, with the store's answer for the part hiding it: the
+/// object is not reported, it is removed, and the archive is uploaded again, intact.
+#[test]
+fn a_corrupted_object_is_never_reported_as_uploaded() {
+    let tmp = tempdir();
+    let rules = Rules {
+        flip: Some(Flip::Hidden),
+        ..Rules::default()
+    };
+    let front = Front::start(tmp.path(), &[BUCKET], rules);
+    let node = Node::single(tmp.path(), "flip", &v3530());
+    // More than one part (5 MiB each), incompressible.
+    fill_random(&node, 700);
+    let target = tmp.path().join("backups");
+    let run = front
+        .env(
+            Agent::snapshot(&node, target.to_str().unwrap()),
+            BUCKET,
+            "suite",
+        )
+        .run();
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let r = run.success();
+    assert_eq!(
+        front.seen.count("etag lied"),
+        1,
+        "{:#?}",
+        front.seen.lines()
+    );
+    assert!(run.stderr().contains("again"), "{}", run.stderr());
+    // The first object was read back, found not to be the archive, and removed; the second
+    // one is confirmed by its multipart ETag.
+    assert!(run.stderr().contains("not the archive"), "{}", run.stderr());
+    assert_eq!(
+        r["upload"]["confirmed"].as_str(),
+        Some("size and multipart etag"),
+        "{r:?}"
+    );
+    let key = format!("{FOLDER}/{}", name_of(&r));
+    let local = fs::read(r["snapshot"]["path"].as_str().unwrap()).unwrap();
+    assert!(local.len() > 5 << 20, "one part only: {}", local.len());
+    assert_eq!(front.get(BUCKET, &key).as_deref(), Some(&local[..]));
+    assert_eq!(in_folder(&front), vec![key]);
+}
+
+/// Writes `n` values of 10 KiB of random bytes (base64): an archive that does not compress.
+fn fill_random(node: &Node, n: usize) {
+    use base64::Engine;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut ops = String::new();
+    for i in 0..n {
+        let mut v = vec![0u8; 7680];
+        for b in v.iter_mut() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8;
+        }
+        let value = base64::engine::general_purpose::STANDARD.encode(&v);
+        ops.push_str(&format!("put r/{i} {value}\n"));
+        if ops.len() > 1 << 20 || i + 1 == n {
+            for line in ops.lines() {
+                let (k, v) = line[4..].split_once(' ').unwrap();
+                node.put(k, v);
+            }
+            ops.clear();
+        }
+    }
+}
+
+/// Three units of one cluster, the same second, one folder, on a store that ignores
+/// `If-None-Match`: each keeps its own archive, under its own name.
+#[test]
+fn three_units_in_the_same_second_each_keep_their_own_archive() {
+    let tmp = tempdir();
+    let rules = Rules {
+        ignore_conditional: true,
+        ..Rules::default()
+    };
+    let front = Front::start(tmp.path(), &[BUCKET], rules);
+    let nodes = cluster(tmp.path(), "same3", &v3530());
+    nodes[0].fill("k/", 200);
+    for n in &nodes {
+        n.settle();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let children: Vec<(PathBuf, Child)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let target = tmp.path().join(format!("u{i}"));
+            let child = front
+                .env(
+                    Agent::snapshot(n, target.to_str().unwrap()),
+                    BUCKET,
+                    "suite",
+                )
+                .env("ETCD_ACTIONS_TEST_NOW", &now)
+                .env("JUJU_UNIT_NAME", format!("etcd/{i}"))
+                .spawn();
+            (target, child)
+        })
+        .collect();
+    let mut names = Vec::new();
+    for (target, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r =
+            serde_yaml::from_slice::<serde_yaml::Value>(&out.stdout).unwrap()["results"].clone();
+        assert!(
+            r["snapshot"]["path"].is_string(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = name_of(&r);
+        let local = fs::read(target.join(&name)).unwrap();
+        let key = format!("{FOLDER}/{name}");
+        assert_eq!(
+            front.get(BUCKET, &key).as_deref(),
+            Some(&local[..]),
+            "{name}: the store does not hold this unit's archive\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        names.push(key);
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(in_folder(&front), names);
+}
+
+/// `--s3-checksum`: `md5` never sends a checksum header; `crc64nvme` fails on a store that
+/// refuses them, saying what to set, and leaves nothing; `auto` falls back once and says so.
+#[test]
+fn the_pinned_checksum_modes_do_what_they_say() {
+    let tmp = tempdir();
+    let rules = Rules {
+        refuse_checksums: true,
+        ..Rules::default()
+    };
+    let front = Front::start(tmp.path(), &[BUCKET], rules);
+    let node = Node::single(tmp.path(), "modes", &v3530());
+    node.fill("k/", 20);
+    let t = tmp.path().join("backups");
+    let snap = |mode: &str| {
+        front
+            .env(Agent::snapshot(&node, t.to_str().unwrap()), BUCKET, "suite")
+            .env("ETCD_ACTIONS_S3_CHECKSUM", mode)
+            .run()
+    };
+
+    let pinned = snap("crc64nvme");
+    assert_ne!(pinned.code(), 0);
+    let msg = pinned.failure();
+    assert!(msg.contains("md5"), "{msg}");
+    assert!(in_folder(&front).is_empty(), "{:?}", in_folder(&front));
+
+    let refused = front.seen.count("refused checksum");
+    let md5 = snap("md5");
+    assert_eq!(md5.code(), 0, "{}", md5.stderr());
+    assert_eq!(md5.success()["upload"]["checksum"].as_str(), Some("md5"));
+    assert_eq!(
+        front.seen.count("refused checksum"),
+        refused,
+        "md5 sent a checksum: {:#?}",
+        front.seen.lines()
+    );
+
+    node.put("x", "y");
+    let auto = snap("auto");
+    assert_eq!(auto.code(), 0, "{}", auto.stderr());
+    assert_eq!(auto.success()["upload"]["checksum"].as_str(), Some("md5"));
+    assert_eq!(front.seen.count("refused checksum"), refused + 1);
+    assert_eq!(
+        auto.stderr().matches("refuses CRC64NVME").count(),
+        1,
+        "{}",
+        auto.stderr()
+    );
+
+    let bad = snap("sha1");
+    assert_ne!(bad.code(), 0);
+    assert!(bad.failure().contains("--s3-checksum"), "{}", bad.failure());
+    assert_eq!(in_folder(&front).len(), 2);
+}
