@@ -428,3 +428,48 @@ fn the_pinned_checksum_modes_do_what_they_say() {
     assert!(bad.failure().contains("--s3-checksum"), "{}", bad.failure());
     assert_eq!(in_folder(&front).len(), 2);
 }
+
+/// In Juju, the charm's `s3-checksum` option pins the mode for actions on the `s3` relation.
+#[test]
+fn the_charm_option_pins_the_checksum_mode_in_juju() {
+    let tmp = tempdir();
+    let rules = Rules {
+        refuse_checksums: true,
+        ..Rules::default()
+    };
+    let front = Front::start(tmp.path(), &[BUCKET], rules);
+    let node = Node::single(tmp.path(), "jmode", &v3530());
+    node.put("k", "v");
+    let juju = Juju::new(tmp.path(), "etcd/0");
+    let (access, secret) = front.keys();
+    juju.s3_relation(
+        serde_json::json!({
+            "bucket": BUCKET, "path": "suite", "endpoint": front.endpoint(),
+            "region": "us-east-1", "s3-uri-style": "path",
+            "access-key": access, "secret-key": secret,
+        }),
+        None,
+    );
+    let target = tmp.path().join("backups");
+    let snapshot = |config: serde_json::Value| {
+        fs::write(juju.state.join("config.json"), config.to_string()).unwrap();
+        juju.reset();
+        juju.params(
+            "snapshot",
+            serde_json::json!({"target": target.to_str().unwrap()}),
+        );
+        Agent::juju(&node, &juju, "snapshot").run()
+    };
+    let r = snapshot(serde_json::json!({"s3-checksum": "md5"})).juju_ok(&juju);
+    assert_eq!(r["upload"]["checksum"], "md5");
+    assert_eq!(
+        front.seen.count("refused checksum"),
+        0,
+        "{:#?}",
+        front.seen.lines()
+    );
+    node.put("k", "w");
+    let failed = snapshot(serde_json::json!({"s3-checksum": "sha256"})).juju_failed(&juju);
+    assert!(failed.contains("s3-checksum"), "{failed}");
+    assert_eq!(in_folder(&front).len(), 1);
+}
