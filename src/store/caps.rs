@@ -137,7 +137,7 @@ fn code_of(status: u16, body: &str) -> String {
         .and_then(|(_, rest)| rest.split_once("</Code>"))
         .map(|(c, _)| c.trim().to_string())
         .unwrap_or_default();
-    crate::error::bounded(&format!("{status} {code}").trim().to_string(), 200)
+    crate::error::bounded(format!("{status} {code}").trim(), 200)
 }
 
 fn note(text: String) {

@@ -13,6 +13,7 @@
 //!   store that ignores `If-None-Match`;
 //! - after completing, the object is the archive: its size and multipart ETag (the MD5 of the
 //!   parts' MD5s), or else its bytes read back and hashed.
+//!
 //! CRC64NVME checksums and `If-None-Match` are sent where the store takes them (`caps`).
 //! Credentials never leave this module's memory: not in argv, not in a child's environment,
 //! not in a message.
