@@ -136,34 +136,15 @@ pub fn http(
     headers: &[(String, String)],
     body: &[u8],
 ) -> Answer {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
-    for (k, v) in headers {
-        if !["connection", "content-length", "transfer-encoding"]
-            .contains(&k.to_ascii_lowercase().as_str())
-        {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r).expect("an answer");
-    let status: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if method == "HEAD" {
-        Vec::new()
-    } else {
-        read_body(&mut r, &headers, true)
-    };
-    Answer {
-        status,
-        headers,
+    let mut all = vec![("Host".to_string(), format!("127.0.0.1:{port}"))];
+    all.extend(headers.iter().cloned());
+    forward(
+        port,
+        &format!("{method} {path} HTTP/1.1"),
+        &all,
         body,
-    }
+        method == "HEAD",
+    )
 }
 
 fn xml_keys(text: &str) -> Vec<String> {
