@@ -233,6 +233,17 @@ fn main() {
         half / s / 1e6
     );
     println!("| crc32 (crc32fast) | {:.0} MB/s | | |", half / c / 1e6);
+    let (_, m) = time(|| md5::Md5::digest(&data));
+    println!(
+        "| md5 (md-5, the Content-MD5 of each part) | {:.0} MB/s | | |",
+        half / m / 1e6
+    );
+    let (_, k) = time(|| {
+        let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+        d.update(&data);
+        d.finalize()
+    });
+    println!("| crc64nvme (crc-fast) | {:.0} MB/s | | |", half / k / 1e6);
     let path = std::env::temp_dir().join(format!("codecs-{}.bin", std::process::id()));
     std::fs::write(&path, &data).unwrap();
     let (out, s) = time(|| {

@@ -436,7 +436,10 @@ impl StoreConfig {
     }
 
     /// The HTTP client under object_store: ours, so that it never follows a redirect to
-    /// another host and a listing page cannot be endless or huge.
+    /// another host and a listing page cannot be endless or huge. Building one loads the
+    /// system's CA certificates (tens of milliseconds of CPU), and its connections belong to
+    /// the runtime that uses it: each runtime (a `Store`, an upload's thread) builds one and
+    /// shares it between its object_store clients.
     fn http(&self) -> Result<reqwest::Client, Error> {
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("etcd-actions/", env!("CARGO_PKG_VERSION")))
@@ -488,7 +491,7 @@ impl StoreConfig {
     }
 
     fn client(&self) -> Result<AmazonS3, Error> {
-        self.client_watched(&Watch::default(), Vec::new(), false)
+        self.client_watched(&self.http()?, &Watch::default(), Vec::new(), false)
     }
 
     /// A client over `watch`'s HTTP layer whose requests carry `headers` where object_store
@@ -496,12 +499,13 @@ impl StoreConfig {
     /// them); with `checksums`, each part of an upload carries its CRC64NVME.
     fn client_watched(
         &self,
+        http: &reqwest::Client,
         watch: &Watch,
         headers: Vec<(String, String)>,
         checksums: bool,
     ) -> Result<AmazonS3, Error> {
         let connector = Connector {
-            client: self.http()?,
+            client: http.clone(),
             watch: watch.clone(),
         };
         let retry = RetryConfig {
@@ -605,11 +609,12 @@ pub const META: &str = "x-amz-meta-";
 impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, Error> {
         let watch = Watch::default();
-        let s3 = cfg.client_watched(&watch, Vec::new(), false)?;
+        let http = cfg.http()?;
+        let s3 = cfg.client_watched(&http, &watch, Vec::new(), false)?;
         Ok(Store {
             rt: runtime()?,
             s3,
-            http: cfg.http()?,
+            http,
             cfg,
             watch,
         })
@@ -997,11 +1002,12 @@ struct Uploader {
 impl Uploader {
     fn new(cfg: StoreConfig) -> Result<Uploader, Error> {
         let watch = Watch::default();
+        let http = cfg.http()?;
         Ok(Uploader {
             rt: runtime()?,
-            plain: Arc::new(cfg.client_watched(&watch, Vec::new(), false)?),
-            crc: Arc::new(cfg.client_watched(&watch, Vec::new(), true)?),
-            http: cfg.http()?,
+            plain: Arc::new(cfg.client_watched(&http, &watch, Vec::new(), false)?),
+            crc: Arc::new(cfg.client_watched(&http, &watch, Vec::new(), true)?),
+            http,
             watch,
             cfg,
         })
@@ -1196,9 +1202,9 @@ impl Uploader {
                 headers.push(("x-amz-checksum-crc64nvme".into(), crc.clone()));
                 headers.push(("x-amz-checksum-type".into(), "FULL_OBJECT".into()));
             }
-            let completer = self
-                .cfg
-                .client_watched(&self.watch, headers, st.crc && u.checksums)?;
+            let completer =
+                self.cfg
+                    .client_watched(&self.http, &self.watch, headers, st.crc && u.checksums)?;
             let r = self
                 .rt
                 .block_on(completer.complete_multipart(&path, &st.id, st.parts.clone()));
