@@ -147,6 +147,32 @@ pub struct StoreArgs {
     /// stores that refuse checksum headers: MinIO before 2025-01-20, Backblaze B2, Wasabi).
     #[arg(long, env = "ETCD_ACTIONS_S3_CHECKSUM", default_value = "auto")]
     pub s3_checksum: String,
+
+    /// Azure Blob endpoint (default `https://<account>.blob.core.windows.net`; path-style
+    /// endpoints such as Azurite's are taken as they are).
+    #[arg(long, env = "ETCD_ACTIONS_AZURE_ENDPOINT")]
+    pub azure_endpoint: Option<String>,
+
+    /// Azure storage account. The key comes only from AZURE_STORAGE_ACCOUNT_KEY.
+    #[arg(long, env = "ETCD_ACTIONS_AZURE_ACCOUNT")]
+    pub azure_account: Option<String>,
+
+    /// Azure container; setting it sends archives to Azure Blob Storage.
+    #[arg(long, env = "ETCD_ACTIONS_AZURE_CONTAINER")]
+    pub azure_container: Option<String>,
+
+    /// Folder inside the Azure container.
+    #[arg(long, env = "ETCD_ACTIONS_AZURE_PATH")]
+    pub azure_path: Option<String>,
+
+    /// GCS bucket; setting it sends archives to Google Cloud Storage. The service-account key
+    /// file comes only from GOOGLE_APPLICATION_CREDENTIALS (read into memory at start).
+    #[arg(long, env = "ETCD_ACTIONS_GCS_BUCKET")]
+    pub gcs_bucket: Option<String>,
+
+    /// Folder inside the GCS bucket.
+    #[arg(long, env = "ETCD_ACTIONS_GCS_PATH")]
+    pub gcs_path: Option<String>,
 }
 
 /// Writing an archive (snapshot, backup, and restore's backup of the current data).

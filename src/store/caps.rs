@@ -73,7 +73,8 @@ impl Carried {
                 let k = k.as_str();
                 k.starts_with("x-amz-checksum-") || k == "x-amz-sdk-checksum-algorithm"
             }),
-            conditional: headers.contains_key(http::header::IF_NONE_MATCH),
+            conditional: headers.contains_key(http::header::IF_NONE_MATCH)
+                || headers.contains_key("x-goog-if-generation-match"),
         }
     }
 

@@ -93,11 +93,12 @@ fn refused(what: String) -> HttpError {
 #[async_trait::async_trait]
 impl HttpService for Guarded {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        // S3's and GCS's ListObjectsV2, Azure's List Blobs.
         let listing = req.method() == http::Method::GET
             && req
                 .uri()
                 .query()
-                .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
+                .is_some_and(|q| q.split('&').any(|p| p == "list-type=2" || p == "comp=list"));
         if listing {
             return self.listing(req).await;
         }
@@ -245,7 +246,10 @@ impl Guarded {
                 return Ok(response);
             }
             let (response, text) = error_body(response).await?;
-            if status == 400 && text.contains("<Code>BadDigest</Code>") && tries < PUT_TRIES {
+            // S3's and GCS's `BadDigest`, Azure's `Md5Mismatch`.
+            let changed = text.contains("<Code>BadDigest</Code>")
+                || text.contains("<Code>Md5Mismatch</Code>");
+            if status == 400 && changed && tries < PUT_TRIES {
                 continue;
             }
             if carried.any() && caps::is_refusal(status, &text) {
@@ -295,19 +299,25 @@ impl Guarded {
 /// take as a path (`a//b`, `..`): one such key would fail the whole listing. Returns the page
 /// and the keys taken out, for the operator to see.
 fn drop_unusable_keys(page: &str) -> (String, Vec<String>) {
+    // S3's and GCS's `<Contents><Key>`, Azure's `<Blob><Name>`.
+    let (open, close, key_open, key_close) = if page.contains("<EnumerationResults") {
+        ("<Blob>", "</Blob>", "<Name>", "</Name>")
+    } else {
+        ("<Contents>", "</Contents>", "<Key>", "</Key>")
+    };
     let mut out = String::with_capacity(page.len());
     let mut skipped = Vec::new();
     let mut rest = page;
-    while let Some(start) = rest.find("<Contents>") {
-        let Some(len) = rest[start..].find("</Contents>") else {
+    while let Some(start) = rest.find(open) {
+        let Some(len) = rest[start..].find(close) else {
             break;
         };
-        let end = start + len + "</Contents>".len();
+        let end = start + len + close.len();
         let entry = &rest[start..end];
         out.push_str(&rest[..start]);
         let key = entry
-            .split_once("<Key>")
-            .and_then(|(_, k)| k.split_once("</Key>"))
+            .split_once(key_open)
+            .and_then(|(_, k)| k.split_once(key_close))
             .map(|(k, _)| xml_unescape(k));
         match key {
             Some(k) if ObjectPath::parse(&k).is_err() => skipped.push(bounded(&k, 300)),

@@ -18,8 +18,11 @@
 //! Credentials never leave this module's memory: not in argv, not in a child's environment,
 //! not in a message.
 
+mod azure;
 mod caps;
+mod gcs;
 mod guard;
+mod names;
 
 pub use caps::{take_notes, ChecksumMode};
 
@@ -41,6 +44,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use guard::{Connector, Watch, LIST_DEADLINE, LIST_KEYS_MAX};
+use names::{check_bucket, check_endpoint, check_prefix, json_list, normalize_prefix, with_scheme};
 
 use crate::error::{bounded, Error};
 
@@ -51,6 +55,11 @@ pub struct Credentials {
     access_key: Option<String>,
     secret_key: Option<String>,
     session_token: Option<String>,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`.
+    azure_key: Option<String>,
+    /// The key file `GOOGLE_APPLICATION_CREDENTIALS` named, read at start (or why it could not
+    /// be).
+    gcs_key: Option<Result<String, String>>,
 }
 
 impl Credentials {
@@ -64,6 +73,8 @@ impl Credentials {
             access_key: take("AWS_ACCESS_KEY_ID"),
             secret_key: take("AWS_SECRET_ACCESS_KEY"),
             session_token: take("AWS_SESSION_TOKEN"),
+            azure_key: take("AZURE_STORAGE_ACCOUNT_KEY"),
+            gcs_key: gcs::take_key_from_env().transpose(),
         }
     }
 }
@@ -102,7 +113,23 @@ pub struct StoreSettings {
     pub ca_file: Option<std::path::PathBuf>,
     /// `auto`, `crc64nvme` or `md5` (`--s3-checksum`).
     pub checksum: Option<String>,
+    /// `ETCD_ACTIONS_AZURE_ENDPOINT`, `_ACCOUNT`, `_CONTAINER`, `_PATH`.
+    pub azure_endpoint: Option<String>,
+    pub azure_account: Option<String>,
+    pub azure_container: Option<String>,
+    pub azure_path: Option<String>,
+    /// `ETCD_ACTIONS_GCS_BUCKET`, `_PATH`.
+    pub gcs_bucket: Option<String>,
+    pub gcs_path: Option<String>,
     pub credentials: Credentials,
+}
+
+/// The kind of store, and what only that kind needs.
+#[derive(Clone)]
+pub enum Kind {
+    S3,
+    Azure(azure::AzureKeys),
+    Gcs(gcs::GcsKey),
 }
 
 /// Environment settings: names and values.
@@ -120,6 +147,7 @@ pub struct StoreConfig {
     pub ca_pems: Vec<String>,
     pub storage_class: Option<String>,
     pub checksum: ChecksumMode,
+    pub kind: Kind,
     access_key: String,
     secret_key: String,
     session_token: Option<String>,
@@ -141,87 +169,6 @@ fn not_ready(detail: impl Into<String>) -> Error {
     Error::StoreNotReady(detail.into())
 }
 
-fn normalize_prefix(p: &str) -> String {
-    p.split('/')
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-fn with_scheme(endpoint: &str) -> String {
-    let e = endpoint.trim().trim_end_matches('/');
-    if e.contains("://") {
-        e.to_string()
-    } else {
-        format!("https://{e}")
-    }
-}
-
-/// Checks an endpoint URL: `http` or `https` with a host, and no user name or password in
-/// it (they would be echoed in every message that names the store). `from` says where it
-/// came from.
-fn check_endpoint(endpoint: &str, from: &str) -> Result<(), String> {
-    let (scheme, rest) = endpoint
-        .split_once("://")
-        .ok_or_else(|| format!("the endpoint is not a URL; {from}"))?;
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return Err(format!(
-            "the endpoint's scheme is `{}`; only http:// and https:// endpoints are used: {from}",
-            bounded(scheme, 40)
-        ));
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
-        return Err(format!(
-            "the endpoint has a user name or password in it; credentials go in the access and secret keys, never in the URL: {from}"
-        ));
-    }
-    if authority.is_empty()
-        || endpoint
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
-        return Err(format!(
-            "the endpoint has no host, or has spaces or control characters in it: {from}"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a bucket name: S3's characters (letters, digits, `.`, `-`, `_`), no `..`, nothing
-/// a client would read as a path.
-fn check_bucket(bucket: &str, from: &str) -> Result<(), String> {
-    let ok = !bucket.is_empty()
-        && bucket.len() <= 63
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        && !bucket.contains("..")
-        && !bucket.starts_with('.')
-        && !bucket.ends_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "the bucket `{}` is not a bucket name (letters, digits, `.`, `-` and `_`, at most 63, no `/` or `..`): {from}",
-            bounded(bucket, 100)
-        ))
-    }
-}
-
-/// Checks a key prefix: no `.` or `..` segments and no control characters.
-fn check_prefix(prefix: &str, from: &str) -> Result<(), String> {
-    let bad_segment = prefix.split('/').any(|s| s == "." || s == "..");
-    if bad_segment || prefix.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "the path `{}` has a `.` or `..` segment or control characters: {from}",
-            bounded(prefix, 100)
-        ));
-    }
-    Ok(())
-}
-
-/// A JSON list of strings, or failing that the raw text as one item.
 /// The checksum mode an operator set (`--s3-checksum`, `ETCD_ACTIONS_S3_CHECKSUM`, or the charm's
 /// `s3-checksum` option).
 pub fn parse_checksum(text: &str) -> Result<ChecksumMode, Error> {
@@ -233,14 +180,6 @@ pub fn parse_checksum(text: &str) -> Result<ChecksumMode, Error> {
             bounded(text, 100)
         ))
     })
-}
-
-fn json_list(text: &str) -> Vec<String> {
-    match serde_json::from_str::<Vec<String>>(text) {
-        Ok(v) => v,
-        Err(_) if text.trim().is_empty() => Vec::new(),
-        Err(_) => vec![text.to_string()],
-    }
 }
 
 impl StoreConfig {
@@ -312,6 +251,7 @@ impl StoreConfig {
                 .unwrap_or_default(),
             storage_class: get("storage-class"),
             checksum: ChecksumMode::Auto,
+            kind: Kind::S3,
             access_key: get("access-key").expect("checked"),
             secret_key: get("secret-key").expect("checked"),
             session_token: None,
@@ -320,6 +260,44 @@ impl StoreConfig {
 
     /// From the standalone settings; `None` when no bucket is set.
     pub fn from_settings(s: &StoreSettings) -> Result<Option<StoreConfig>, Error> {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|b| !b.trim().is_empty());
+        let chosen: Vec<&str> = [
+            (set(&s.bucket), "ETCD_ACTIONS_S3_BUCKET"),
+            (set(&s.azure_container), "ETCD_ACTIONS_AZURE_CONTAINER"),
+            (set(&s.gcs_bucket), "ETCD_ACTIONS_GCS_BUCKET"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if chosen.len() > 1 {
+            return Err(Error::Usage(format!(
+                "{} are all set: archives go to one store at a time; unset all but one",
+                chosen.join(" and ")
+            )));
+        }
+        if let Some(container) = s
+            .azure_container
+            .as_deref()
+            .filter(|_| set(&s.azure_container))
+        {
+            let place = azure::from_settings(
+                s.azure_endpoint.as_deref(),
+                s.azure_account.as_deref(),
+                container,
+                s.azure_path.as_deref(),
+                s.credentials.azure_key.as_deref(),
+            )?;
+            return Ok(Some(StoreConfig::azure(place, Vec::new())));
+        }
+        if let Some(bucket) = s.gcs_bucket.as_deref().filter(|_| set(&s.gcs_bucket)) {
+            let key = match &s.credentials.gcs_key {
+                Some(Err(e)) => return Err(Error::Usage(e.clone())),
+                Some(Ok(k)) => Some(k.as_str()),
+                None => None,
+            };
+            let place = gcs::from_settings(bucket, s.gcs_path.as_deref(), key)?;
+            return Ok(Some(StoreConfig::gcs(place)));
+        }
         let Some(bucket) = s.bucket.clone().filter(|b| !b.trim().is_empty()) else {
             return Ok(None);
         };
@@ -366,16 +344,85 @@ impl StoreConfig {
             ca_pems,
             storage_class: None,
             checksum,
+            kind: Kind::S3,
             access_key,
             secret_key,
             session_token: s.credentials.session_token.clone(),
         }))
     }
 
+    fn azure(place: azure::AzurePlace, ca_pems: Vec<String>) -> StoreConfig {
+        StoreConfig {
+            endpoint: Some(place.endpoint),
+            bucket: place.container,
+            prefix: normalize_prefix(&place.path),
+            region: String::new(),
+            host_style: false,
+            ca_pems,
+            storage_class: None,
+            checksum: ChecksumMode::Md5,
+            kind: Kind::Azure(place.keys),
+            access_key: String::new(),
+            secret_key: String::new(),
+            session_token: None,
+        }
+    }
+
+    fn gcs(place: gcs::GcsPlace) -> StoreConfig {
+        StoreConfig {
+            endpoint: place.key.base_url.clone(),
+            bucket: place.bucket,
+            prefix: normalize_prefix(&place.path),
+            region: String::new(),
+            host_style: false,
+            ca_pems: Vec::new(),
+            storage_class: place.storage_class,
+            checksum: ChecksumMode::Md5,
+            kind: Kind::Gcs(place.key),
+            access_key: String::new(),
+            secret_key: String::new(),
+            session_token: None,
+        }
+    }
+
+    /// From the `azure-storage-credentials` relation's provider bag (secret fields merged in).
+    pub fn from_azure_bag(bag: &BTreeMap<String, String>) -> Result<StoreConfig, Error> {
+        Ok(StoreConfig::azure(azure::from_bag(bag)?, Vec::new()))
+    }
+
+    /// From the `gcs-credentials` relation's provider bag (secret fields merged in).
+    pub fn from_gcs_bag(bag: &BTreeMap<String, String>) -> Result<StoreConfig, Error> {
+        Ok(StoreConfig::gcs(gcs::from_bag(bag)?))
+    }
+
+    /// The location label of this kind of store: `store` (S3), `azure`, `gcs`.
+    pub fn location(&self) -> &'static str {
+        match self.kind {
+            Kind::S3 => "store",
+            Kind::Azure(_) => "azure",
+            Kind::Gcs(_) => "gcs",
+        }
+    }
+
     /// The standalone settings that reach this store (for a service that runs outside a hook:
     /// `follow` under the charm): public settings, and the secrets apart. The CA chain, when
     /// there is one, is written by the caller to `ca_file`.
     pub fn env_pairs(&self, ca_file: Option<&std::path::Path>) -> (EnvPairs, EnvPairs) {
+        match &self.kind {
+            Kind::S3 => {}
+            Kind::Azure(keys) => {
+                let endpoint = self.endpoint.clone().unwrap_or_default();
+                return azure::env_pairs(keys, &endpoint, &self.bucket, &self.prefix);
+            }
+            Kind::Gcs(_) => {
+                // The key is never written to disk: a service outside a hook has none.
+                let mut public = vec![("ETCD_ACTIONS_GCS_BUCKET".to_string(), self.bucket.clone())];
+                if !self.prefix.is_empty() {
+                    public.push(("ETCD_ACTIONS_GCS_PATH".into(), self.prefix.clone()));
+                }
+                return (public, Vec::new());
+            }
+        }
         let mut public = vec![("ETCD_ACTIONS_S3_BUCKET".to_string(), self.bucket.clone())];
         if let Some(e) = &self.endpoint {
             public.push(("ETCD_ACTIONS_S3_ENDPOINT".into(), e.clone()));
@@ -409,13 +456,29 @@ impl StoreConfig {
 
     /// How the store is named in messages: endpoint and bucket, never a credential.
     pub fn describe(&self) -> String {
-        format!(
-            "bucket `{}` at {}",
-            self.bucket,
-            self.endpoint
-                .clone()
-                .unwrap_or_else(|| format!("AWS S3 ({})", self.region))
-        )
+        match &self.kind {
+            Kind::S3 => format!(
+                "bucket `{}` at {}",
+                self.bucket,
+                self.endpoint
+                    .clone()
+                    .unwrap_or_else(|| format!("AWS S3 ({})", self.region))
+            ),
+            Kind::Azure(keys) => format!(
+                "Azure container `{}` of account `{}` at {}",
+                self.bucket,
+                keys.account,
+                self.endpoint.clone().unwrap_or_default()
+            ),
+            Kind::Gcs(_) => format!(
+                "GCS bucket `{}`{}",
+                self.bucket,
+                self.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default()
+            ),
+        }
     }
 
     /// The folder of an application's archives.
@@ -432,7 +495,12 @@ impl StoreConfig {
     }
 
     pub fn url(&self, key: &str) -> String {
-        format!("s3://{}/{key}", self.bucket)
+        let scheme = match self.kind {
+            Kind::S3 => "s3",
+            Kind::Azure(_) => "azure",
+            Kind::Gcs(_) => "gs",
+        };
+        format!("{scheme}://{}/{key}", self.bucket)
     }
 
     /// The HTTP client under object_store: ours, so that it never follows a redirect to
@@ -490,7 +558,7 @@ impl StoreConfig {
         })
     }
 
-    fn client(&self) -> Result<AmazonS3, Error> {
+    fn client(&self) -> Result<Arc<dyn Remote>, Error> {
         self.client_watched(&self.http()?, &Watch::default(), Vec::new(), false)
     }
 
@@ -503,7 +571,7 @@ impl StoreConfig {
         watch: &Watch,
         headers: Vec<(String, String)>,
         checksums: bool,
-    ) -> Result<AmazonS3, Error> {
+    ) -> Result<Arc<dyn Remote>, Error> {
         let connector = Connector {
             client: http.clone(),
             watch: watch.clone(),
@@ -513,21 +581,67 @@ impl StoreConfig {
             max_retries: 5,
             retry_timeout: Duration::from_secs(20),
         };
+        let options = ClientOptions::new()
+            .with_allow_http(
+                self.endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            )
+            .with_default_headers(header_map(headers)?);
+        let fail = |e: object_store::Error| Error::Store {
+            store: self.describe(),
+            problem: e.to_string(),
+        };
+        match &self.kind {
+            Kind::S3 => Ok(Arc::new(
+                self.s3_client(options, connector, retry, checksums)?,
+            )),
+            Kind::Azure(keys) => {
+                let endpoint = self.endpoint.clone().unwrap_or_default();
+                Ok(Arc::new(
+                    azure::client(keys, &endpoint, &self.bucket, options, connector, retry)
+                        .map_err(fail)?,
+                ))
+            }
+            Kind::Gcs(key) => Ok(Arc::new(
+                gcs::client(key, &self.bucket, options, connector, retry).map_err(fail)?,
+            )),
+        }
+    }
+
+    /// The signer of single DELETEs on S3 (`None` elsewhere).
+    fn signer(&self, http: &reqwest::Client) -> Result<Option<AmazonS3>, Error> {
+        if !matches!(self.kind, Kind::S3) {
+            return Ok(None);
+        }
+        let connector = Connector {
+            client: http.clone(),
+            watch: Watch::default(),
+        };
+        let options = ClientOptions::new().with_allow_http(
+            self.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
+        );
+        self.s3_client(options, connector, RetryConfig::default(), false)
+            .map(Some)
+    }
+
+    /// object_store's S3 client.
+    fn s3_client(
+        &self,
+        options: ClientOptions,
+        connector: Connector,
+        retry: RetryConfig,
+        checksums: bool,
+    ) -> Result<AmazonS3, Error> {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(&self.bucket)
             .with_region(&self.region)
             .with_access_key_id(&self.access_key)
             .with_secret_access_key(&self.secret_key)
             .with_virtual_hosted_style_request(self.host_style)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(
-                        self.endpoint
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("http://")),
-                    )
-                    .with_default_headers(header_map(headers)?),
-            )
+            .with_client_options(options)
             .with_http_connector(connector)
             .with_retry(retry)
             // The body is not hashed a second time for the signature: its sha256 is computed in
@@ -548,6 +662,11 @@ impl StoreConfig {
         })
     }
 }
+
+/// What the agent needs of a store client: object_store's calls and multipart uploads.
+pub trait Remote: ObjectStore + MultipartStore {}
+
+impl<T: ObjectStore + MultipartStore> Remote for T {}
 
 fn header_map(headers: Vec<(String, String)>) -> Result<http::HeaderMap, Error> {
     let mut map = http::HeaderMap::new();
@@ -588,7 +707,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 /// The store, with a runtime to run its requests on.
 pub struct Store {
     pub cfg: StoreConfig,
-    s3: AmazonS3,
+    s3: Arc<dyn Remote>,
+    /// S3 only: signs single DELETEs.
+    signer: Option<AmazonS3>,
     /// For requests object_store makes otherwise (a single DELETE).
     http: reqwest::Client,
     rt: tokio::runtime::Runtime,
@@ -614,6 +735,7 @@ impl Store {
         Ok(Store {
             rt: runtime()?,
             s3,
+            signer: cfg.signer(&http)?,
             http,
             cfg,
             watch,
@@ -629,7 +751,7 @@ impl Store {
 
     /// The object at `key` with its user metadata; `None` when there is none.
     pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>, Error> {
-        head_of(&self.rt, &self.s3, &self.cfg, key)
+        head_of(&self.rt, &*self.s3, &self.cfg, key)
     }
 
     /// Every object directly in `folder`, as the listing gives it (no metadata: `head` reads
@@ -689,7 +811,13 @@ impl Store {
 
     /// Deletes the object at `key` (gone already is fine).
     pub fn delete(&self, key: &str) -> Result<(), Error> {
-        delete_one(&self.rt, &self.s3, &self.http, &self.cfg, key)
+        delete_one(
+            &self.rt,
+            (&*self.s3, self.signer.as_ref()),
+            &self.http,
+            &self.cfg,
+            key,
+        )
     }
 
     /// Starts an upload into `folder`: a multipart upload to a temporary key there, fed by
@@ -701,20 +829,20 @@ impl Store {
     /// The record object beside the archive at `key` (`<key>.manifest.yaml`), when there is
     /// a readable one.
     pub fn record(&self, key: &str) -> Result<Option<crate::manifest::Record>, Error> {
-        read_record(&self.rt, &self.s3, &self.cfg, key)
+        read_record(&self.rt, &*self.s3, &self.cfg, key)
     }
 
     /// Writes a small object (a change segment) once: an object already at `key` is fine
     /// only when it holds the same bytes. Confirmed by reading it back.
     pub fn put_once(&self, key: &str, bytes: Vec<u8>) -> Result<(), Error> {
         let same = bytes.clone();
-        put_small_once(&self.rt, &self.s3, &self.cfg, key, bytes, &|b| b == same)
+        put_small_once(&self.rt, &*self.s3, &self.cfg, key, bytes, &|b| b == same)
     }
 
     /// The object at `key` when it is at most `max` bytes; `None` when absent or larger.
     pub fn get_bytes(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, Error> {
         Ok(
-            match get_limited(&self.rt, &self.s3, &self.cfg, key, max)? {
+            match get_limited(&self.rt, &*self.s3, &self.cfg, key, max)? {
                 Small::Bytes(b) => Some(b),
                 _ => None,
             },
@@ -915,7 +1043,7 @@ fn upload_thread(
         Claim::Ours(confirmed, etag) => {
             // Ours already (an upload retried after its record was lost or never written).
             up.abort(&started);
-            write_record(&up.rt, &up.plain, &up.cfg, key, &record)?;
+            write_record(&up.rt, &*up.plain, &up.cfg, key, &record)?;
             return Ok(up.uploaded(key, &record, confirmed, etag, started.crc));
         }
         Claim::Taken => {
@@ -930,7 +1058,7 @@ fn upload_thread(
     up.release(&mine);
     let (confirmed, etag) = done?;
     crate::points::crash_point("upload-before-record");
-    write_record(&up.rt, &up.plain, &up.cfg, key, &record)?;
+    write_record(&up.rt, &*up.plain, &up.cfg, key, &record)?;
     Ok(up.uploaded(key, &record, confirmed, etag, started.crc))
 }
 
@@ -994,8 +1122,9 @@ struct Uploader {
     cfg: StoreConfig,
     rt: tokio::runtime::Runtime,
     watch: Watch,
-    plain: Arc<AmazonS3>,
-    crc: Arc<AmazonS3>,
+    plain: Arc<dyn Remote>,
+    crc: Arc<dyn Remote>,
+    signer: Option<AmazonS3>,
     http: reqwest::Client,
 }
 
@@ -1005,15 +1134,16 @@ impl Uploader {
         let http = cfg.http()?;
         Ok(Uploader {
             rt: runtime()?,
-            plain: Arc::new(cfg.client_watched(&http, &watch, Vec::new(), false)?),
-            crc: Arc::new(cfg.client_watched(&http, &watch, Vec::new(), true)?),
+            plain: cfg.client_watched(&http, &watch, Vec::new(), false)?,
+            crc: cfg.client_watched(&http, &watch, Vec::new(), true)?,
+            signer: cfg.signer(&http)?,
             http,
             watch,
             cfg,
         })
     }
 
-    fn client(&self, u: caps::Using) -> Arc<AmazonS3> {
+    fn client(&self, u: caps::Using) -> Arc<dyn Remote> {
         if u.checksums {
             self.crc.clone()
         } else {
@@ -1132,7 +1262,7 @@ impl Uploader {
         let claims = format!("{dir}/.claims/{name}");
         let mine = format!("{claims}/{}", claim_token());
         for round in 0..CLAIM_ROUNDS {
-            if head_of(&self.rt, &self.plain, &self.cfg, key)?.is_some() {
+            if head_of(&self.rt, &*self.plain, &self.cfg, key)?.is_some() {
                 return Ok(match self.confirm(key, record, expected)? {
                     Some((c, etag)) => Claim::Ours(c, etag),
                     None => Claim::Taken,
@@ -1171,7 +1301,13 @@ impl Uploader {
     }
 
     fn delete(&self, key: &str) -> Result<(), Error> {
-        delete_one(&self.rt, &self.plain, &self.http, &self.cfg, key)
+        delete_one(
+            &self.rt,
+            (&*self.plain, self.signer.as_ref()),
+            &self.http,
+            &self.cfg,
+            key,
+        )
     }
 
     /// Completes the upload (with `If-None-Match: *` and the whole object's CRC64NVME where
@@ -1196,7 +1332,12 @@ impl Uploader {
             let u = caps::using(self.cfg.checksum);
             let mut headers = Vec::new();
             if u.conditional {
-                headers.push(("if-none-match".to_string(), "*".to_string()));
+                headers.push(match self.cfg.kind {
+                    // GCS's XML API: create only if no live object is there.
+                    Kind::Gcs(_) => ("x-goog-if-generation-match".to_string(), "0".to_string()),
+                    // S3's CompleteMultipartUpload, Azure's Put Block List.
+                    _ => ("if-none-match".to_string(), "*".to_string()),
+                });
             }
             if st.crc && u.checksums {
                 headers.push(("x-amz-checksum-crc64nvme".into(), crc.clone()));
@@ -1237,7 +1378,7 @@ impl Uploader {
         if let Some(done) = self.confirm(key, record, expected)? {
             return Ok(done);
         }
-        let now = head_of(&self.rt, &self.plain, &self.cfg, key)?;
+        let now = head_of(&self.rt, &*self.plain, &self.cfg, key)?;
         let now_etag = now.as_ref().and_then(|o| o.etag.as_deref()).map(plain_etag);
         if now_etag.is_some() && now_etag == made {
             self.delete(key)?;
@@ -1266,7 +1407,7 @@ impl Uploader {
         expected: Option<&str>,
     ) -> Result<Option<(Confirmed, String)>, Error> {
         use sha2::Digest;
-        let Some(head) = head_of(&self.rt, &self.plain, &self.cfg, key)? else {
+        let Some(head) = head_of(&self.rt, &*self.plain, &self.cfg, key)? else {
             return Ok(None);
         };
         let etag = head.etag.as_deref().map(plain_etag).unwrap_or_default();
@@ -1356,7 +1497,7 @@ impl Drop for PartBuf {
 /// Sends the archive's bytes as parts of `PART`, two in flight, counting and checksumming them
 /// as they pass.
 async fn send_parts(
-    (plain, crc, mode): (Arc<AmazonS3>, Arc<AmazonS3>, ChecksumMode),
+    (plain, crc, mode): (Arc<dyn Remote>, Arc<dyn Remote>, ChecksumMode),
     path: &ObjectPath,
     id: &str,
     data_rx: &mut tokio::sync::mpsc::Receiver<Msg>,
@@ -1437,7 +1578,7 @@ async fn send_parts(
 /// in its URL, for five minutes.
 fn delete_one(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    (remote, signer): (&dyn Remote, Option<&AmazonS3>),
     http: &reqwest::Client,
     cfg: &StoreConfig,
     key: &str,
@@ -1446,6 +1587,13 @@ fn delete_one(
     let fail = |e: String| Error::Store {
         store: cfg.describe(),
         problem: bounded(&format!("cannot delete `{key}`: {e}"), 2048),
+    };
+    let Some(s3) = signer else {
+        // Azure's and GCS's own deletes are one request.
+        return match rt.block_on(remote.delete(&ObjectPath::from(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(fail(e.to_string())),
+        };
     };
     rt.block_on(async {
         let url = s3
@@ -1481,7 +1629,7 @@ fn delete_one(
 /// The object at `key` (size, ETag, metadata); `None` when there is none.
 fn head_of(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    s3: &dyn Remote,
     cfg: &StoreConfig,
     key: &str,
 ) -> Result<Option<ObjectInfo>, Error> {
@@ -1518,7 +1666,7 @@ fn head_of(
 /// Reads the record beside `key`, if there is one (bounded; an unreadable one is none).
 fn read_record(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    s3: &dyn Remote,
     cfg: &StoreConfig,
     key: &str,
 ) -> Result<Option<crate::manifest::Record>, Error> {
@@ -1543,7 +1691,7 @@ enum Small {
 
 fn get_limited(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    s3: &dyn Remote,
     cfg: &StoreConfig,
     key: &str,
     max: u64,
@@ -1579,7 +1727,7 @@ fn get_limited(
 /// after. `Content-MD5` is checked by the store on the way in.
 fn put_small_once(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    s3: &dyn Remote,
     cfg: &StoreConfig,
     key: &str,
     bytes: Vec<u8>,
@@ -1645,7 +1793,7 @@ fn put_small_once(
 /// it describes the same bytes.
 fn write_record(
     rt: &tokio::runtime::Runtime,
-    s3: &AmazonS3,
+    s3: &dyn Remote,
     cfg: &StoreConfig,
     key: &str,
     record: &crate::manifest::Record,
