@@ -428,6 +428,8 @@ impl Entry {
         match (&self.path, &self.url) {
             (Some(_), Some(_)) => "both",
             (Some(_), None) => "local",
+            (None, Some(u)) if u.starts_with("azure://") => "azure",
+            (None, Some(u)) if u.starts_with("gs://") => "gcs",
             _ => "store",
         }
     }

@@ -564,6 +564,8 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         }
         Some(hook)
             if hook.starts_with("s3-credentials-relation-")
+                || hook.starts_with("azure-storage-credentials-relation-")
+                || hook.starts_with("gcs-credentials-relation-")
                 || hook == "config-changed"
                 || hook == "secret-changed"
                 || hook == "update-status" =>

@@ -139,7 +139,10 @@ impl Health {
     /// The newest archive anywhere, and where: `s3` when the store has it.
     pub fn newest_anywhere(&self) -> Option<(&Newest, &'static str)> {
         let local = self.newest.get("local");
-        let store = self.newest.get("store");
+        let store = ["store", "azure", "gcs"]
+            .iter()
+            .filter_map(|k| self.newest.get(*k))
+            .max_by_key(|n| n.at);
         match (local, store) {
             // The same archive, uploaded; or one uploaded after the newest local one.
             (Some(l), Some(s)) if s.id == l.id || s.at > l.at => Some((s, "s3")),
@@ -234,6 +237,8 @@ pub fn record(
     let message = outcome.as_ref().err().map(|e| e.to_string());
     let store_failed = outcome.as_ref().err().is_some_and(is_store_error);
     let uploaded = get("upload.url").is_some();
+    // `store` (S3), `azure` or `gcs`: the store this run used.
+    let store_at = crate::store::location_used().unwrap_or("store");
     match ran {
         Ran::Snapshot | Ran::Backup => {
             let wrote = get("snapshot.path").is_some() && get("snapshot.skipped").is_none();
@@ -241,9 +246,9 @@ pub fn record(
                 None => health.succeeded("snapshot", "local", now, seconds),
                 Some(m) if store_failed && get("snapshot.path").is_some() => {
                     health.succeeded("snapshot", "local", now, seconds);
-                    health.failed("upload", "store", now, seconds, m);
+                    health.failed("upload", store_at, now, seconds, m);
                 }
-                Some(m) if store_failed => health.failed("upload", "store", now, seconds, m),
+                Some(m) if store_failed => health.failed("upload", store_at, now, seconds, m),
                 Some(m) if get("snapshot.path").is_some() => {
                     // The snapshot was written; what failed came after it (a prune).
                     health.succeeded("snapshot", "local", now, seconds);
@@ -254,7 +259,7 @@ pub fn record(
                 Some(m) => health.failed("snapshot", "local", now, seconds, m),
             }
             if uploaded {
-                health.succeeded("upload", "store", now, seconds);
+                health.succeeded("upload", store_at, now, seconds);
             }
             if wrote {
                 let newest = Newest {
@@ -272,7 +277,7 @@ pub fn record(
                     encrypted: get("snapshot.encryption").is_some(),
                 };
                 if uploaded {
-                    health.newest.insert("store".into(), newest.clone());
+                    health.newest.insert(store_at.into(), newest.clone());
                 }
                 health.newest.insert("local".into(), newest);
             } else if uploaded {
@@ -280,7 +285,7 @@ pub fn record(
                 if let Some(l) = health.newest.get("local").cloned() {
                     health
                         .newest
-                        .insert("store".into(), Newest { at: now, ..l });
+                        .insert(store_at.into(), Newest { at: now, ..l });
                 }
             }
             if let Some(kept) = get("prune.kept").and_then(|k| k.parse().ok()) {
@@ -288,7 +293,7 @@ pub fn record(
                 health.succeeded("prune", "local", now, seconds);
             }
             if ran == Ran::Backup {
-                let at = if uploaded { "store" } else { "local" };
+                let at = if uploaded { store_at } else { "local" };
                 match &message {
                     None => health.succeeded("backup", at, now, seconds),
                     Some(m) => health.failed("backup", at, now, seconds, m),
@@ -297,7 +302,7 @@ pub fn record(
         }
         Ran::Verify => {
             let at = match get("verify.origin") {
-                Some("store") => "store",
+                Some("store") => store_at,
                 _ => "local",
             };
             let drill = get("verify.drill").unwrap_or("not run");
@@ -343,7 +348,7 @@ pub fn record(
         },
         Ran::Restore => {
             let at = match get("restore.origin") {
-                Some("store") => "store",
+                Some("store") => store_at,
                 _ => "local",
             };
             match &message {
@@ -614,6 +619,10 @@ pub fn update_status(settings: &crate::config::Settings) -> Result<String, Error
         unit_reporter().status("blocked", &msg);
         return Ok(format!("update-status: blocked: {msg}"));
     }
+    if let Some(msg) = several_stores_blocked() {
+        unit_reporter().status("blocked", &msg);
+        return Ok(format!("update-status: blocked: {msg}"));
+    }
     let (state, msg) = workload_status(&health, max, now);
     unit_reporter().status(state, &msg);
     Ok(format!("update-status: {state}: {msg}"))
@@ -723,9 +732,17 @@ pub fn after_run(
     }
     // A restore sets the unit's status itself.
     if juju && ran != Ran::Restore && !health.restore_status_stands() {
-        let (state, msg) = workload_status(&health, max, now);
+        let (state, msg) = several_stores_blocked()
+            .map(|m| ("blocked", m))
+            .unwrap_or_else(|| workload_status(&health, max, now));
         unit_reporter().status(state, &msg);
     }
+}
+
+/// With more than one store relation, the unit is `blocked`, naming them.
+fn several_stores_blocked() -> Option<String> {
+    let endpoints = unit_reporter().store_endpoints().ok()?;
+    (endpoints.len() > 1).then(|| crate::store::several_stores(&endpoints))
 }
 
 /// Whether this runs on a Juju unit with its hook tools (an action, a hook, or `juju-exec`).

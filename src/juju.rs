@@ -233,8 +233,43 @@ impl Reporter {
     /// sequence of the s3 relation contract: relation-ids, relation-list --app, relation-get
     /// --app, secret-get.
     pub fn s3_relation(&self) -> Result<Option<BTreeMap<String, String>>, Error> {
+        self.store_relation(S3_ENDPOINT)
+    }
+
+    /// The store relations this unit has (`s3-credentials`, `azure-storage-credentials`,
+    /// `gcs-credentials`), by endpoint, each with its provider's bag; in that order.
+    pub fn store_relations(&self) -> Result<Vec<(&'static str, Bag)>, Error> {
+        let mut out = Vec::new();
+        for endpoint in STORE_ENDPOINTS {
+            if let Some(bag) = self.store_relation(endpoint)? {
+                out.push((endpoint, bag));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The endpoints of the store relations this unit has (their bags not read).
+    pub fn store_endpoints(&self) -> Result<Vec<&'static str>, Error> {
+        let mut out = Vec::new();
+        for endpoint in STORE_ENDPOINTS {
+            let ids = run_checked(
+                Command::new(hook_tool("relation-ids")?).args(["--format=json", endpoint]),
+            )?;
+            if !parse_list::<String>("relation-ids", &ids.stdout)?.is_empty() {
+                out.push(endpoint);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The provider's application databag of the store relation at `endpoint`, with the v1
+    /// credentials secret (`secret-extra`) merged in; `None` when there is no such relation.
+    pub fn store_relation(
+        &self,
+        endpoint: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, Error> {
         let ids = run_checked(
-            Command::new(hook_tool("relation-ids")?).args(["--format=json", S3_ENDPOINT]),
+            Command::new(hook_tool("relation-ids")?).args(["--format=json", endpoint]),
         )?;
         let ids: Vec<String> = parse_list("relation-ids", &ids.stdout)?;
         let Some(id) = ids.first() else {
@@ -260,7 +295,7 @@ impl Reporter {
         };
         let Some(app) = app else {
             return Err(Error::StoreNotReady(format!(
-                "relation `{id}` has no s3 provider application yet"
+                "relation `{id}` ({endpoint}) has no provider application yet"
             )));
         };
         let out = run_checked(Command::new(hook_tool("relation-get")?).args([
@@ -371,8 +406,17 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
+/// A relation's application databag.
+pub type Bag = BTreeMap<String, String>;
+
 /// The charm's endpoint of the `s3` relation.
 pub const S3_ENDPOINT: &str = "s3-credentials";
+/// The charm's endpoint of the `azure_storage` relation (azure-storage-integrator).
+pub const AZURE_ENDPOINT: &str = "azure-storage-credentials";
+/// The charm's endpoint of the `gcs` relation (gcs-integrator).
+pub const GCS_ENDPOINT: &str = "gcs-credentials";
+/// Every store relation, in the order they are named.
+pub const STORE_ENDPOINTS: [&str; 3] = [S3_ENDPOINT, AZURE_ENDPOINT, GCS_ENDPOINT];
 
 /// The bucket name this application asks the s3 provider for, unless the provider's own
 /// config names one: `etcd-backups-<app>`, cut to S3's rules (3 to 63 of `a-z0-9-`).
@@ -421,26 +465,39 @@ pub fn s3_relation_hook(hook: &str) -> Result<String, Error> {
     let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
     let app = unit.split('/').next().unwrap_or_default().to_string();
     let want = default_bucket(&app);
+    // The s3 provider reads `bucket`; azure-storage-integrator `container`; both v1
+    // integrators publish the secret fields named in `requested-secrets`.
+    let (field, secrets) = if hook.starts_with(AZURE_ENDPOINT) {
+        ("container", true)
+    } else if hook.starts_with(GCS_ENDPOINT) {
+        ("bucket", true)
+    } else {
+        ("bucket", false)
+    };
     let have = run_checked(Command::new(hook_tool("relation-get")?).args([
         "--format=json",
         "-r",
         &id,
         "--app",
-        "bucket",
+        field,
         &app,
     ]))?;
     let have: Option<String> = serde_json::from_str(have.stdout.trim()).unwrap_or(None);
     if have.is_some() {
-        return Ok(format!("{hook}: bucket already requested; nothing to do"));
+        return Ok(format!("{hook}: {field} already requested; nothing to do"));
     }
-    run_checked(Command::new(hook_tool("relation-set")?).args([
-        "-r",
-        &id,
-        "--app",
-        &format!("bucket={want}"),
-    ]))?;
+    let mut args = vec![
+        "-r".to_string(),
+        id.clone(),
+        "--app".to_string(),
+        format!("{field}={want}"),
+    ];
+    if secrets {
+        args.push("requested-secrets=[\"secret-key\"]".to_string());
+    }
+    run_checked(Command::new(hook_tool("relation-set")?).args(&args))?;
     Ok(format!(
-        "{hook}: requested bucket `{want}` on relation {id}"
+        "{hook}: requested {field} `{want}` on relation {id}"
     ))
 }
 

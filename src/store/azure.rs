@@ -12,6 +12,9 @@ use super::guard::Connector;
 use super::names::{check_bucket, check_endpoint, check_prefix, with_scheme};
 use crate::error::Error;
 
+/// Environment settings: names and values.
+type EnvPairs = Vec<(String, String)>;
+
 /// The storage account and its key (the relation's `secret-key`, or
 /// `AZURE_STORAGE_ACCOUNT_KEY`). Never printed.
 #[derive(Clone)]
@@ -183,7 +186,7 @@ pub fn env_pairs(
     endpoint: &str,
     container: &str,
     prefix: &str,
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+) -> (EnvPairs, EnvPairs) {
     let mut public = vec![
         (
             "ETCD_ACTIONS_AZURE_ENDPOINT".to_string(),

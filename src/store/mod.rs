@@ -169,6 +169,15 @@ fn not_ready(detail: impl Into<String>) -> Error {
     Error::StoreNotReady(detail.into())
 }
 
+/// Why a unit with several store relations uploads nowhere: what to do.
+pub fn several_stores(endpoints: &[&str]) -> String {
+    format!(
+        "more than one store is related ({}): archives go to one store at a time; remove all \
+         but one (`juju remove-relation <app>:<endpoint> <integrator>`)",
+        endpoints.join(", ")
+    )
+}
+
 /// The checksum mode an operator set (`--s3-checksum`, `ETCD_ACTIONS_S3_CHECKSUM`, or the charm's
 /// `s3-checksum` option).
 pub fn parse_checksum(text: &str) -> Result<ChecksumMode, Error> {
@@ -727,8 +736,16 @@ pub struct Listing {
 /// Prefix of user metadata keys written by this tool.
 pub const META: &str = "x-amz-meta-";
 
+static LOCATION: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The location label of the store this process opened (`store`, `azure`, `gcs`), if any.
+pub fn location_used() -> Option<&'static str> {
+    LOCATION.get().copied()
+}
+
 impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, Error> {
+        let _ = LOCATION.set(cfg.location());
         let watch = Watch::default();
         let http = cfg.http()?;
         let s3 = cfg.client_watched(&http, &watch, Vec::new(), false)?;

@@ -981,10 +981,31 @@ impl S3 {
     }
 
     /// Starts the server again (after `kill`) on the same port and directory.
+    /// A server that takes no keys (and refuses any `Authorization` header): GCS's XML API
+    /// behind a front that drops the empty `Bearer` object_store sends.
+    pub fn start_anonymous(base: &Path, buckets: &[&str]) -> S3 {
+        let dir = base.join("s3");
+        for b in buckets {
+            fs::create_dir_all(dir.join(b)).unwrap();
+        }
+        let mut s3 = S3 {
+            dir,
+            port: free_port(),
+            access: String::new(),
+            secret: String::new(),
+            child: None,
+        };
+        s3.restart();
+        s3
+    }
+
     pub fn restart(&mut self) {
-        let child = Command::new(Self::binary())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", &self.access, "--secret-key", &self.secret])
+        let mut cmd = Command::new(Self::binary());
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()]);
+        if !self.access.is_empty() {
+            cmd.args(["--access-key", &self.access, "--secret-key", &self.secret]);
+        }
+        let child = cmd
             .arg(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1073,26 +1094,47 @@ impl Juju {
     /// An `s3-credentials` relation (id 7) to `s3-integrator` whose app bag is `bag`; with
     /// `secret`, the credentials are in a v1 secret named by `secret-extra`.
     pub fn s3_relation(&self, bag: serde_json::Value, secret: Option<serde_json::Value>) {
+        self.store_relation("s3-credentials", 7, "s3-integrator", bag, secret);
+    }
+
+    /// A store relation at `endpoint` (id `id`) to `provider`, whose app bag is `bag`; with
+    /// `secret`, a v1 provider's `secret-extra` secret. Relations set before stay.
+    pub fn store_relation(
+        &self,
+        endpoint: &str,
+        id: u32,
+        provider: &str,
+        bag: serde_json::Value,
+        secret: Option<serde_json::Value>,
+    ) {
         let rels_path = self.state.join("relations.json");
         let mut rels: serde_json::Value = fs::read_to_string(&rels_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(serde_json::json!({}));
-        rels["s3-credentials"] = serde_json::json!({"s3-credentials:7": ["s3-integrator/0"]});
+        rels[endpoint] =
+            serde_json::json!({ format!("{endpoint}:{id}"): [format!("{provider}/0")] });
         fs::write(&rels_path, rels.to_string()).unwrap();
         let mut bag = bag;
         if let Some(secret) = secret {
-            let uri = "secret://model-uuid/d0ctest";
+            let uri = format!("secret://model-uuid/d0ctest{id}");
             bag["secret-extra"] = serde_json::json!(uri);
-            fs::write(
-                self.state.join("secrets.json"),
-                serde_json::json!({ uri: secret }).to_string(),
-            )
-            .unwrap();
+            let secrets_path = self.state.join("secrets.json");
+            let mut secrets: serde_json::Value = fs::read_to_string(&secrets_path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(serde_json::json!({}));
+            secrets[&uri] = secret;
+            fs::write(secrets_path, secrets.to_string()).unwrap();
         }
-        let apps =
-            serde_json::json!({"7": {"remote_app": "s3-integrator", "remote": bag, "local": {}}});
-        fs::write(self.state.join("relation-apps.json"), apps.to_string()).unwrap();
+        let apps_path = self.state.join("relation-apps.json");
+        let mut apps: serde_json::Value = fs::read_to_string(&apps_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::json!({}));
+        apps[id.to_string()] =
+            serde_json::json!({"remote_app": provider, "remote": bag, "local": {}});
+        fs::write(apps_path, apps.to_string()).unwrap();
     }
 
     /// Every argv of every hook tool call so far.

@@ -23,6 +23,11 @@ pub trait TestStore {
     /// The bytes of an object.
     fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>>;
 
+    /// The scheme of the urls the agent reports: `s3`, `azure`, `gs`.
+    fn scheme(&self) -> &'static str {
+        "s3"
+    }
+
     /// Settings for a standalone agent using this store.
     fn env(&self, agent: Agent, bucket: &str, path: &str) -> Agent {
         let (access, secret) = self.keys();
@@ -273,6 +278,9 @@ pub struct Rules {
     pub flip: Option<Flip>,
     /// `POST ?delete`: `501 NotImplemented` (GCS's S3 interop, Alibaba OSS).
     pub refuse_multi_delete: bool,
+    /// Drops the `Authorization` header (GCS's client with `disable_oauth` sends an empty
+    /// `Bearer`; the s3s-fs under it takes no keys).
+    pub drop_authorization: bool,
 }
 
 impl Rules {
@@ -283,6 +291,7 @@ impl Rules {
             ignore_conditional: true,
             flip: Some(Flip::Checked),
             refuse_multi_delete: true,
+            drop_authorization: false,
         }
     }
 }
@@ -312,7 +321,11 @@ pub struct Front {
 
 impl Front {
     pub fn start(base: &Path, buckets: &[&str], rules: Rules) -> Front {
-        let s3 = S3::start(base, buckets);
+        let s3 = if rules.drop_authorization {
+            S3::start_anonymous(base, buckets)
+        } else {
+            S3::start(base, buckets)
+        };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Seen::default());
@@ -376,8 +389,11 @@ fn percent_decode(s: &str) -> String {
 fn serve(client: TcpStream, upstream: u16, dir: &Path, rules: Rules, seen: &Seen) {
     let mut out = client.try_clone().unwrap();
     let mut r = BufReader::new(client);
-    while let Some((line, headers)) = read_head(&mut r) {
+    while let Some((line, mut headers)) = read_head(&mut r) {
         let mut body = read_body(&mut r, &headers, false);
+        if rules.drop_authorization {
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+        }
         let mut parts = line.split_whitespace();
         let (method, target) = (
             parts.next().unwrap_or("").to_string(),
@@ -512,4 +528,237 @@ fn write_answer(out: &mut TcpStream, a: &Answer, head: bool) -> std::io::Result<
 /// The moto install directory (for scripts and messages).
 pub fn moto_dir() -> PathBuf {
     cache_dir().join("moto")
+}
+
+/// GCS through its XML API: s3s-fs without keys behind a front that drops the empty `Bearer`,
+/// with a service-account key that names the front (`gcs_base_url`) and turns OAuth off.
+pub struct Gcs {
+    pub front: Front,
+    pub key_file: PathBuf,
+}
+
+impl Gcs {
+    pub fn start(base: &Path, buckets: &[&str], mut rules: Rules) -> Gcs {
+        rules.drop_authorization = true;
+        let front = Front::start(base, buckets, rules);
+        let key_file = base.join("gcs-key.json");
+        let key = serde_json::json!({
+            "type": "service_account",
+            "gcs_base_url": format!("http://127.0.0.1:{}", front.port),
+            "disable_oauth": true,
+            "client_email": "etcd-backups@example.iam.gserviceaccount.com",
+            "private_key_id": "",
+            "private_key": "",
+        });
+        fs::write(&key_file, key.to_string()).unwrap();
+        Gcs { front, key_file }
+    }
+}
+
+impl TestStore for Gcs {
+    fn endpoint(&self) -> String {
+        self.front.endpoint()
+    }
+    fn keys(&self) -> (String, String) {
+        (String::new(), String::new())
+    }
+    fn objects(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.front.s3.objects(bucket, prefix)
+    }
+    fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        TestStore::get(&self.front.s3, bucket, key)
+    }
+    fn scheme(&self) -> &'static str {
+        "gs"
+    }
+    fn env(&self, agent: Agent, bucket: &str, path: &str) -> Agent {
+        agent
+            .env("ETCD_ACTIONS_GCS_BUCKET", bucket)
+            .env("ETCD_ACTIONS_GCS_PATH", path)
+            .env("GOOGLE_APPLICATION_CREDENTIALS", &self.key_file)
+    }
+}
+
+/// Azurite's well-known account and key (its README).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite (npm `azurite`, installed by scripts/install-deps), Microsoft's Blob emulator,
+/// SharedKey checked. Killed by pid on drop.
+pub struct Azurite {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Azurite {
+    pub fn start(base: &Path, containers: &[&str]) -> Azurite {
+        let bin = cache_dir().join("azurite/node_modules/.bin/azurite-blob");
+        assert!(
+            bin.exists(),
+            "azurite is not installed in {}: run scripts/install-deps",
+            bin.display()
+        );
+        let port = free_port();
+        let dir = base.join("azurite");
+        fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(&dir)
+            .args(["--silent", "--skipApiVersionCheck", "--loose"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "azurite did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let a = Azurite { port, child };
+        for c in containers {
+            let r = a.request("PUT", &format!("/{c}"), &[("restype", "container")]);
+            assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        }
+        a
+    }
+
+    /// One SharedKey-signed request (path-style, as the emulator serves it).
+    pub fn request(&self, method: &str, path: &str, query: &[(&str, &str)]) -> Answer {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let date = rfc1123(std::time::SystemTime::now());
+        let version = "2021-08-06";
+        let mut q: Vec<(&str, &str)> = query.to_vec();
+        q.sort();
+        let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}{path}");
+        for (k, v) in &q {
+            resource.push_str(&format!("\n{k}:{v}"));
+        }
+        let to_sign = format!(
+            "{method}\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n{resource}"
+        );
+        let key = b64.decode(AZURITE_KEY).unwrap();
+        let sig = b64.encode(hmac_sha256(&key, to_sign.as_bytes()));
+        let query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let target = if query.is_empty() {
+            format!("/{AZURITE_ACCOUNT}{path}")
+        } else {
+            format!("/{AZURITE_ACCOUNT}{path}?{}", query.join("&"))
+        };
+        http(
+            self.port,
+            method,
+            &target,
+            &[
+                ("x-ms-date".into(), date),
+                ("x-ms-version".into(), version.into()),
+                (
+                    "Authorization".into(),
+                    format!("SharedKey {AZURITE_ACCOUNT}:{sig}"),
+                ),
+            ],
+            b"",
+        )
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestStore for Azurite {
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+    fn keys(&self) -> (String, String) {
+        (AZURITE_ACCOUNT.into(), AZURITE_KEY.into())
+    }
+    fn objects(&self, container: &str, prefix: &str) -> Vec<String> {
+        let a = self.request(
+            "GET",
+            &format!("/{container}"),
+            &[
+                ("comp", "list"),
+                ("prefix", prefix),
+                ("restype", "container"),
+            ],
+        );
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let text = String::from_utf8_lossy(&a.body);
+        let mut keys: Vec<String> = text
+            .split("<Name>")
+            .skip(1)
+            .filter_map(|p| {
+                p.split_once("</Name>")
+                    .map(|(k, _)| k.replace("&amp;", "&"))
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+    fn get(&self, container: &str, key: &str) -> Option<Vec<u8>> {
+        let a = self.request("GET", &format!("/{container}/{key}"), &[]);
+        (a.status == 200).then_some(a.body)
+    }
+    fn scheme(&self) -> &'static str {
+        "azure"
+    }
+    fn env(&self, agent: Agent, container: &str, path: &str) -> Agent {
+        agent
+            .env("ETCD_ACTIONS_AZURE_ENDPOINT", self.endpoint())
+            .env("ETCD_ACTIONS_AZURE_ACCOUNT", AZURITE_ACCOUNT)
+            .env("ETCD_ACTIONS_AZURE_CONTAINER", container)
+            .env("ETCD_ACTIONS_AZURE_PATH", path)
+            .env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)
+    }
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = sha2::Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = sha2::Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// `Fri, 04 Dec 2026 01:58:38 GMT`.
+fn rfc1123(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
