@@ -669,3 +669,67 @@ fn three_units_in_the_same_second_on_azure_and_gcs() {
         assert_eq!(keys.len(), 3, "{tag}: {keys:?}");
     }
 }
+
+/// The leader's relation hooks ask the azure and gcs integrators for a container or bucket,
+/// and for the secret fields (`requested-secrets`); off the leader they write nothing.
+#[test]
+fn the_hooks_ask_the_azure_and_gcs_integrators_once_as_leader() {
+    for (endpoint, id, provider, field) in [
+        (
+            "azure-storage-credentials",
+            9,
+            "azure-storage-integrator",
+            "container",
+        ),
+        ("gcs-credentials", 11, "gcs-integrator", "bucket"),
+    ] {
+        let tmp = tempdir();
+        let juju = Juju::new(tmp.path(), "etcd/0");
+        juju.store_relation(endpoint, id, provider, serde_json::json!({}), None);
+        let hooks = tmp.path().join("charm/hooks");
+        fs::create_dir_all(&hooks).unwrap();
+        let hook = hooks.join(format!("{endpoint}-relation-joined"));
+        std::os::unix::fs::symlink(AGENT, &hook).unwrap();
+        let run = |leader: &str| {
+            fs::write(juju.state.join("leader"), leader).unwrap();
+            let out = std::process::Command::new(&hook)
+                .env(
+                    "PATH",
+                    format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
+                )
+                .env("JUJU_UNIT_NAME", "etcd/0")
+                .env("JUJU_RELATION_ID", format!("{endpoint}:{id}"))
+                .env("FAKE_JUJU_STATE", &juju.state)
+                .env_remove("JUJU_ACTION_NAME")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let apps: serde_json::Value = serde_json::from_str(
+                &fs::read_to_string(juju.state.join("relation-apps.json")).unwrap(),
+            )
+            .unwrap();
+            apps[id.to_string()]["local"].clone()
+        };
+        assert_eq!(
+            run("false"),
+            serde_json::json!({}),
+            "{endpoint}: a non-leader writes"
+        );
+        let want = serde_json::json!({
+            field: "etcd-backups-etcd",
+            "requested-secrets": "[\"secret-key\"]",
+        });
+        assert_eq!(run("true"), want, "{endpoint}");
+        let sets = juju.calls().matches("relation-set").count();
+        assert_eq!(run("true"), want, "{endpoint}");
+        assert_eq!(
+            juju.calls().matches("relation-set").count(),
+            sets,
+            "{endpoint}"
+        );
+    }
+}

@@ -424,28 +424,24 @@ pub fn sync_follow(
         app: String::new(),
     };
     let mut ca_changed = false;
-    let store_note = match reporter.s3_relation() {
-        Ok(Some(bag)) => match crate::store::StoreConfig::from_relation_bag(&bag) {
-            Ok(cfg) => {
-                let ca = follow_env_file().with_extension("ca.pem");
-                if !cfg.ca_pems.is_empty() {
-                    let pem = cfg.ca_pems.join("\n");
-                    if fs::read_to_string(&ca).ok().as_deref() != Some(pem.as_str()) {
-                        write_file(&ca, &pem, 0o600)?;
-                        ca_changed = true;
-                    }
+    let store_note = match follow_store(&reporter) {
+        Ok(cfg) => {
+            let ca = follow_env_file().with_extension("ca.pem");
+            if !cfg.ca_pems.is_empty() {
+                let pem = cfg.ca_pems.join("\n");
+                if fs::read_to_string(&ca).ok().as_deref() != Some(pem.as_str()) {
+                    write_file(&ca, &pem, 0o600)?;
+                    ca_changed = true;
                 }
-                let (public, secret) = cfg.env_pairs(Some(&ca));
-                for (k, v) in public.iter().chain(&secret) {
-                    one_line(k, v)?;
-                    text.push_str(&format!("{k}={}\n", quote_env(v)));
-                }
-                format!("segments go to {} too", cfg.describe())
             }
-            Err(e) => format!("segments stay local: {e}"),
-        },
-        Ok(None) => "segments stay local (no s3 relation)".into(),
-        Err(e) => format!("segments stay local: {e}"),
+            let (public, secret) = cfg.env_pairs(Some(&ca));
+            for (k, v) in public.iter().chain(&secret) {
+                one_line(k, v)?;
+                text.push_str(&format!("{k}={}\n", quote_env(v)));
+            }
+            format!("segments go to {} too", cfg.describe())
+        }
+        Err(why) => format!("segments stay local: {why}"),
     };
     let exec = vec![
         self_exe()?,
@@ -494,6 +490,31 @@ pub fn refresh_follow(settings: &crate::config::Settings) -> Result<String, Erro
     }
     crate::crypt::Keys::load(&settings.keys, true)?.check_writes()?;
     sync_follow(settings, true, &target)
+}
+
+/// The store the follow service uploads segments to: the one store relation's, when its
+/// settings can reach a service outside a hook. Why not, otherwise.
+fn follow_store(reporter: &crate::juju::Reporter) -> Result<crate::store::StoreConfig, String> {
+    use crate::juju::{AZURE_ENDPOINT, GCS_ENDPOINT};
+    use crate::store::StoreConfig;
+    let mut related = reporter.store_relations().map_err(|e| e.to_string())?;
+    if related.len() > 1 {
+        let endpoints: Vec<&str> = related.iter().map(|(e, _)| *e).collect();
+        return Err(crate::store::several_stores(&endpoints));
+    }
+    let cfg = match related.pop() {
+        None => return Err("no store relation".into()),
+        Some((GCS_ENDPOINT, _)) => {
+            return Err(
+                "the GCS key is never written to disk, and the follow service runs outside a \
+                 hook; snapshots and backups still go to GCS"
+                    .into(),
+            )
+        }
+        Some((AZURE_ENDPOINT, bag)) => StoreConfig::from_azure_bag(&bag),
+        Some((_, bag)) => StoreConfig::from_relation_bag(&bag),
+    };
+    cfg.map_err(|e| e.to_string())
 }
 
 /// The charm's config, as `config-get --format=json` gives it.
