@@ -45,6 +45,19 @@ impl ChecksumMode {
     }
 }
 
+/// The checksum mode an operator set (`--s3-checksum`, `ETCD_ACTIONS_S3_CHECKSUM`, or the charm's
+/// `s3-checksum` option).
+pub fn parse_checksum(text: &str) -> Result<ChecksumMode, crate::error::Error> {
+    ChecksumMode::parse(text).ok_or_else(|| {
+        crate::error::Error::Usage(format!(
+            "--s3-checksum `{}`: expected `auto` (CRC64NVME where the store takes it, the \
+             default), `crc64nvme` (always; for stores that check it) or `md5` (Content-MD5 \
+             only; for stores that refuse checksum headers)",
+            crate::error::bounded(text, 100)
+        ))
+    })
+}
+
 static CHECKSUMS_REFUSED: AtomicBool = AtomicBool::new(false);
 static CONDITIONAL_REFUSED: AtomicBool = AtomicBool::new(false);
 static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());

@@ -23,8 +23,9 @@ mod caps;
 mod gcs;
 mod guard;
 mod names;
+mod s3;
 
-pub use caps::{take_notes, ChecksumMode};
+pub use caps::{parse_checksum, take_notes, ChecksumMode};
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -33,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -44,7 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use guard::{Connector, Watch, LIST_DEADLINE, LIST_KEYS_MAX};
-use names::{check_bucket, check_endpoint, check_prefix, json_list, normalize_prefix, with_scheme};
+use names::normalize_prefix;
 
 use crate::error::{bounded, Error};
 
@@ -127,7 +128,7 @@ pub struct StoreSettings {
 /// The kind of store, and what only that kind needs.
 #[derive(Clone)]
 pub enum Kind {
-    S3,
+    S3(s3::S3Keys),
     Azure(azure::AzureKeys),
     Gcs(gcs::GcsKey),
 }
@@ -142,15 +143,10 @@ pub struct StoreConfig {
     pub bucket: String,
     /// Key prefix without leading or trailing `/` ("" for none).
     pub prefix: String,
-    pub region: String,
-    pub host_style: bool,
     pub ca_pems: Vec<String>,
     pub storage_class: Option<String>,
     pub checksum: ChecksumMode,
     pub kind: Kind,
-    access_key: String,
-    secret_key: String,
-    session_token: Option<String>,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -159,14 +155,8 @@ impl std::fmt::Debug for StoreConfig {
             .field("endpoint", &self.endpoint)
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
-            .field("region", &self.region)
-            .field("host_style", &self.host_style)
             .finish_non_exhaustive()
     }
-}
-
-fn not_ready(detail: impl Into<String>) -> Error {
-    Error::StoreNotReady(detail.into())
 }
 
 /// Why a unit with several store relations uploads nowhere: what to do.
@@ -178,93 +168,10 @@ pub fn several_stores(endpoints: &[&str]) -> String {
     )
 }
 
-/// The checksum mode an operator set (`--s3-checksum`, `ETCD_ACTIONS_S3_CHECKSUM`, or the charm's
-/// `s3-checksum` option).
-pub fn parse_checksum(text: &str) -> Result<ChecksumMode, Error> {
-    ChecksumMode::parse(text).ok_or_else(|| {
-        Error::Usage(format!(
-            "--s3-checksum `{}`: expected `auto` (CRC64NVME where the store takes it, the \
-             default), `crc64nvme` (always; for stores that check it) or `md5` (Content-MD5 \
-             only; for stores that refuse checksum headers)",
-            bounded(text, 100)
-        ))
-    })
-}
-
 impl StoreConfig {
-    /// From the provider's application databag (secret fields already merged in).
+    /// From the `s3` relation's provider bag (secret fields already merged in).
     pub fn from_relation_bag(bag: &BTreeMap<String, String>) -> Result<StoreConfig, Error> {
-        let get = |k: &str| {
-            bag.get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        if let Some(v) = get("s3-api-version") {
-            if v.trim_start_matches('v').starts_with('2') {
-                return Err(Error::Declined(format!(
-                    "the s3 provider asks for S3 API version {v} (signature v2), which this agent \
-                     does not speak; configure the provider for version 4 (the default)"
-                )));
-            }
-        }
-        let missing: Vec<&str> = ["bucket", "access-key", "secret-key"]
-            .into_iter()
-            .filter(|k| get(k).is_none())
-            .collect();
-        if !missing.is_empty() {
-            return Err(not_ready(format!(
-                "the relation has no {} yet",
-                missing
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        let host_style = match get("s3-uri-style").as_deref() {
-            None | Some("path") => false,
-            Some("host") | Some("virtual") => true,
-            Some(other) => {
-                return Err(Error::ConfigInvalid {
-                    path: "s3 relation".into(),
-                    problem: format!(
-                        "`s3-uri-style` is `{other}`; expected `path` or `host`: fix the s3 provider's config"
-                    ),
-                })
-            }
-        };
-        let from = "fix the s3 provider's config (s3-integrator)";
-        let invalid = |problem: String| Error::ConfigInvalid {
-            path: "s3 relation".into(),
-            problem,
-        };
-        let endpoint = get("endpoint").map(|e| with_scheme(&e));
-        if let Some(e) = &endpoint {
-            check_endpoint(e, from).map_err(invalid)?;
-        }
-        let bucket = get("bucket")
-            .expect("checked")
-            .trim_matches('/')
-            .to_string();
-        check_bucket(&bucket, from).map_err(invalid)?;
-        let path = get("path").unwrap_or_default();
-        check_prefix(&path, from).map_err(invalid)?;
-        Ok(StoreConfig {
-            endpoint,
-            bucket,
-            prefix: normalize_prefix(&path),
-            region: get("region").unwrap_or_else(|| "us-east-1".into()),
-            host_style,
-            ca_pems: get("tls-ca-chain")
-                .map(|t| json_list(&t))
-                .unwrap_or_default(),
-            storage_class: get("storage-class"),
-            checksum: ChecksumMode::Auto,
-            kind: Kind::S3,
-            access_key: get("access-key").expect("checked"),
-            secret_key: get("secret-key").expect("checked"),
-            session_token: None,
-        })
+        Ok(StoreConfig::s3(s3::from_bag(bag)?))
     }
 
     /// From the standalone settings; `None` when no bucket is set.
@@ -307,57 +214,34 @@ impl StoreConfig {
             let place = gcs::from_settings(bucket, s.gcs_path.as_deref(), key)?;
             return Ok(Some(StoreConfig::gcs(place)));
         }
-        let Some(bucket) = s.bucket.clone().filter(|b| !b.trim().is_empty()) else {
+        let Some(bucket) = s.bucket.as_deref().filter(|b| !b.trim().is_empty()) else {
             return Ok(None);
         };
-        let bad = |problem: String| Error::Usage(problem);
-        let (Some(access_key), Some(secret_key)) = (
-            s.credentials.access_key.clone(),
-            s.credentials.secret_key.clone(),
-        ) else {
-            return Err(bad(
-                "ETCD_ACTIONS_S3_BUCKET is set but AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
-                 are not; export both (they are never taken from a flag: argv is visible in ps)"
-                    .into(),
-            ));
-        };
-        let host_style = match s.uri_style.as_deref().map(str::trim) {
-            None | Some("") | Some("path") => false,
-            Some("host") => true,
-            Some(other) => {
-                return Err(bad(format!(
-                    "--s3-uri-style `{other}`: expected `path` or `host`"
-                )))
-            }
-        };
-        let ca_pems = match &s.ca_file {
-            Some(p) => vec![std::fs::read_to_string(p)
-                .map_err(|e| bad(format!("cannot read the S3 CA file `{}`: {e}", p.display())))?],
-            None => Vec::new(),
-        };
-        let endpoint = s.endpoint.as_deref().map(with_scheme);
-        if let Some(e) = &endpoint {
-            check_endpoint(e, "fix --s3-endpoint (ETCD_ACTIONS_S3_ENDPOINT)").map_err(bad)?;
-        }
-        let bucket = bucket.trim().trim_matches('/').to_string();
-        check_bucket(&bucket, "fix --s3-bucket (ETCD_ACTIONS_S3_BUCKET)").map_err(bad)?;
-        let path = s.path.as_deref().unwrap_or("");
-        check_prefix(path, "fix --s3-path (ETCD_ACTIONS_S3_PATH)").map_err(bad)?;
-        let checksum = parse_checksum(s.checksum.as_deref().unwrap_or(""))?;
-        Ok(Some(StoreConfig {
-            endpoint,
+        let place = s3::from_settings(&s3::S3Settings {
+            endpoint: s.endpoint.as_deref(),
             bucket,
-            prefix: normalize_prefix(path),
-            region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
-            host_style,
-            ca_pems,
-            storage_class: None,
-            checksum,
-            kind: Kind::S3,
-            access_key,
-            secret_key,
-            session_token: s.credentials.session_token.clone(),
-        }))
+            path: s.path.as_deref(),
+            region: s.region.as_deref(),
+            uri_style: s.uri_style.as_deref(),
+            ca_file: s.ca_file.as_deref(),
+            checksum: s.checksum.as_deref(),
+            access_key: s.credentials.access_key.as_deref(),
+            secret_key: s.credentials.secret_key.as_deref(),
+            session_token: s.credentials.session_token.as_deref(),
+        })?;
+        Ok(Some(StoreConfig::s3(place)))
+    }
+
+    fn s3(place: s3::S3Place) -> StoreConfig {
+        StoreConfig {
+            endpoint: place.endpoint,
+            bucket: place.bucket,
+            prefix: normalize_prefix(&place.path),
+            ca_pems: place.ca_pems,
+            storage_class: place.storage_class,
+            checksum: place.checksum,
+            kind: Kind::S3(place.keys),
+        }
     }
 
     fn azure(place: azure::AzurePlace, ca_pems: Vec<String>) -> StoreConfig {
@@ -365,15 +249,10 @@ impl StoreConfig {
             endpoint: Some(place.endpoint),
             bucket: place.container,
             prefix: normalize_prefix(&place.path),
-            region: String::new(),
-            host_style: false,
             ca_pems,
             storage_class: None,
             checksum: ChecksumMode::Md5,
             kind: Kind::Azure(place.keys),
-            access_key: String::new(),
-            secret_key: String::new(),
-            session_token: None,
         }
     }
 
@@ -382,15 +261,10 @@ impl StoreConfig {
             endpoint: place.key.base_url.clone(),
             bucket: place.bucket,
             prefix: normalize_prefix(&place.path),
-            region: String::new(),
-            host_style: false,
             ca_pems: Vec::new(),
             storage_class: place.storage_class,
             checksum: ChecksumMode::Md5,
             kind: Kind::Gcs(place.key),
-            access_key: String::new(),
-            secret_key: String::new(),
-            session_token: None,
         }
     }
 
@@ -407,7 +281,7 @@ impl StoreConfig {
     /// The location label of this kind of store: `store` (S3), `azure`, `gcs`.
     pub fn location(&self) -> &'static str {
         match self.kind {
-            Kind::S3 => "store",
+            Kind::S3(_) => "store",
             Kind::Azure(_) => "azure",
             Kind::Gcs(_) => "gcs",
         }
@@ -418,10 +292,15 @@ impl StoreConfig {
     /// there is one, is written by the caller to `ca_file`.
     pub fn env_pairs(&self, ca_file: Option<&std::path::Path>) -> (EnvPairs, EnvPairs) {
         match &self.kind {
-            Kind::S3 => {}
+            Kind::S3(keys) => s3::env_pairs(
+                keys,
+                (self.endpoint.as_deref(), &self.bucket, &self.prefix),
+                self.checksum,
+                ca_file.filter(|_| !self.ca_pems.is_empty()),
+            ),
             Kind::Azure(keys) => {
                 let endpoint = self.endpoint.clone().unwrap_or_default();
-                return azure::env_pairs(keys, &endpoint, &self.bucket, &self.prefix);
+                azure::env_pairs(keys, &endpoint, &self.bucket, &self.prefix)
             }
             Kind::Gcs(_) => {
                 // The key is never written to disk: a service outside a hook has none.
@@ -429,49 +308,20 @@ impl StoreConfig {
                 if !self.prefix.is_empty() {
                     public.push(("ETCD_ACTIONS_GCS_PATH".into(), self.prefix.clone()));
                 }
-                return (public, Vec::new());
+                (public, Vec::new())
             }
         }
-        let mut public = vec![("ETCD_ACTIONS_S3_BUCKET".to_string(), self.bucket.clone())];
-        if let Some(e) = &self.endpoint {
-            public.push(("ETCD_ACTIONS_S3_ENDPOINT".into(), e.clone()));
-        }
-        if !self.prefix.is_empty() {
-            public.push(("ETCD_ACTIONS_S3_PATH".into(), self.prefix.clone()));
-        }
-        public.push(("ETCD_ACTIONS_S3_REGION".into(), self.region.clone()));
-        public.push((
-            "ETCD_ACTIONS_S3_URI_STYLE".into(),
-            if self.host_style { "host" } else { "path" }.into(),
-        ));
-        if self.checksum != ChecksumMode::Auto {
-            public.push((
-                "ETCD_ACTIONS_S3_CHECKSUM".into(),
-                self.checksum.as_str().into(),
-            ));
-        }
-        if let Some(f) = ca_file.filter(|_| !self.ca_pems.is_empty()) {
-            public.push(("ETCD_ACTIONS_S3_CA_FILE".into(), f.display().to_string()));
-        }
-        let mut secret = vec![
-            ("AWS_ACCESS_KEY_ID".to_string(), self.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY".to_string(), self.secret_key.clone()),
-        ];
-        if let Some(t) = &self.session_token {
-            secret.push(("AWS_SESSION_TOKEN".into(), t.clone()));
-        }
-        (public, secret)
     }
 
     /// How the store is named in messages: endpoint and bucket, never a credential.
     pub fn describe(&self) -> String {
         match &self.kind {
-            Kind::S3 => format!(
+            Kind::S3(keys) => format!(
                 "bucket `{}` at {}",
                 self.bucket,
                 self.endpoint
                     .clone()
-                    .unwrap_or_else(|| format!("AWS S3 ({})", self.region))
+                    .unwrap_or_else(|| format!("AWS S3 ({})", keys.region))
             ),
             Kind::Azure(keys) => format!(
                 "Azure container `{}` of account `{}` at {}",
@@ -505,7 +355,7 @@ impl StoreConfig {
 
     pub fn url(&self, key: &str) -> String {
         let scheme = match self.kind {
-            Kind::S3 => "s3",
+            Kind::S3(_) => "s3",
             Kind::Azure(_) => "azure",
             Kind::Gcs(_) => "gs",
         };
@@ -602,8 +452,15 @@ impl StoreConfig {
             problem: e.to_string(),
         };
         match &self.kind {
-            Kind::S3 => Ok(Arc::new(
-                self.s3_client(options, connector, retry, checksums)?,
+            Kind::S3(keys) => Ok(Arc::new(
+                s3::client(
+                    keys,
+                    (self.endpoint.as_deref(), &self.bucket),
+                    options,
+                    connector,
+                    (retry, checksums),
+                )
+                .map_err(fail)?,
             )),
             Kind::Azure(keys) => {
                 let endpoint = self.endpoint.clone().unwrap_or_default();
@@ -620,9 +477,9 @@ impl StoreConfig {
 
     /// The signer of single DELETEs on S3 (`None` elsewhere).
     fn signer(&self, http: &reqwest::Client) -> Result<Option<AmazonS3>, Error> {
-        if !matches!(self.kind, Kind::S3) {
+        let Kind::S3(keys) = &self.kind else {
             return Ok(None);
-        }
+        };
         let connector = Connector {
             client: http.clone(),
             watch: Watch::default(),
@@ -632,40 +489,15 @@ impl StoreConfig {
                 .as_deref()
                 .is_some_and(|e| e.starts_with("http://")),
         );
-        self.s3_client(options, connector, RetryConfig::default(), false)
-            .map(Some)
-    }
-
-    /// object_store's S3 client.
-    fn s3_client(
-        &self,
-        options: ClientOptions,
-        connector: Connector,
-        retry: RetryConfig,
-        checksums: bool,
-    ) -> Result<AmazonS3, Error> {
-        let mut b = AmazonS3Builder::new()
-            .with_bucket_name(&self.bucket)
-            .with_region(&self.region)
-            .with_access_key_id(&self.access_key)
-            .with_secret_access_key(&self.secret_key)
-            .with_virtual_hosted_style_request(self.host_style)
-            .with_client_options(options)
-            .with_http_connector(connector)
-            .with_retry(retry)
-            // The body is not hashed a second time for the signature: its sha256 is computed in
-            // the archive pass, recorded in the record object, and checked at restore.
-            .with_unsigned_payload(true);
-        if checksums {
-            b = b.with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
-        }
-        if let Some(t) = &self.session_token {
-            b = b.with_token(t);
-        }
-        if let Some(e) = &self.endpoint {
-            b = b.with_endpoint(e);
-        }
-        b.build().map_err(|e| Error::Store {
+        s3::client(
+            keys,
+            (self.endpoint.as_deref(), &self.bucket),
+            options,
+            connector,
+            (RetryConfig::default(), false),
+        )
+        .map(Some)
+        .map_err(|e| Error::Store {
             store: self.describe(),
             problem: e.to_string(),
         })
@@ -2018,9 +1850,12 @@ mod tests {
         assert_eq!(c.bucket, "b");
         assert_eq!(c.endpoint.as_deref(), Some("https://s3.example.com"));
         assert_eq!(c.prefix, "test/path_1");
-        assert!(c.host_style);
+        let Kind::S3(keys) = &c.kind else {
+            panic!("not S3")
+        };
+        assert!(keys.host_style);
         assert_eq!(c.ca_pems, vec![pem.to_string()]);
-        assert_eq!(c.region, "us-east-1");
+        assert_eq!(keys.region, "us-east-1");
         assert_eq!(c.key("etcd", "x.tar.gz"), "test/path_1/etcd/x.tar.gz");
         assert!(!format!("{c:?}").contains("SK"), "no secret in Debug");
     }
