@@ -945,3 +945,81 @@ fn recovery_removes_a_killed_writers_temp_dir() {
         vec!["lock".to_string()]
     );
 }
+
+/// The same bounds hold on Azure and GCS: an Azure listing that never ends is cut, and a GCS
+/// answer that redirects to another host is not followed.
+#[test]
+fn hostile_azure_and_gcs_stores_get_bounded_answers() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "unitag", &v35());
+    let dir = tempdir();
+    let list = |extra: &[(&str, String)]| {
+        let mut a = Agent::standalone(
+            &node,
+            &["list-backups", "--target", dir.path().to_str().unwrap()],
+        );
+        for (k, v) in extra {
+            a = a.env(k, v);
+        }
+        a.run()
+    };
+
+    let endless = FakeStore::start(std::sync::Arc::new(|first: &str| {
+        if first.contains("comp=list") {
+            let xml = "<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults \
+                       ContainerName=\"bk\"><Prefix>etcd/</Prefix><Delimiter>/</Delimiter>\
+                       <Blobs></Blobs><NextMarker>more</NextMarker></EnumerationResults>";
+            http("200 OK", &[], xml.as_bytes())
+        } else {
+            http("404 Not Found", &[], b"")
+        }
+    }));
+    let started = Instant::now();
+    let run = list(&[
+        (
+            "ETCD_ACTIONS_AZURE_ENDPOINT",
+            format!("{}/acct", endless.endpoint()),
+        ),
+        ("ETCD_ACTIONS_AZURE_ACCOUNT", "acct".into()),
+        ("ETCD_ACTIONS_AZURE_CONTAINER", "bk".into()),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "c2VjcmV0LWtleQ==".into()),
+    ]);
+    let msg = run.failure();
+    assert!(msg.contains("did not end after"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(100));
+    assert!(!msg.contains("c2VjcmV0LWtleQ"), "the key leaked: {msg}");
+
+    let elsewhere = FakeStore::start(std::sync::Arc::new(|_: &str| {
+        http("403 Forbidden", &[], b"ELSEWHERE-SAYS-SECRET")
+    }));
+    let target = format!("http://127.0.0.2:{}/x", elsewhere.port);
+    let redirecting = FakeStore::start(std::sync::Arc::new(move |_: &str| {
+        http(
+            "307 Temporary Redirect",
+            &[("Location", target.clone())],
+            b"",
+        )
+    }));
+    let key = tmp.path().join("key.json");
+    fs::write(
+        &key,
+        serde_json::json!({
+            "type": "service_account", "gcs_base_url": redirecting.endpoint(),
+            "disable_oauth": true, "client_email": "x@example.com",
+            "private_key_id": "", "private_key": "",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let msg = list(&[
+        ("ETCD_ACTIONS_GCS_BUCKET", "bk".into()),
+        ("GOOGLE_APPLICATION_CREDENTIALS", key.display().to_string()),
+    ])
+    .failure();
+    assert!(!msg.contains("ELSEWHERE"), "{msg}");
+    assert_eq!(
+        elsewhere.served.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other host was never asked"
+    );
+}
