@@ -501,6 +501,46 @@ pub fn s3_relation_hook(hook: &str) -> Result<String, Error> {
     ))
 }
 
+/// The pseudo-hook the follow service runs through `juju-exec` to have the GCS relation's
+/// service-account key in memory: it prints the key to its stdout (a pipe).
+pub const GCS_KEY_HOOK: &str = "gcs-key";
+
+/// Prints the `gcs-credentials` relation's `secret-key` to stdout (in hook context).
+pub fn print_gcs_key() -> Result<(), Error> {
+    let reporter = Reporter::Juju {
+        unit: std::env::var("JUJU_UNIT_NAME").unwrap_or_default(),
+        app: String::new(),
+    };
+    let bag = reporter
+        .store_relation(GCS_ENDPOINT)?
+        .ok_or_else(|| Error::StoreNotReady("there is no gcs-credentials relation".into()))?;
+    let key = bag
+        .get("secret-key")
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| {
+            Error::StoreNotReady("the gcs-credentials relation has no `secret-key` yet".into())
+        })?;
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(key.as_bytes())
+        .map_err(|e| Error::io("cannot write the key to stdout", e))
+}
+
+/// The GCS relation's key, fetched into memory through `juju-exec <unit>` (for the follow
+/// service, which runs outside a hook and is never given the key on disk).
+pub fn gcs_key_via_exec(unit: &str, exe: &str) -> Result<String, Error> {
+    let tool = ["juju-exec", "juju-run"]
+        .iter()
+        .find_map(|t| which::which(t).ok())
+        .ok_or_else(|| Error::ToolMissing {
+            tool: "juju-exec".into(),
+            hint: "the follow service reads the GCS key through juju-exec".into(),
+        })?;
+    let command = format!("{} hook {GCS_KEY_HOOK}", shell_quote(exe));
+    let out = run_checked(Command::new(tool).args([unit, command.as_str()]))?;
+    Ok(out.stdout)
+}
+
 /// A message to the unit's log (hooks have no action output).
 pub fn juju_log(msg: &str) {
     if let Ok(tool) = hook_tool("juju-log") {

@@ -80,6 +80,17 @@ pub fn run(args: Vec<OsString>) -> u8 {
         }
     };
     if let Command::Hook { name } = &args.command {
+        if name == juju::GCS_KEY_HOOK {
+            // Run by the follow service through `juju-exec`: the key goes to its stdout, a pipe,
+            // never to disk.
+            return match juju::print_gcs_key() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("etcd-actions: {e}");
+                    error::code::FAILED
+                }
+            };
+        }
         // The follow service runs outside any hook: what it was given (the secret's
         // recipients, the relation's store) is refreshed when they may have changed.
         let refreshed = |msg: String| match actions::schedule::refresh_follow(&settings) {

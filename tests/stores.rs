@@ -733,3 +733,83 @@ fn the_hooks_ask_the_azure_and_gcs_integrators_once_as_leader() {
         );
     }
 }
+
+/// Under Juju the follow service is never given the GCS key on disk: it reads it from the
+/// relation through `juju-exec`, into memory, and its segments reach the bucket.
+#[test]
+fn follow_under_juju_reads_the_gcs_key_through_juju_exec() {
+    let tmp = tempdir();
+    let gcs = Gcs::start(tmp.path(), &[BUCKET], Rules::default());
+    let key = fs::read_to_string(&gcs.key_file).unwrap();
+    fs::remove_file(&gcs.key_file).unwrap();
+    let juju = Juju::new(&tmp.path().join("j"), "etcd/0");
+    juju.store_relation(
+        "gcs-credentials",
+        11,
+        "gcs-integrator",
+        serde_json::json!({"bucket": BUCKET, "path": "suite", "version": "1"}),
+        Some(serde_json::json!({"secret-key": key})),
+    );
+    // juju-exec <unit> <command>: the command in the unit's hook context.
+    let exec = juju.bin.join("juju-exec");
+    fs::write(
+        &exec,
+        format!(
+            "#!/bin/sh\nunit=\"$1\"; shift\nJUJU_UNIT_NAME=\"$unit\" FAKE_JUJU_STATE='{}' \
+             PATH='{}':\"$PATH\" exec sh -c \"$1\"\n",
+            juju.state.display(),
+            juju.bin.display()
+        ),
+    )
+    .unwrap();
+    set_mode(&exec, 0o755);
+    let node = Node::single(tmp.path(), "gfollow", &v3530());
+    node.put("a", "1");
+    let target = tmp.path().join("backups");
+    let log = tmp.path().join("follow.log");
+    let f = follow_logged(
+        follow_agent(&node, &target)
+            .env("ETCD_ACTIONS_GCS_BUCKET", BUCKET)
+            .env("ETCD_ACTIONS_GCS_PATH", "suite")
+            .env("ETCD_ACTIONS_GCS_KEY_FROM_UNIT", "etcd/0")
+            .env(
+                "PATH",
+                format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
+            ),
+        &log,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("follow: recording")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for i in 0..10 {
+        node.put(&format!("f/{i}"), "v");
+    }
+    let end = node.revision();
+    wait_logged(
+        &target,
+        &node,
+        end,
+        &log,
+        40,
+        "follow did not record the writes",
+    );
+    let out = sigterm(f);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        gcs.objects(BUCKET, "suite/etcd/changes/")
+            .iter()
+            .any(|k| !k.contains("/.claims/")),
+        "no segment reached the bucket: {text}"
+    );
+    assert!(!text.contains("private_key"), "{text}");
+}

@@ -434,7 +434,12 @@ pub fn sync_follow(
                     ca_changed = true;
                 }
             }
-            let (public, secret) = cfg.env_pairs(Some(&ca));
+            let (mut public, secret) = cfg.env_pairs(Some(&ca));
+            if cfg.location() == "gcs" {
+                // The key is never written to disk: the service reads it through juju-exec.
+                let unit = std::env::var("JUJU_UNIT_NAME").unwrap_or_default();
+                public.push((crate::store::GCS_KEY_FROM_UNIT.to_string(), unit));
+            }
             for (k, v) in public.iter().chain(&secret) {
                 one_line(k, v)?;
                 text.push_str(&format!("{k}={}\n", quote_env(v)));
@@ -504,13 +509,7 @@ fn follow_store(reporter: &crate::juju::Reporter) -> Result<crate::store::StoreC
     }
     let cfg = match related.pop() {
         None => return Err("no store relation".into()),
-        Some((GCS_ENDPOINT, _)) => {
-            return Err(
-                "the GCS key is never written to disk, and the follow service runs outside a \
-                 hook; snapshots and backups still go to GCS"
-                    .into(),
-            )
-        }
+        Some((GCS_ENDPOINT, bag)) => StoreConfig::from_gcs_bag(&bag),
         Some((AZURE_ENDPOINT, bag)) => StoreConfig::from_azure_bag(&bag),
         Some((_, bag)) => StoreConfig::from_relation_bag(&bag),
     };

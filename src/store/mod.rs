@@ -125,6 +125,10 @@ pub struct StoreSettings {
     pub credentials: Credentials,
 }
 
+/// Set in the follow service's environment under Juju: the unit whose `gcs-credentials`
+/// relation holds the GCS key, read through `juju-exec` at start.
+pub const GCS_KEY_FROM_UNIT: &str = "ETCD_ACTIONS_GCS_KEY_FROM_UNIT";
+
 /// The kind of store, and what only that kind needs.
 #[derive(Clone)]
 pub enum Kind {
@@ -206,10 +210,24 @@ impl StoreConfig {
             return Ok(Some(StoreConfig::azure(place, Vec::new())));
         }
         if let Some(bucket) = s.gcs_bucket.as_deref().filter(|_| set(&s.gcs_bucket)) {
+            let fetched;
             let key = match &s.credentials.gcs_key {
                 Some(Err(e)) => return Err(Error::Usage(e.clone())),
                 Some(Ok(k)) => Some(k.as_str()),
-                None => None,
+                // The follow service under Juju: the key through `juju-exec`, into memory.
+                None => match std::env::var(GCS_KEY_FROM_UNIT)
+                    .ok()
+                    .filter(|u| !u.is_empty())
+                {
+                    Some(unit) => {
+                        let exe = std::env::current_exe()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|_| "etcd-actions".into());
+                        fetched = crate::juju::gcs_key_via_exec(&unit, &exe)?;
+                        Some(fetched.as_str())
+                    }
+                    None => None,
+                },
             };
             let place = gcs::from_settings(bucket, s.gcs_path.as_deref(), key)?;
             return Ok(Some(StoreConfig::gcs(place)));
@@ -303,7 +321,8 @@ impl StoreConfig {
                 azure::env_pairs(keys, &endpoint, &self.bucket, &self.prefix)
             }
             Kind::Gcs(_) => {
-                // The key is never written to disk: a service outside a hook has none.
+                // The key is never written to disk: the service reads it through `juju-exec`
+                // into memory at start (`GCS_KEY_FROM_UNIT`, set by the caller).
                 let mut public = vec![("ETCD_ACTIONS_GCS_BUCKET".to_string(), self.bucket.clone())];
                 if !self.prefix.is_empty() {
                     public.push(("ETCD_ACTIONS_GCS_PATH".into(), self.prefix.clone()));
