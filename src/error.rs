@@ -112,6 +112,9 @@ pub enum Error {
     #[error("waiting for the s3 provider: {0}; check `juju status` for the s3-integrator (its `sync-s3-credentials` action sets the keys) and run the action again")]
     StoreNotReady(String),
 
+    #[error("waiting for the {provider}: {detail}; check `juju status` for it (its `credentials` option names the secret with the key) and run the action again")]
+    ProviderNotReady { provider: String, detail: String },
+
     #[error("object store {store}: {problem}")]
     Store { store: String, problem: String },
 
@@ -219,6 +222,7 @@ impl Error {
             | Error::BadArchive { .. }
             | Error::NoSnapshot { .. }
             | Error::StoreNotReady(_)
+            | Error::ProviderNotReady { .. }
             | Error::Mismatch { .. }
             | Error::NoSpace { .. } => code::REFUSED,
             _ => code::FAILED,

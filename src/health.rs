@@ -221,6 +221,7 @@ fn is_store_error(e: &Error) -> bool {
             | Error::StoreConflict { .. }
             | Error::StoreUnconfirmed { .. }
             | Error::StoreNotReady(_)
+            | Error::ProviderNotReady { .. }
     )
 }
 
@@ -739,10 +740,34 @@ pub fn after_run(
     }
 }
 
-/// With more than one store relation, the unit is `blocked`, naming them.
+/// The unit is `blocked` by its store relations: more than one (naming them), or the one it
+/// has missing or breaking a field (naming the relation and the field).
 fn several_stores_blocked() -> Option<String> {
-    let endpoints = unit_reporter().store_endpoints().ok()?;
-    (endpoints.len() > 1).then(|| crate::store::several_stores(&endpoints))
+    use crate::juju::{AZURE_ENDPOINT, GCS_ENDPOINT};
+    use crate::store::StoreConfig;
+    let reporter = unit_reporter();
+    let endpoints = reporter.store_endpoints().ok()?;
+    if endpoints.len() > 1 {
+        return Some(crate::store::several_stores(&endpoints));
+    }
+    let endpoint = *endpoints.first()?;
+    let bag = match reporter.store_relation(endpoint) {
+        Ok(Some(bag)) => bag,
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(format!(
+                "{endpoint}: {}",
+                crate::error::bounded(&e.to_string(), 300)
+            ))
+        }
+    };
+    let cfg = match endpoint {
+        AZURE_ENDPOINT => StoreConfig::from_azure_bag(&bag),
+        GCS_ENDPOINT => StoreConfig::from_gcs_bag(&bag),
+        _ => StoreConfig::from_relation_bag(&bag),
+    };
+    cfg.err()
+        .map(|e| format!("{endpoint}: {}", crate::error::bounded(&e.to_string(), 300)))
 }
 
 /// Whether this runs on a Juju unit with its hook tools (an action, a hook, or `juju-exec`).

@@ -513,12 +513,16 @@ pub fn print_gcs_key() -> Result<(), Error> {
     };
     let bag = reporter
         .store_relation(GCS_ENDPOINT)?
-        .ok_or_else(|| Error::StoreNotReady("there is no gcs-credentials relation".into()))?;
+        .ok_or_else(|| Error::ProviderNotReady {
+            provider: "gcs-integrator".into(),
+            detail: "there is no gcs-credentials relation".into(),
+        })?;
     let key = bag
         .get("secret-key")
         .filter(|k| !k.trim().is_empty())
-        .ok_or_else(|| {
-            Error::StoreNotReady("the gcs-credentials relation has no `secret-key` yet".into())
+        .ok_or_else(|| Error::ProviderNotReady {
+            provider: "gcs-integrator".into(),
+            detail: "the gcs-credentials relation has no `secret-key` yet".into(),
         })?;
     use std::io::Write;
     std::io::stdout()

@@ -813,3 +813,47 @@ fn follow_under_juju_reads_the_gcs_key_through_juju_exec() {
     );
     assert!(!text.contains("private_key"), "{text}");
 }
+
+/// A store relation missing a field or with a broken one: the action fails naming the relation
+/// and the field, and the unit is `blocked` saying so.
+#[test]
+fn a_broken_store_relation_blocks_the_unit_naming_the_field() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "broken", &v3530());
+    node.put("k", "v");
+    let target = tmp.path().join("backups");
+    for (endpoint, id, provider, bag, secret, field) in [
+        (
+            "azure-storage-credentials",
+            9,
+            "azure-storage-integrator",
+            serde_json::json!({"storage-account": "acct", "version": "1"}),
+            serde_json::json!({"secret-key": AZURITE_KEY}),
+            "container",
+        ),
+        (
+            "gcs-credentials",
+            11,
+            "gcs-integrator",
+            serde_json::json!({"bucket": BUCKET, "version": "1"}),
+            serde_json::json!({"secret-key": "{\"type\": \"user\"}"}),
+            "service-account",
+        ),
+    ] {
+        let juju = Juju::new(&tmp.path().join(endpoint), "etcd/0");
+        juju.store_relation(endpoint, id, provider, bag, Some(secret));
+        juju.params(
+            "snapshot",
+            serde_json::json!({"target": target.to_str().unwrap()}),
+        );
+        let failed = Agent::juju(&node, &juju, "snapshot")
+            .run()
+            .juju_failed(&juju);
+        assert!(failed.contains(field), "{endpoint}: {failed}");
+        let statuses = juju.statuses();
+        assert!(
+            statuses.contains("blocked") && statuses.contains(endpoint) && statuses.contains(field),
+            "{endpoint}: {statuses}"
+        );
+    }
+}

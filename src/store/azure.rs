@@ -58,10 +58,13 @@ pub fn from_bag(bag: &BTreeMap<String, String>) -> Result<AzurePlace, Error> {
         .map(|k| format!("`{k}`"))
         .collect();
     if !missing.is_empty() {
-        return Err(Error::StoreNotReady(format!(
-            "the azure-storage-credentials relation has no {} yet",
-            missing.join(", ")
-        )));
+        return Err(Error::ProviderNotReady {
+            provider: "azure-storage-integrator".into(),
+            detail: format!(
+                "the azure-storage-credentials relation has no {} yet",
+                missing.join(", ")
+            ),
+        });
     }
     let from = "fix the azure-storage-integrator's config";
     let rel = "azure-storage-credentials relation";

@@ -66,10 +66,13 @@ pub fn from_bag(bag: &BTreeMap<String, String>) -> Result<GcsPlace, Error> {
         .map(|k| format!("`{k}`"))
         .collect();
     if !missing.is_empty() {
-        return Err(Error::StoreNotReady(format!(
-            "the gcs-credentials relation has no {} yet",
-            missing.join(", ")
-        )));
+        return Err(Error::ProviderNotReady {
+            provider: "gcs-integrator".into(),
+            detail: format!(
+                "the gcs-credentials relation has no {} yet",
+                missing.join(", ")
+            ),
+        });
     }
     let from = "fix the gcs-integrator's config (its service-account key)";
     let invalid = |problem: String| Error::ConfigInvalid {
