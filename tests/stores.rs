@@ -73,7 +73,14 @@ fn store_suite(store: &dyn TestStore, tmp: &Path, tag: &str) {
     node.fill("k/", 40);
     let target = tmp.join("backups");
     let t = target.to_str().unwrap();
-    let first = snapshot_uploads(store, Agent::snapshot(&node, t));
+    let metrics = tmp.join("metrics");
+    let first = snapshot_uploads(
+        store,
+        Agent::snapshot(&node, t).env("ETCD_ACTIONS_METRICS_DIR", &metrics),
+    );
+    let prom = fs::read_to_string(metrics.join("etcd_backup.prom")).unwrap();
+    let label = format!("operation=\"upload\",location=\"{}\"", store.location());
+    assert!(prom.contains(&label), "{label} not in:\n{prom}");
     node.fill("more/", 20);
 
     // Encrypted, uploaded, restored by id on a new unit from the store alone.
@@ -125,6 +132,24 @@ fn store_suite(store: &dyn TestStore, tmp: &Path, tag: &str) {
         .run();
     assert_eq!(restored.code(), 0, "{}", restored.stderr());
     assert_eq!(restored.success()["restore"]["origin"], "store");
+    let verified = store
+        .env(
+            Agent::standalone(
+                &node,
+                &[
+                    "verify",
+                    "--backup-id",
+                    &format!("etcd/{enc_name}"),
+                    "--target",
+                    t,
+                ],
+            ),
+            BUCKET,
+            "suite",
+        )
+        .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
+        .run();
+    assert_eq!(verified.code(), 0, "{}", verified.stderr());
     assert_eq!(fresh.dump(), node.dump());
     drop(fresh);
 

@@ -28,6 +28,15 @@ pub trait TestStore {
         "s3"
     }
 
+    /// The location label of its metrics: `store` (S3), `azure`, `gcs`.
+    fn location(&self) -> &'static str {
+        match self.scheme() {
+            "azure" => "azure",
+            "gs" => "gcs",
+            _ => "store",
+        }
+    }
+
     /// Settings for a standalone agent using this store.
     fn env(&self, agent: Agent, bucket: &str, path: &str) -> Agent {
         let (access, secret) = self.keys();
