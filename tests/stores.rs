@@ -343,8 +343,58 @@ fn fill_random(node: &Node, n: usize) {
     }
 }
 
-/// Three units of one cluster, the same second, one folder, on a store that ignores
-/// `If-None-Match`: each keeps its own archive, under its own name.
+/// Three units of one cluster, the same second, one folder: each keeps its own archive, under
+/// its own name, byte for byte.
+fn three_units_keep_their_own(store: &dyn TestStore, nodes: &[Node], tmp: &Path, tag: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let children: Vec<(PathBuf, Child)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let target = tmp.join(format!("{tag}-u{i}"));
+            let child = store
+                .env(
+                    Agent::snapshot(n, target.to_str().unwrap()),
+                    BUCKET,
+                    "suite",
+                )
+                .env("ETCD_ACTIONS_TEST_NOW", &now)
+                .env("JUJU_UNIT_NAME", format!("etcd/{i}"))
+                .spawn();
+            (target, child)
+        })
+        .collect();
+    let mut keys = Vec::new();
+    for (target, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r =
+            serde_yaml::from_slice::<serde_yaml::Value>(&out.stdout).unwrap()["results"].clone();
+        let name = name_of(&r);
+        let key = format!("{FOLDER}/{name}");
+        assert_eq!(
+            store.get(BUCKET, &key),
+            Some(fs::read(target.join(&name)).unwrap()),
+            "{tag}: {name}: the store does not hold this unit's archive\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        keys.push(key);
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 3, "{tag}: {keys:?}");
+    assert_eq!(in_folder(store), keys, "{tag}");
+}
+
+/// On a store that ignores `If-None-Match`, the claim keeps three same-second units apart.
 #[test]
 fn three_units_in_the_same_second_each_keep_their_own_archive() {
     let tmp = tempdir();
@@ -358,59 +408,7 @@ fn three_units_in_the_same_second_each_keep_their_own_archive() {
     for n in &nodes {
         n.settle();
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        .to_string();
-    let children: Vec<(PathBuf, Child)> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let target = tmp.path().join(format!("u{i}"));
-            let child = front
-                .env(
-                    Agent::snapshot(n, target.to_str().unwrap()),
-                    BUCKET,
-                    "suite",
-                )
-                .env("ETCD_ACTIONS_TEST_NOW", &now)
-                .env("JUJU_UNIT_NAME", format!("etcd/{i}"))
-                .spawn();
-            (target, child)
-        })
-        .collect();
-    let mut names = Vec::new();
-    for (target, child) in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r =
-            serde_yaml::from_slice::<serde_yaml::Value>(&out.stdout).unwrap()["results"].clone();
-        assert!(
-            r["snapshot"]["path"].is_string(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let name = name_of(&r);
-        let local = fs::read(target.join(&name)).unwrap();
-        let key = format!("{FOLDER}/{name}");
-        assert_eq!(
-            front.get(BUCKET, &key).as_deref(),
-            Some(&local[..]),
-            "{name}: the store does not hold this unit's archive\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        names.push(key);
-    }
-    names.sort();
-    names.dedup();
-    assert_eq!(names.len(), 3, "{names:?}");
-    assert_eq!(in_folder(&front), names);
+    three_units_keep_their_own(&front, &nodes, tmp.path(), "s3");
 }
 
 /// `--s3-checksum`: `md5` never sends a checksum header; `crc64nvme` fails on a store that
@@ -644,119 +642,8 @@ fn three_units_in_the_same_second_on_azure_and_gcs() {
     for n in &nodes {
         n.settle();
     }
-    for (tag, store) in [
-        ("az", &azurite as &dyn TestStore),
-        ("gcs", &gcs as &dyn TestStore),
-    ] {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            .to_string();
-        let children: Vec<(PathBuf, Child)> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let target = tmp.path().join(format!("{tag}-u{i}"));
-                let child = store
-                    .env(
-                        Agent::snapshot(n, target.to_str().unwrap()),
-                        BUCKET,
-                        "suite",
-                    )
-                    .env("ETCD_ACTIONS_TEST_NOW", &now)
-                    .env("JUJU_UNIT_NAME", format!("etcd/{i}"))
-                    .spawn();
-                (target, child)
-            })
-            .collect();
-        let mut keys = Vec::new();
-        for (target, child) in children {
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let r = serde_yaml::from_slice::<serde_yaml::Value>(&out.stdout).unwrap()["results"]
-                .clone();
-            let name = name_of(&r);
-            let key = format!("{FOLDER}/{name}");
-            assert_eq!(
-                store.get(BUCKET, &key),
-                Some(fs::read(target.join(&name)).unwrap()),
-                "{tag}: {name}"
-            );
-            keys.push(key);
-        }
-        keys.sort();
-        keys.dedup();
-        assert_eq!(keys.len(), 3, "{tag}: {keys:?}");
-    }
-}
-
-/// The leader's relation hooks ask the azure and gcs integrators for a container or bucket,
-/// and for the secret fields (`requested-secrets`); off the leader they write nothing.
-#[test]
-fn the_hooks_ask_the_azure_and_gcs_integrators_once_as_leader() {
-    for (endpoint, id, provider, field) in [
-        (
-            "azure-storage-credentials",
-            9,
-            "azure-storage-integrator",
-            "container",
-        ),
-        ("gcs-credentials", 11, "gcs-integrator", "bucket"),
-    ] {
-        let tmp = tempdir();
-        let juju = Juju::new(tmp.path(), "etcd/0");
-        juju.store_relation(endpoint, id, provider, serde_json::json!({}), None);
-        let hooks = tmp.path().join("charm/hooks");
-        fs::create_dir_all(&hooks).unwrap();
-        let hook = hooks.join(format!("{endpoint}-relation-joined"));
-        std::os::unix::fs::symlink(AGENT, &hook).unwrap();
-        let run = |leader: &str| {
-            fs::write(juju.state.join("leader"), leader).unwrap();
-            let out = std::process::Command::new(&hook)
-                .env(
-                    "PATH",
-                    format!("{}:{}", juju.bin.display(), std::env::var("PATH").unwrap()),
-                )
-                .env("JUJU_UNIT_NAME", "etcd/0")
-                .env("JUJU_RELATION_ID", format!("{endpoint}:{id}"))
-                .env("FAKE_JUJU_STATE", &juju.state)
-                .env_remove("JUJU_ACTION_NAME")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let apps: serde_json::Value = serde_json::from_str(
-                &fs::read_to_string(juju.state.join("relation-apps.json")).unwrap(),
-            )
-            .unwrap();
-            apps[id.to_string()]["local"].clone()
-        };
-        assert_eq!(
-            run("false"),
-            serde_json::json!({}),
-            "{endpoint}: a non-leader writes"
-        );
-        let want = serde_json::json!({
-            field: "etcd-backups-etcd",
-            "requested-secrets": "[\"secret-key\"]",
-        });
-        assert_eq!(run("true"), want, "{endpoint}");
-        let sets = juju.calls().matches("relation-set").count();
-        assert_eq!(run("true"), want, "{endpoint}");
-        assert_eq!(
-            juju.calls().matches("relation-set").count(),
-            sets,
-            "{endpoint}"
-        );
-    }
+    three_units_keep_their_own(&azurite, &nodes, tmp.path(), "az");
+    three_units_keep_their_own(&gcs, &nodes, tmp.path(), "gcs");
 }
 
 /// Under Juju the follow service is never given the GCS key on disk: it reads it from the

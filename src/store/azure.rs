@@ -9,7 +9,7 @@ use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, RetryConfig};
 
 use super::guard::Connector;
-use super::names::{check_bucket, check_endpoint, check_prefix, with_scheme};
+use super::names::{check_bucket, check_endpoint, check_prefix, field, missing, with_scheme};
 use crate::error::Error;
 
 /// Environment settings: names and values.
@@ -47,23 +47,12 @@ fn default_endpoint(account: &str, https: bool) -> String {
 
 /// From the provider's application bag (the `secret-extra` secret merged in).
 pub fn from_bag(bag: &BTreeMap<String, String>) -> Result<AzurePlace, Error> {
-    let get = |k: &str| {
-        bag.get(k)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
-    let missing: Vec<String> = ["container", "storage-account", "secret-key"]
-        .into_iter()
-        .filter(|k| get(k).is_none())
-        .map(|k| format!("`{k}`"))
-        .collect();
+    let get = |k: &str| field(bag, k);
+    let missing = missing(bag, &["container", "storage-account", "secret-key"]);
     if !missing.is_empty() {
         return Err(Error::ProviderNotReady {
             provider: "azure-storage-integrator".into(),
-            detail: format!(
-                "the azure-storage-credentials relation has no {} yet",
-                missing.join(", ")
-            ),
+            detail: format!("the azure-storage-credentials relation has no {missing} yet"),
         });
     }
     let from = "fix the azure-storage-integrator's config";

@@ -10,7 +10,7 @@ use object_store::gcp::{GoogleCloudStorage, GoogleCloudStorageBuilder};
 use object_store::{ClientOptions, RetryConfig};
 
 use super::guard::Connector;
-use super::names::{check_bucket, check_endpoint, check_prefix};
+use super::names::{check_bucket, check_endpoint, check_prefix, field, missing};
 use crate::error::{bounded, Error};
 
 /// A service-account JSON key, as given. Never printed.
@@ -55,23 +55,12 @@ pub fn parse_key(json: &str, from: &str) -> Result<GcsKey, String> {
 
 /// From the provider's application bag (the `secret-extra` secret merged in).
 pub fn from_bag(bag: &BTreeMap<String, String>) -> Result<GcsPlace, Error> {
-    let get = |k: &str| {
-        bag.get(k)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-    };
-    let missing: Vec<String> = ["bucket", "secret-key"]
-        .into_iter()
-        .filter(|k| get(k).is_none())
-        .map(|k| format!("`{k}`"))
-        .collect();
+    let get = |k: &str| field(bag, k);
+    let missing = missing(bag, &["bucket", "secret-key"]);
     if !missing.is_empty() {
         return Err(Error::ProviderNotReady {
             provider: "gcs-integrator".into(),
-            detail: format!(
-                "the gcs-credentials relation has no {} yet",
-                missing.join(", ")
-            ),
+            detail: format!("the gcs-credentials relation has no {missing} yet"),
         });
     }
     let from = "fix the gcs-integrator's config (its service-account key)";

@@ -91,3 +91,21 @@ pub fn json_list(text: &str) -> Vec<String> {
         Err(_) => vec![text.to_string()],
     }
 }
+
+/// A field of a relation bag, trimmed; `None` when absent or empty.
+pub fn field(bag: &std::collections::BTreeMap<String, String>, k: &str) -> Option<String> {
+    bag.get(k)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The `required` fields a relation bag lacks, quoted for a message (`` `a`, `b` ``); empty
+/// when it has them all.
+pub fn missing(bag: &std::collections::BTreeMap<String, String>, required: &[&str]) -> String {
+    required
+        .iter()
+        .filter(|k| field(bag, k).is_none())
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
