@@ -743,31 +743,15 @@ pub fn after_run(
 /// The unit is `blocked` by its store relations: more than one (naming them), or the one it
 /// has missing or breaking a field (naming the relation and the field).
 fn several_stores_blocked() -> Option<String> {
-    use crate::juju::{AZURE_ENDPOINT, GCS_ENDPOINT};
-    use crate::store::StoreConfig;
-    let reporter = unit_reporter();
-    let endpoints = reporter.store_endpoints().ok()?;
-    if endpoints.len() > 1 {
-        return Some(crate::store::several_stores(&endpoints));
+    let shown = |e: Error| crate::error::bounded(&e.to_string(), 300);
+    match unit_reporter().one_store_relation() {
+        Ok(None) => None,
+        Ok(Some((endpoint, bag))) => crate::store::StoreConfig::from_relation(endpoint, &bag)
+            .err()
+            .map(|e| format!("{endpoint}: {}", shown(e))),
+        Err(Error::Declined(msg)) => Some(msg),
+        Err(e) => Some(shown(e)),
     }
-    let endpoint = *endpoints.first()?;
-    let bag = match reporter.store_relation(endpoint) {
-        Ok(Some(bag)) => bag,
-        Ok(None) => return None,
-        Err(e) => {
-            return Some(format!(
-                "{endpoint}: {}",
-                crate::error::bounded(&e.to_string(), 300)
-            ))
-        }
-    };
-    let cfg = match endpoint {
-        AZURE_ENDPOINT => StoreConfig::from_azure_bag(&bag),
-        GCS_ENDPOINT => StoreConfig::from_gcs_bag(&bag),
-        _ => StoreConfig::from_relation_bag(&bag),
-    };
-    cfg.err()
-        .map(|e| format!("{endpoint}: {}", crate::error::bounded(&e.to_string(), 300)))
 }
 
 /// Whether this runs on a Juju unit with its hook tools (an action, a hook, or `juju-exec`).

@@ -228,14 +228,6 @@ impl Reporter {
         Ok(units)
     }
 
-    /// The provider's application databag of the `s3-credentials` relation, with the v1
-    /// credentials secret merged in; `None` when there is no such relation. Follows the read
-    /// sequence of the s3 relation contract: relation-ids, relation-list --app, relation-get
-    /// --app, secret-get.
-    pub fn s3_relation(&self) -> Result<Option<BTreeMap<String, String>>, Error> {
-        self.store_relation(S3_ENDPOINT)
-    }
-
     /// The store relations this unit has (`s3-credentials`, `azure-storage-credentials`,
     /// `gcs-credentials`), by endpoint, each with its provider's bag; in that order.
     pub fn store_relations(&self) -> Result<Vec<(&'static str, Bag)>, Error> {
@@ -248,18 +240,15 @@ impl Reporter {
         Ok(out)
     }
 
-    /// The endpoints of the store relations this unit has (their bags not read).
-    pub fn store_endpoints(&self) -> Result<Vec<&'static str>, Error> {
-        let mut out = Vec::new();
-        for endpoint in STORE_ENDPOINTS {
-            let ids = run_checked(
-                Command::new(hook_tool("relation-ids")?).args(["--format=json", endpoint]),
-            )?;
-            if !parse_list::<String>("relation-ids", &ids.stdout)?.is_empty() {
-                out.push(endpoint);
-            }
+    /// The one store relation this unit has (endpoint and bag), `None` for none. More than one
+    /// is refused (`Declined`), naming them: archives go to one store at a time.
+    pub fn one_store_relation(&self) -> Result<Option<(&'static str, Bag)>, Error> {
+        let mut related = self.store_relations()?;
+        if related.len() > 1 {
+            let endpoints: Vec<&str> = related.iter().map(|(e, _)| *e).collect();
+            return Err(Error::Declined(several_stores(&endpoints)));
         }
-        Ok(out)
+        Ok(related.pop())
     }
 
     /// The provider's application databag of the store relation at `endpoint`, with the v1
@@ -404,6 +393,15 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// Why a unit with several store relations uploads nowhere, and what to do.
+pub fn several_stores(endpoints: &[&str]) -> String {
+    format!(
+        "more than one store is related ({}): archives go to one store at a time; remove all \
+         but one (`juju remove-relation <app>:<endpoint> <integrator>`)",
+        endpoints.join(", ")
+    )
 }
 
 /// A relation's application databag.

@@ -92,28 +92,20 @@ impl<'a> Unit<'a> {
     pub fn store(&self) -> Result<Option<Store>, Error> {
         // In an action, or run by `juju-exec` (the backup timer): the relation has it.
         let cfg = if self.in_juju() {
-            let mut related = self.reporter.store_relations()?;
-            if related.len() > 1 {
-                return Err(Error::Declined(crate::store::several_stores(
-                    &related.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
-                )));
-            }
-            match related.pop() {
-                Some((crate::juju::AZURE_ENDPOINT, bag)) => {
-                    Some(StoreConfig::from_azure_bag(&bag)?)
-                }
-                Some((crate::juju::GCS_ENDPOINT, bag)) => Some(StoreConfig::from_gcs_bag(&bag)?),
-                Some((_, bag)) => {
-                    let mut cfg = StoreConfig::from_relation_bag(&bag)?;
-                    // The charm's option, else the agent's own setting (default `auto`).
-                    let set = crate::juju::config_value("s3-checksum")
-                        .filter(|v| !v.trim().is_empty())
-                        .or_else(|| self.settings.s3.checksum.clone());
-                    cfg.checksum = crate::store::parse_checksum(set.as_deref().unwrap_or(""))
-                        .map_err(|e| Error::ConfigInvalid {
+            match self.reporter.one_store_relation()? {
+                Some((endpoint, bag)) => {
+                    let mut cfg = StoreConfig::from_relation(endpoint, &bag)?;
+                    if endpoint == crate::juju::S3_ENDPOINT {
+                        // The charm's option, else the agent's own setting (default `auto`).
+                        let set = crate::juju::config_value("s3-checksum")
+                            .filter(|v| !v.trim().is_empty())
+                            .or_else(|| self.settings.s3.checksum.clone());
+                        cfg.checksum = crate::store::parse_checksum(set.as_deref().unwrap_or(""))
+                            .map_err(|e| Error::ConfigInvalid {
                             path: "config s3-checksum".into(),
                             problem: e.to_string(),
                         })?;
+                    }
                     Some(cfg)
                 }
                 None => None,

@@ -112,43 +112,28 @@ fn store_suite(store: &dyn TestStore, tmp: &Path, tag: &str) {
     assert!(listed.contains("both"), "{listed}");
     let fresh = Node::single(tmp, &format!("{tag}fresh"), &v3530());
     let fresh_target = tmp.join("fresh-backups");
-    let restored = store
-        .env(
-            Agent::standalone(
-                &fresh,
-                &[
-                    "restore",
-                    "--backup-id",
-                    &format!("etcd/{enc_name}"),
-                    "--target",
-                    fresh_target.to_str().unwrap(),
-                    "--skip-backup",
-                ],
-            ),
-            BUCKET,
-            "suite",
-        )
-        .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
-        .run();
+    // A standalone run on the suite's folder, with the identity that opens the archive.
+    let keyed = |node: &Node, args: &[&str]| {
+        store
+            .env(Agent::standalone(node, args), BUCKET, "suite")
+            .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
+            .run()
+    };
+    let id = format!("etcd/{enc_name}");
+    let restored = keyed(
+        &fresh,
+        &[
+            "restore",
+            "--backup-id",
+            &id,
+            "--target",
+            fresh_target.to_str().unwrap(),
+            "--skip-backup",
+        ],
+    );
     assert_eq!(restored.code(), 0, "{}", restored.stderr());
     assert_eq!(restored.success()["restore"]["origin"], "store");
-    let verified = store
-        .env(
-            Agent::standalone(
-                &node,
-                &[
-                    "verify",
-                    "--backup-id",
-                    &format!("etcd/{enc_name}"),
-                    "--target",
-                    t,
-                ],
-            ),
-            BUCKET,
-            "suite",
-        )
-        .env("ETCD_ACTIONS_IDENTITY_FILE", &identity)
-        .run();
+    let verified = keyed(&node, &["verify", "--backup-id", &id, "--target", t]);
     assert_eq!(verified.code(), 0, "{}", verified.stderr());
     assert_eq!(fresh.dump(), node.dump());
     drop(fresh);

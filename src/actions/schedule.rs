@@ -500,20 +500,14 @@ pub fn refresh_follow(settings: &crate::config::Settings) -> Result<String, Erro
 /// The store the follow service uploads segments to: the one store relation's, when its
 /// settings can reach a service outside a hook. Why not, otherwise.
 fn follow_store(reporter: &crate::juju::Reporter) -> Result<crate::store::StoreConfig, String> {
-    use crate::juju::{AZURE_ENDPOINT, GCS_ENDPOINT};
-    use crate::store::StoreConfig;
-    let mut related = reporter.store_relations().map_err(|e| e.to_string())?;
-    if related.len() > 1 {
-        let endpoints: Vec<&str> = related.iter().map(|(e, _)| *e).collect();
-        return Err(crate::store::several_stores(&endpoints));
+    match reporter.one_store_relation() {
+        Ok(Some((endpoint, bag))) => {
+            crate::store::StoreConfig::from_relation(endpoint, &bag).map_err(|e| e.to_string())
+        }
+        Ok(None) => Err("no store relation".into()),
+        Err(Error::Declined(msg)) => Err(msg),
+        Err(e) => Err(e.to_string()),
     }
-    let cfg = match related.pop() {
-        None => return Err("no store relation".into()),
-        Some((GCS_ENDPOINT, bag)) => StoreConfig::from_gcs_bag(&bag),
-        Some((AZURE_ENDPOINT, bag)) => StoreConfig::from_azure_bag(&bag),
-        Some((_, bag)) => StoreConfig::from_relation_bag(&bag),
-    };
-    cfg.map_err(|e| e.to_string())
 }
 
 /// The charm's config, as `config-get --format=json` gives it.

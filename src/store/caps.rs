@@ -99,10 +99,7 @@ impl Carried {
 /// Whether an error answer is a store saying it does not take a header: the codes S3 stores
 /// answer for an unknown or unsupported header.
 pub fn is_refusal(status: u16, body: &str) -> bool {
-    let code = body
-        .split_once("<Code>")
-        .and_then(|(_, rest)| rest.split_once("</Code>"))
-        .map(|(c, _)| c.trim());
+    let code = error_code(body);
     status == 501
         || (status == 400
             && matches!(
@@ -145,12 +142,15 @@ pub fn conditional_ignored() {
     }
 }
 
-fn code_of(status: u16, body: &str) -> String {
-    let code = body
-        .split_once("<Code>")
+/// The `<Code>` of an S3-style error body.
+fn error_code(body: &str) -> Option<&str> {
+    body.split_once("<Code>")
         .and_then(|(_, rest)| rest.split_once("</Code>"))
-        .map(|(c, _)| c.trim().to_string())
-        .unwrap_or_default();
+        .map(|(c, _)| c.trim())
+}
+
+fn code_of(status: u16, body: &str) -> String {
+    let code = error_code(body).unwrap_or_default();
     crate::error::bounded(format!("{status} {code}").trim(), 200)
 }
 

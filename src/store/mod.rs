@@ -163,15 +163,6 @@ impl std::fmt::Debug for StoreConfig {
     }
 }
 
-/// Why a unit with several store relations uploads nowhere: what to do.
-pub fn several_stores(endpoints: &[&str]) -> String {
-    format!(
-        "more than one store is related ({}): archives go to one store at a time; remove all \
-         but one (`juju remove-relation <app>:<endpoint> <integrator>`)",
-        endpoints.join(", ")
-    )
-}
-
 impl StoreConfig {
     /// From the `s3` relation's provider bag (secret fields already merged in).
     pub fn from_relation_bag(bag: &BTreeMap<String, String>) -> Result<StoreConfig, Error> {
@@ -294,6 +285,18 @@ impl StoreConfig {
     /// From the `gcs-credentials` relation's provider bag (secret fields merged in).
     pub fn from_gcs_bag(bag: &BTreeMap<String, String>) -> Result<StoreConfig, Error> {
         Ok(StoreConfig::gcs(gcs::from_bag(bag)?))
+    }
+
+    /// From the provider bag of the store relation at `endpoint` (secret fields merged in).
+    pub fn from_relation(
+        endpoint: &str,
+        bag: &BTreeMap<String, String>,
+    ) -> Result<StoreConfig, Error> {
+        match endpoint {
+            crate::juju::AZURE_ENDPOINT => StoreConfig::from_azure_bag(bag),
+            crate::juju::GCS_ENDPOINT => StoreConfig::from_gcs_bag(bag),
+            _ => StoreConfig::from_relation_bag(bag),
+        }
     }
 
     /// The location label of this kind of store: `store` (S3), `azure`, `gcs`.
@@ -970,6 +973,15 @@ struct Started {
     crc: bool,
 }
 
+/// What `confirm` found at a key.
+enum Found {
+    Absent,
+    /// This archive, confirmed so, with its ETag.
+    Archive(Confirmed, String),
+    /// Another object (its ETag).
+    Other(String),
+}
+
 /// What `claim` found.
 enum Claim {
     /// The key is free and claimed by this upload (the claim object's key).
@@ -1130,11 +1142,10 @@ impl Uploader {
         let claims = format!("{dir}/.claims/{name}");
         let mine = format!("{claims}/{}", claim_token());
         for round in 0..CLAIM_ROUNDS {
-            if head_of(&self.rt, &*self.plain, &self.cfg, key)?.is_some() {
-                return Ok(match self.confirm(key, record, expected)? {
-                    Some((c, etag)) => Claim::Ours(c, etag),
-                    None => Claim::Taken,
-                });
+            match self.confirm(key, record, expected)? {
+                Found::Absent => {}
+                Found::Archive(c, etag) => return Ok(Claim::Ours(c, etag)),
+                Found::Other(_) => return Ok(Claim::Taken),
             }
             let body = format!("{}\n", record.sha256).into_bytes();
             self.rt
@@ -1230,8 +1241,8 @@ impl Uploader {
             ) => {
                 self.abort(st);
                 return match self.confirm(key, record, expected)? {
-                    Some(done) => Ok(done),
-                    None => Err(Error::StoreConflict {
+                    Found::Archive(c, etag) => Ok((c, etag)),
+                    _ => Err(Error::StoreConflict {
                         store: self.cfg.describe(),
                         key: key.clone(),
                     }),
@@ -1243,11 +1254,11 @@ impl Uploader {
             }
         };
         self.watch.forget(&st.id);
-        if let Some(done) = self.confirm(key, record, expected)? {
-            return Ok(done);
-        }
-        let now = head_of(&self.rt, &*self.plain, &self.cfg, key)?;
-        let now_etag = now.as_ref().and_then(|o| o.etag.as_deref()).map(plain_etag);
+        let now_etag = match self.confirm(key, record, expected)? {
+            Found::Archive(c, etag) => return Ok((c, etag)),
+            Found::Other(etag) => Some(etag).filter(|e| !e.is_empty()),
+            Found::Absent => None,
+        };
         if now_etag.is_some() && now_etag == made {
             self.delete(key)?;
             return Err(Error::StoreUnconfirmed {
@@ -1266,24 +1277,23 @@ impl Uploader {
     }
 
     /// Whether the object at `key` is the archive `record` describes: its size and the
-    /// multipart ETag expected from the parts sent, or else its bytes read back. Returns how,
-    /// and its ETag; `None` when it is absent or another object.
+    /// multipart ETag expected from the parts sent, or else its bytes read back. One HEAD.
     fn confirm(
         &self,
         key: &str,
         record: &crate::manifest::Record,
         expected: Option<&str>,
-    ) -> Result<Option<(Confirmed, String)>, Error> {
+    ) -> Result<Found, Error> {
         use sha2::Digest;
         let Some(head) = head_of(&self.rt, &*self.plain, &self.cfg, key)? else {
-            return Ok(None);
+            return Ok(Found::Absent);
         };
         let etag = head.etag.as_deref().map(plain_etag).unwrap_or_default();
         if head.size == record.size && expected.is_some_and(|e| e == etag) {
-            return Ok(Some((Confirmed::ETag, etag)));
+            return Ok(Found::Archive(Confirmed::ETag, etag));
         }
         if head.size != record.size && head.size != 0 {
-            return Ok(None);
+            return Ok(Found::Other(etag));
         }
         let fail = |e: object_store::Error| self.fail(format!("cannot read back `{key}`"), e);
         let (sha, size) = self.rt.block_on(async {
@@ -1298,7 +1308,11 @@ impl Uploader {
             }
             Ok::<_, Error>((hex::encode(h.finalize()), size))
         })?;
-        Ok((sha == record.sha256 && size == record.size).then_some((Confirmed::ReadBack, etag)))
+        Ok(if sha == record.sha256 && size == record.size {
+            Found::Archive(Confirmed::ReadBack, etag)
+        } else {
+            Found::Other(etag)
+        })
     }
 }
 

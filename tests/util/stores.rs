@@ -199,11 +199,7 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_port(port, "moto");
         let m = Moto { port, child };
         for b in buckets {
             let a = http(port, "PUT", &format!("/{b}"), &[], b"");
@@ -217,6 +213,15 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until something listens on `port` (a server this helper started), at most a minute.
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -621,11 +626,7 @@ impl Azurite {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "azurite did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_port(port, "azurite");
         let a = Azurite { port, child };
         for c in containers {
             let r = a.request("PUT", &format!("/{c}"), &[("restype", "container")]);
