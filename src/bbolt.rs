@@ -33,6 +33,9 @@ pub struct Bolt {
     file: File,
     page_size: u64,
     root: u64,
+    /// Pages one walk reads at most: every page of the file once, and never fewer than
+    /// `MAX_PAGES` (a damaged tree that loops ends here).
+    max_pages: usize,
 }
 
 pub(crate) fn le_u16(b: &[u8], o: usize) -> Option<u16> {
@@ -97,10 +100,12 @@ impl Bolt {
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => return Err("no valid bbolt meta page".into()),
         };
+        let pages = file.metadata().map(|m| m.len() / page_size).unwrap_or(0);
         Ok(Bolt {
             file,
             page_size,
             root,
+            max_pages: usize::try_from(pages).unwrap_or(usize::MAX).max(MAX_PAGES),
         })
     }
 
@@ -126,7 +131,7 @@ impl Bolt {
 
     /// Calls `f` with every (flags, key, value) of the tree at `root`, in order.
     fn walk(&self, root: &Root, f: &mut Visit<'_>) -> Result<(), String> {
-        let mut budget = MAX_PAGES;
+        let mut budget = self.max_pages;
         match root {
             Root::Inline(page) => self.walk_page(page, 0, &mut budget, f),
             Root::Page(id) => {
@@ -185,6 +190,26 @@ impl Bolt {
             Ok(())
         })?;
         Ok(Some(entries))
+    }
+
+    /// Calls `f` with every key and value of the top-level bucket `name`, in key order,
+    /// without holding them: a walk of a whole db reads one page at a time. `false` when
+    /// there is no such bucket.
+    pub fn for_each(
+        &self,
+        name: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), String>,
+    ) -> Result<bool, String> {
+        let Some(root) = self.bucket_root(name)? else {
+            return Ok(false);
+        };
+        self.walk(&root, &mut |flags, key, value| {
+            if flags & BUCKET_LEAF == 0 {
+                f(key, value)?;
+            }
+            Ok(())
+        })?;
+        Ok(true)
     }
 
     /// Where the top-level bucket `name`'s tree starts; `None` when there is no such bucket.

@@ -245,6 +245,19 @@ impl Command {
                 archive: Some(&a.archive),
                 keys: Some(&a.keys),
             },
+            Command::Export(a) => Given {
+                tools: Some(&a.tools),
+                store: Some(&a.store),
+                keys: Some(&a.keys),
+                ..Given::default()
+            },
+            Command::Import(a) => Given {
+                tools: Some(&a.tools),
+                store: Some(&a.store),
+                archive: Some(&a.archive),
+                keys: Some(&a.keys),
+                ..Given::default()
+            },
             Command::ListBackups(a) => Given {
                 store: Some(&a.store),
                 ..Given::default()
@@ -306,6 +319,12 @@ pub enum Command {
     /// Record every change from etcd's watch stream into change segments (the history a
     /// restore to a revision or a time replays); runs until SIGTERM, as a service runs it.
     Follow(FollowArgs),
+    /// Write the keys under a prefix, as they were at one revision, to an export file: from
+    /// the live cluster, an archive (offline), or a point of the change history.
+    Export(ExportArgs),
+    /// Apply the keys under a prefix from an export, an archive or a point of the history
+    /// into the running cluster (a dry run unless --dry-run=false).
+    Import(ImportArgs),
     /// Run a charm hook (the charm's `hooks/<name>` links to this binary).
     #[command(hide = true)]
     Hook { name: String },
@@ -542,6 +561,107 @@ pub struct RestoreArgs {
     pub keys: KeyArgs,
 }
 
+/// A backup as the source of an export or an import.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BackupSourceArgs {
+    /// Archive (or plain db) to read the keys from, offline.
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+
+    /// A backup id from list-backups: an archive in --target or in the object store.
+    #[arg(long, conflicts_with = "snapshot")]
+    pub backup_id: Option<String>,
+
+    /// The keys at this revision: the newest full snapshot at or below it with the change
+    /// history `follow` recorded applied up to it.
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_time"])]
+    pub to_revision: Option<i64>,
+
+    /// The keys at the last revision received at or before this time (RFC 3339).
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id"])]
+    pub to_time: Option<String>,
+
+    /// The Juju application whose store folder holds the backups (default: this one).
+    #[arg(long)]
+    pub from_app: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Export the keys starting with this prefix (default: every key).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+
+    /// The live cluster's revision to export (default: the current one).
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_revision", "to_time"])]
+    pub revision: Option<i64>,
+
+    #[command(flatten)]
+    pub from: BackupSourceArgs,
+
+    /// Directory the export is written to (and of local archives and history).
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    #[command(flatten)]
+    pub tools: ToolArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// An export file (written by export) to apply.
+    #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_revision", "to_time"])]
+    pub file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub from: BackupSourceArgs,
+
+    /// Apply only the keys under this prefix (default: the export's prefix; from a backup,
+    /// every key).
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// add: only missing keys; overwrite: also replace keys whose value differs; sync: as
+    /// overwrite, and delete keys under the prefix that the source lacks.
+    #[arg(long, default_value = "add")]
+    pub mode: String,
+
+    /// Plan and report only (the default); --dry-run=false writes.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    pub dry_run: bool,
+
+    /// Do not snapshot the cluster before writing.
+    #[arg(long)]
+    pub skip_backup: bool,
+
+    /// Refuse to write when the import would touch more keys than this.
+    #[arg(long, default_value_t = crate::config::IMPORT_MAX_KEYS)]
+    pub max_keys: i64,
+
+    /// Directory of the snapshot taken first (and of local archives and history).
+    #[arg(long, default_value = DEFAULT_TARGET)]
+    pub target: PathBuf,
+
+    #[command(flatten)]
+    pub tools: ToolArgs,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
 /// Rewrites argv for multi-call use: invoked as `snapshot` or `restore` (a link to this binary),
 /// the name becomes the subcommand.
 pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
@@ -552,7 +672,10 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     match name.as_deref() {
-        Some(action @ ("snapshot" | "restore" | "list-backups" | "verify" | "prune")) => {
+        Some(
+            action @ ("snapshot" | "restore" | "list-backups" | "verify" | "prune" | "export"
+            | "import"),
+        ) => {
             let mut out: Vec<OsString> = vec!["etcd-actions".into(), action.into()];
             out.extend(args.into_iter().skip(1));
             out

@@ -92,6 +92,9 @@ pub enum Error {
     #[error("archive `{path}` is refused: {problem}")]
     BadArchive { path: PathBuf, problem: String },
 
+    #[error("export file `{path}` is refused: {problem}; nothing was changed")]
+    BadExport { path: PathBuf, problem: String },
+
     #[error("no snapshot to restore: {detail}; attach one with `juju attach-resource {app} snapshot=./etcd-snapshot-....tar.gz` (or `--resource snapshot=...` at deploy), or pass the `snapshot` param with a path on the unit")]
     NoSnapshot { detail: String, app: String },
 
@@ -220,6 +223,7 @@ impl Error {
             | Error::Decrypt { .. }
             | Error::History(_)
             | Error::BadArchive { .. }
+            | Error::BadExport { .. }
             | Error::NoSnapshot { .. }
             | Error::StoreNotReady(_)
             | Error::ProviderNotReady { .. }

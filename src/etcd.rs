@@ -21,6 +21,7 @@ use crate::process::{display, etcd_tool, run_checked};
 pub mod pb {
     tonic::include_proto!("etcdserverpb");
 }
+pub mod kv;
 use pb::auth_client::AuthClient;
 use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;

@@ -13,10 +13,12 @@ pub mod crypt;
 pub mod datadir;
 pub mod error;
 pub mod etcd;
+pub mod exportfile;
 pub mod fsutil;
 pub mod health;
 pub mod history;
 pub mod juju;
+pub mod keyset;
 pub mod manifest;
 pub mod params;
 pub mod pgzip;
@@ -28,6 +30,7 @@ pub mod recovery;
 pub mod replay;
 pub mod retention;
 pub mod revision;
+pub mod sources;
 pub mod store;
 pub mod unit;
 pub mod writer;
@@ -200,6 +203,14 @@ fn execute(
         Command::Follow(a) => {
             let opts = actions::follow::FollowOptions::try_from(a)?;
             actions::follow::run(&unit()?, &opts)
+        }
+        Command::Export(a) => {
+            let opts = merged(reporter, actions::export::ExportOptions::from(a))?;
+            actions::export::run(&unit()?, &opts, results)
+        }
+        Command::Import(a) => {
+            let opts = merged(reporter, actions::import::ImportOptions::from(a))?;
+            actions::import::run(&unit()?, &opts, results)
         }
         Command::Hook { .. } => Ok(()),
     }

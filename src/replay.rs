@@ -45,6 +45,34 @@ pub struct Point {
     pub asked: String,
 }
 
+/// The point the `to-revision` and `to-time` params ask for (`None`: neither given);
+/// refuses both at once, a revision below 1, and a time that is not RFC 3339.
+pub fn wanted(to_revision: Option<i64>, to_time: Option<&str>) -> Result<Option<Wanted>, Error> {
+    Ok(Some(match (to_revision, to_time) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(Error::usage(
+                "to-revision and to-time both given: give one point",
+            ))
+        }
+        (Some(r), None) if r < 1 => {
+            return Err(Error::usage(format!(
+                "to-revision {r} is not a revision: revisions start at 1"
+            )))
+        }
+        (Some(r), None) => Wanted::Revision(r),
+        (None, Some(t)) => match parse_rfc3339_ms(t) {
+            Some(ms) => Wanted::Time(ms, t.trim().to_string()),
+            None => {
+                return Err(Error::usage(format!(
+                    "to-time `{}` is not an RFC 3339 time; write it as `2026-11-30T14:05:00Z` (or with an offset, `+01:00`)",
+                    crate::error::bounded(t, 100)
+                )))
+            }
+        },
+    }))
+}
+
 /// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into Unix milliseconds.
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let s = s.trim();
@@ -507,37 +535,17 @@ pub fn replay(
     }
     let keys = unit.keys()?;
     let (mut revisions, mut events, mut leases) = (0u64, 0u64, 0u64);
-    let mut prev_sha: Option<String> = None;
     let mut current = point.base_revision;
     let mut guard: Option<crate::etcd::Guard> = None;
-    // Seconds spent reading and decoding segments (the rest is etcd applying them).
-    let mut reading = 0f64;
+    // Seconds spent applying segments (the rest is reading and decoding them).
+    let mut applying = 0f64;
     // Txns sent: a revision is sent again when etcd took it before the one it follows.
     let mut sent = 0u64;
-    for f in &point.segments {
-        let read_started = Instant::now();
-        let bytes = history::read(f, store)?;
-        let (head, revs) = history::decode(&bytes, &f.named, keys)?;
-        if let (Some(want), Some(_)) = (&prev_sha, &head.prev_sha256) {
-            if head.prev_sha256.as_ref() != Some(want) {
-                return Err(fail(format!(
-                    "the chain is broken at `{}`: it follows a segment other than the one \
-                     before it",
-                    f.named.name
-                )));
-            }
-        } else if prev_sha.is_some() {
-            return Err(fail(format!(
-                "the chain is broken at `{}`: it starts a new chain",
-                f.named.name
-            )));
-        }
-        prev_sha = Some(history::sha256(&bytes));
+    let reading_started = Instant::now();
+    each_revision(point, store, keys, &mut |f, revs| {
+        let started = Instant::now();
         let mut todo: Vec<(i64, Vec<crate::etcd::Change>)> = Vec::new();
         for rev in revs {
-            if rev.r <= current || rev.r > point.revision {
-                continue;
-            }
             for &(id, ttl) in &rev.leases {
                 // A lease gone when it was recorded: its keys are deleted by a later
                 // revision, or were live only briefly; it gets a minute.
@@ -553,18 +561,14 @@ pub fn replay(
             events += changes.len() as u64;
             todo.push((rev.r, changes));
         }
-        reading += read_started.elapsed().as_secs_f64();
         for window in todo.chunks(WINDOW) {
             current = apply(&session, window, current, &mut guard, &mut sent, &fail)?;
             revisions += window.len() as u64;
         }
-    }
-    if current != point.revision {
-        return Err(fail(format!(
-            "the history ends at revision {current}, short of {}",
-            point.revision
-        )));
-    }
+        applying += started.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    let reading = reading_started.elapsed().as_secs_f64() - applying;
     let count = ctl.key_count(current)?;
     drop(session);
     // A clean stop commits the backend: its db then holds every replayed change.
@@ -581,6 +585,60 @@ pub fn replay(
         reading,
         sent,
     })
+}
+
+/// Reads the point's segments in chain order, each checked to continue the one before it, and
+/// hands `f` each segment's revisions after the base and up to the point, in order. Fails
+/// when the history ends short of the point. Replay and the export at a point both read
+/// the history through here.
+pub fn each_revision(
+    point: &Point,
+    store: Option<&crate::store::Store>,
+    keys: &crate::crypt::Keys,
+    f: &mut dyn FnMut(&Found, Vec<history::Rev>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let fail = |detail: String| {
+        Error::History(format!(
+            "the change history to {} cannot be read: {detail}; nothing was changed",
+            point.asked
+        ))
+    };
+    let mut prev_sha: Option<String> = None;
+    let mut last = point.base_revision;
+    for found in &point.segments {
+        let bytes = history::read(found, store)?;
+        let (head, revs) = history::decode(&bytes, &found.named, keys)?;
+        if let (Some(want), Some(_)) = (&prev_sha, &head.prev_sha256) {
+            if head.prev_sha256.as_ref() != Some(want) {
+                return Err(fail(format!(
+                    "the chain is broken at `{}`: it follows a segment other than the one \
+                     before it",
+                    found.named.name
+                )));
+            }
+        } else if prev_sha.is_some() {
+            return Err(fail(format!(
+                "the chain is broken at `{}`: it starts a new chain",
+                found.named.name
+            )));
+        }
+        prev_sha = Some(history::sha256(&bytes));
+        let revs: Vec<history::Rev> = revs
+            .into_iter()
+            .filter(|r| r.r > last && r.r <= point.revision)
+            .collect();
+        if let Some(r) = revs.last() {
+            last = r.r;
+        }
+        f(found, revs)?;
+    }
+    if last != point.revision {
+        return Err(fail(format!(
+            "the history ends at revision {last}, short of {}",
+            point.revision
+        )));
+    }
+    Ok(())
 }
 
 /// Revisions sent together: each guarded by the one before it, so they apply in order

@@ -192,17 +192,10 @@ pub fn clean_killed_writers(state: &Path) {
     }
 }
 
-/// Takes a db from `source` and publishes `<target>/<kind>-<stamp>[-N].tar.gz` with its
-/// `.sha256` sidecar: written under a temp name, fsynced, renamed without clobbering
-/// anything, directory fsynced. The archive is 0600 and owned by the target's owner. Every
-/// step is done through descriptors of the target and of a temp dir of our own.
-pub fn write_archive(
-    unit: &Unit<'_>,
-    target: &Dir,
-    source: DbSource<'_>,
-    kind: &str,
-    upload: Option<UploadTee>,
-) -> Result<Archive, Error> {
+/// This run's temp dir in `target` (stale ones of killed runs removed first), and the file
+/// to write there, owned by the target's owner, with a second descriptor of it to check the
+/// published name against.
+fn temp_file<'a>(unit: &Unit<'_>, target: &'a Dir) -> Result<(TempDir<'a>, File, File), Error> {
     clean_stale_temps(target);
     let name = format!("{TEMP_PREFIX}{}-{}", std::process::id(), now_secs());
     let record = unit
@@ -224,6 +217,60 @@ pub fn write_archive(
     let held = out
         .try_clone()
         .ctx(|| "cannot duplicate the archive's descriptor".to_string())?;
+    Ok((tmp, out, held))
+}
+
+/// A file published by `write_file`.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Writes a file that is not an archive (an export) as archives are written: in a temp dir of
+/// ours in `target`, then published as `<kind>-<stamp>-<tag><ext>` (or the next free name)
+/// with its `.sha256` sidecar, never over anything, and checked to be the file written.
+/// `body` writes and fsyncs the file, and returns its sha256 and length.
+pub fn write_file(
+    unit: &Unit<'_>,
+    target: &Dir,
+    kind: &str,
+    tag: &str,
+    ext: &'static str,
+    body: impl FnOnce(File) -> Result<(String, u64), Error>,
+) -> Result<Published, Error> {
+    let (tmp, out, held) = temp_file(unit, target)?;
+    let (sha256, bytes) = body(out)?;
+    let naming = Naming {
+        kind,
+        tag: Some(tag.to_string()),
+        ext,
+        stamp: now_secs(),
+    };
+    let chosen = naming.free(target)?;
+    let name = publish_named(target, &tmp.dir, &naming, &chosen, &sha256)?;
+    target.sync()?;
+    check_published(target, &name, &held)?;
+    Ok(Published {
+        path: target.join(&name),
+        sha256,
+        bytes,
+    })
+}
+
+/// Takes a db from `source` and publishes `<target>/<kind>-<stamp>[-N].tar.gz` with its
+/// `.sha256` sidecar: written under a temp name, fsynced, renamed without clobbering
+/// anything, directory fsynced. The archive is 0600 and owned by the target's owner. Every
+/// step is done through descriptors of the target and of a temp dir of our own.
+pub fn write_archive(
+    unit: &Unit<'_>,
+    target: &Dir,
+    source: DbSource<'_>,
+    kind: &str,
+    upload: Option<UploadTee>,
+) -> Result<Archive, Error> {
+    let (tmp, out, held) = temp_file(unit, target)?;
 
     let mut manifest = Manifest::new(&unit.name(), SOURCE_SNAPSHOT);
     (manifest.model_uuid, manifest.app) = juju_identity();
@@ -588,9 +635,36 @@ fn publish(
     recipients: &[String],
 ) -> Result<Archive, Error> {
     crash_point("snapshot-before-publish");
-    // Where the archive is now: in the temp dir until the first rename.
+    let name = publish_named(target, tmp, naming, chosen, &packed.sha256)?;
+    let mut archive = Archive {
+        uploaded: packed.uploaded,
+        path: target.join(&name),
+        sha256: packed.sha256,
+        bytes: packed.bytes,
+        manifest: packed.manifest,
+        recipients: recipients.to_vec(),
+    };
+    let record = archive.record().to_yaml();
+    if !write_sidecar(target, &format!("{name}{RECORD_SUFFIX}"), record.as_bytes())? {
+        return Err(changed_while_publishing(target, &name));
+    }
+    target.sync()?;
+    check_published(target, &name, held)?;
+    archive.path = target.join(&name);
+    Ok(archive)
+}
+
+/// Renames `ARCHIVE_TMP` of `tmp` into `target` as `chosen` when that is still free, else as
+/// the next free name, and writes its `.sha256` sidecar; returns the name.
+fn publish_named(
+    target: &Dir,
+    tmp: &Dir,
+    naming: &Naming<'_>,
+    chosen: &str,
+    sha256: &str,
+) -> Result<String, Error> {
+    // Where the file is now: in the temp dir until the first rename.
     let mut at: Option<String> = None;
-    let mut published = None;
     let names = std::iter::once(chosen.to_string()).chain((0..1000).map(|n| naming.name(n)));
     for name in names {
         if Naming::taken(target, &name)? {
@@ -605,45 +679,31 @@ fn publish(
         }
         at = Some(name.clone());
         pause_point("archive-published");
-        let line = format!("{}  {name}\n", packed.sha256);
+        let line = format!("{sha256}  {name}\n");
         if !write_sidecar(target, &format!("{name}.sha256"), line.as_bytes())? {
             // Someone made the sidecar's name meanwhile: move on to the next name.
             continue;
         }
-        published = Some(name);
-        break;
+        return Ok(name);
     }
-    let Some(name) = published else {
-        return Err(Error::Target {
-            path: target.path().to_path_buf(),
-            problem: format!(
-                "already holds 1000 archives named {}*; clean it up",
-                naming.name(0).trim_end_matches(naming.ext)
-            ),
-        });
-    };
-    let mut archive = Archive {
-        uploaded: packed.uploaded,
-        path: target.join(&name),
-        sha256: packed.sha256,
-        bytes: packed.bytes,
-        manifest: packed.manifest,
-        recipients: recipients.to_vec(),
-    };
-    let record = archive.record().to_yaml();
-    if !write_sidecar(target, &format!("{name}{RECORD_SUFFIX}"), record.as_bytes())? {
-        return Err(changed_while_publishing(target, &name));
-    }
-    target.sync()?;
+    Err(Error::Target {
+        path: target.path().to_path_buf(),
+        problem: format!(
+            "already holds 1000 archives named {}*; clean it up",
+            naming.name(0).trim_end_matches(naming.ext)
+        ),
+    })
+}
+
+/// The published `name` must be the file written (`held`): the results describe its bytes.
+fn check_published(target: &Dir, name: &str, held: &File) -> Result<(), Error> {
     let ours = held
         .metadata()
         .ctx(|| "cannot stat the archive".to_string())?;
-    match target.entry_stat(&name)? {
-        Some(st) if st.st_ino == ours.ino() && st.st_dev == ours.dev() => {}
-        _ => return Err(changed_while_publishing(target, &name)),
+    match target.entry_stat(name)? {
+        Some(st) if st.st_ino == ours.ino() && st.st_dev == ours.dev() => Ok(()),
+        _ => Err(changed_while_publishing(target, name)),
     }
-    archive.path = target.join(&name);
-    Ok(archive)
 }
 
 fn changed_while_publishing(target: &Dir, name: &str) -> Error {

@@ -23,7 +23,7 @@ fn age_bin(tool: &str) -> PathBuf {
 }
 
 /// A new age key file; returns it and its recipient.
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     let key = dir.join(name);
     let out = Command::new(age_bin("age-keygen"))
         .arg("-o")

@@ -20,6 +20,7 @@ mod progress;
 mod restore;
 mod revision;
 mod s3;
+mod selective;
 mod snapshot;
 mod standalone;
 mod stores;

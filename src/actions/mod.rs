@@ -3,7 +3,9 @@
 //! (`crate::catalog`), crash recovery (`crate::recovery`).
 
 pub mod backup;
+pub mod export;
 pub mod follow;
+pub mod import;
 pub mod list_backups;
 pub mod prune;
 pub mod restore;

@@ -745,29 +745,8 @@ fn resolve_point(
     unit: &Unit<'_>,
     opts: &RestoreOptions,
 ) -> Result<Option<crate::replay::Point>, Error> {
-    use crate::replay::Wanted;
-    let wanted = match (opts.to_revision, opts.to_time.as_deref()) {
-        (None, None) => return Ok(None),
-        (Some(_), Some(_)) => {
-            return Err(Error::usage(
-                "to-revision and to-time both given: give one point",
-            ))
-        }
-        (Some(r), None) if r < 1 => {
-            return Err(Error::usage(format!(
-                "to-revision {r} is not a revision: revisions start at 1"
-            )))
-        }
-        (Some(r), None) => Wanted::Revision(r),
-        (None, Some(t)) => match crate::replay::parse_rfc3339_ms(t) {
-            Some(ms) => Wanted::Time(ms, t.trim().to_string()),
-            None => {
-                return Err(Error::usage(format!(
-                    "to-time `{}` is not an RFC 3339 time; write it as `2026-11-30T14:05:00Z` (or with an offset, `+01:00`)",
-                    crate::error::bounded(t, 100)
-                )))
-            }
-        },
+    let Some(wanted) = crate::replay::wanted(opts.to_revision, opts.to_time.as_deref())? else {
+        return Ok(None);
     };
     if opts.snapshot.is_some() || opts.backup_id.is_some() {
         return Err(Error::usage(
