@@ -606,3 +606,74 @@ fn an_encrypted_archive_in_the_store_exports_by_id() {
     );
     assert!(r["export"]["source"].as_str().unwrap().contains(&id));
 }
+
+#[test]
+fn under_juju_export_then_import_is_a_dry_run_until_asked_and_works_on_three_units() {
+    let tmp = tempdir();
+    let nodes = cluster(tmp.path(), "j", &v3530());
+    let backups = tmp.path().join("backups");
+    let juju = Juju::new(tmp.path(), "etcd/1");
+    juju.peers(&["etcd/0", "etcd/2"]);
+    nodes[0].fill("/cfg/app/", 40);
+    let before = range(&nodes[0], 0);
+    juju.params(
+        "export",
+        serde_json::json!({"target": backups.to_str().unwrap(), "prefix": "/cfg/app/"}),
+    );
+    let r = Agent::juju(&nodes[1], &juju, "export").run().juju_ok(&juju);
+    let file = r["export"]["path"].as_str().unwrap().to_string();
+    assert_eq!(r["export"]["keys"].as_str(), Some("40"));
+    assert!(r["copy"]["cmd"].as_str().unwrap().contains("juju scp"));
+    nodes[0].ctl_ok(&["del", "/cfg/app/", "--prefix"]);
+
+    // The action's defaults: a dry run.
+    juju.reset();
+    juju.params(
+        "import",
+        serde_json::json!({"target": backups.to_str().unwrap(), "file": file}),
+    );
+    let r = Agent::juju(&nodes[1], &juju, "import").run().juju_ok(&juju);
+    assert_eq!(r["import"]["added"].as_str(), Some("40"));
+    assert_eq!(r["import"]["dry-run"].as_str(), Some("true"));
+    assert!(under(&range(&nodes[0], 0), "/cfg/app/").is_empty());
+
+    juju.reset();
+    juju.params(
+        "import",
+        serde_json::json!({"target": backups.to_str().unwrap(), "file": file, "dry-run": false}),
+    );
+    let r = Agent::juju(&nodes[1], &juju, "import").run().juju_ok(&juju);
+    assert_eq!(r["import"]["added"].as_str(), Some("40"));
+    assert!(r["backup"]["path"].as_str().is_some(), "a snapshot first");
+    assert_eq!(
+        values(&under(&range(&nodes[2], 0), "/cfg/app/")),
+        values(&under(&before, "/cfg/app/")),
+        "every member serves them"
+    );
+
+    // A misspelled mode is refused, naming the three.
+    juju.reset();
+    juju.params("import", serde_json::json!({"file": file, "mode": "merge"}));
+    let msg = Agent::juju(&nodes[1], &juju, "import")
+        .run()
+        .juju_failed(&juju);
+    assert!(msg.contains("add, overwrite, sync"), "{msg}");
+
+    // A cluster that lost its quorum is refused before anything is written.
+    nodes[0].stop();
+    nodes[2].stop();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    juju.reset();
+    juju.params(
+        "import",
+        serde_json::json!({"target": backups.to_str().unwrap(), "file": file,
+            "mode": "sync", "dry-run": false}),
+    );
+    let msg = Agent::juju(&nodes[1], &juju, "import")
+        .run()
+        .juju_failed(&juju);
+    assert!(
+        msg.contains("no leader") || msg.contains("not healthy"),
+        "{msg}"
+    );
+}

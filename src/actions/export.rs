@@ -65,6 +65,9 @@ struct Source {
 
 pub fn run(unit: &Unit<'_>, opts: &ExportOptions, results: &mut Results) -> Result<(), Error> {
     let target = plan(unit, opts)?;
+    // Held to the end: the temp file in the target is recorded in the state dir, which
+    // recovery (under the lock) tidies after a killed run.
+    let _lock = unit.lock("export")?;
     let prefix = opts.prefix.as_bytes();
     let started = std::time::Instant::now();
     let (published, source) = if opts.from.given() {
