@@ -26,6 +26,9 @@ const MAX_PAGE_BYTES: u64 = 64 << 20;
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// Called with every key and value of a bucket.
+pub type EachEntry<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), String> + 'a;
+
 /// Called with every (element flags, key, value) of a tree.
 type Visit<'a> = dyn FnMut(u32, &[u8], &[u8]) -> Result<(), String> + 'a;
 
@@ -195,11 +198,7 @@ impl Bolt {
     /// Calls `f` with every key and value of the top-level bucket `name`, in key order,
     /// without holding them: a walk of a whole db reads one page at a time. `false` when
     /// there is no such bucket.
-    pub fn for_each(
-        &self,
-        name: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), String>,
-    ) -> Result<bool, String> {
+    pub fn for_each(&self, name: &[u8], f: &mut EachEntry<'_>) -> Result<bool, String> {
         let Some(root) = self.bucket_root(name)? else {
             return Ok(false);
         };

@@ -587,6 +587,9 @@ pub fn replay(
     })
 }
 
+/// Called with each segment and its revisions to apply.
+pub type EachSegment<'a> = dyn FnMut(&Found, Vec<history::Rev>) -> Result<(), Error> + 'a;
+
 /// Reads the point's segments in chain order, each checked to continue the one before it, and
 /// hands `f` each segment's revisions after the base and up to the point, in order. Fails
 /// when the history ends short of the point. Replay and the export at a point both read
@@ -595,7 +598,7 @@ pub fn each_revision(
     point: &Point,
     store: Option<&crate::store::Store>,
     keys: &crate::crypt::Keys,
-    f: &mut dyn FnMut(&Found, Vec<history::Rev>) -> Result<(), Error>,
+    f: &mut EachSegment<'_>,
 ) -> Result<(), Error> {
     let fail = |detail: String| {
         Error::History(format!(

@@ -379,7 +379,8 @@ fn exports_equal_across_sources_and_hostile_files_are_refused_before_any_write()
     let good_lines: Vec<serde_json::Value> = (0..50)
         .map(|i| line(&format!("/app/{i:04}"), b"restored"))
         .collect();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Make, &str)> = vec![
         (
             "cut",
             Box::new(|p: &Path| {
