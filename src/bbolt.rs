@@ -60,6 +60,15 @@ pub(crate) fn fnv64a(data: &[u8]) -> u64 {
     h
 }
 
+/// The key of the element at `e` of a page: its `pos` (relative to the element) and size are
+/// at `pos_at` and `size_at` of it (branch: 0 and 4; leaf: 4 and 8).
+fn elem_key(page: &[u8], e: usize, pos_at: usize, size_at: usize) -> Option<&[u8]> {
+    let pos = le_u32(page, e + pos_at)? as usize;
+    let size = le_u32(page, e + size_at)? as usize;
+    let k = e.checked_add(pos)?;
+    page.get(k..k.checked_add(size)?)
+}
+
 /// A meta page's (root pgid, txid, page size) when it is valid.
 fn meta(page: &[u8]) -> Option<(u64, u64, u64)> {
     let m = page.get(HEADER..HEADER + 64)?;
@@ -70,7 +79,7 @@ fn meta(page: &[u8]) -> Option<(u64, u64, u64)> {
 }
 
 /// Where a bucket's tree starts: a page of the file, or a page inline in the parent's value.
-enum Root {
+pub enum Root {
     Page(u64),
     Inline(Vec<u8>),
 }
@@ -211,8 +220,60 @@ impl Bolt {
         Ok(true)
     }
 
+    /// The value of `key` in the bucket whose tree starts at `root` (see `bucket_root`),
+    /// found by descending from the root: a handful of page reads.
+    pub fn get(&self, root: &Root, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let bad = || "a page is damaged".to_string();
+        let mut page = match root {
+            Root::Inline(page) => page.clone(),
+            Root::Page(id) => self.page(*id)?,
+        };
+        for _ in 0..64 {
+            let flags = le_u16(&page, 8).ok_or_else(bad)?;
+            let count = usize::from(le_u16(&page, 10).ok_or_else(bad)?);
+            if flags & BRANCH != 0 {
+                // The last child whose first key is at most `key`.
+                let (mut lo, mut hi) = (0usize, count);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    let k = elem_key(&page, HEADER + mid * 16, 0, 4).ok_or_else(bad)?;
+                    if k <= key {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let e = HEADER + lo.saturating_sub(1) * 16;
+                let child = le_u64(&page, e + 8).ok_or_else(bad)?;
+                page = self.page(child)?;
+            } else if flags & LEAF != 0 {
+                let (mut lo, mut hi) = (0usize, count);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    let e = HEADER + mid * 16;
+                    let k = elem_key(&page, e, 4, 8).ok_or_else(bad)?;
+                    match k.cmp(key) {
+                        std::cmp::Ordering::Less => lo = mid + 1,
+                        std::cmp::Ordering::Greater => hi = mid,
+                        std::cmp::Ordering::Equal => {
+                            let pos = le_u32(&page, e + 4).ok_or_else(bad)? as usize;
+                            let vsize = le_u32(&page, e + 12).ok_or_else(bad)? as usize;
+                            let v = e + pos + k.len();
+                            let value = page.get(v..v + vsize).ok_or_else(bad)?;
+                            return Ok(Some(value.to_vec()));
+                        }
+                    }
+                }
+                return Ok(None);
+            } else {
+                return Err(format!("unexpected page type {flags:#x}"));
+            }
+        }
+        Err("the b+tree is too deep".into())
+    }
+
     /// Where the top-level bucket `name`'s tree starts; `None` when there is no such bucket.
-    fn bucket_root(&self, name: &[u8]) -> Result<Option<Root>, String> {
+    pub fn bucket_root(&self, name: &[u8]) -> Result<Option<Root>, String> {
         let mut found: Option<Root> = None;
         self.walk(&Root::Page(self.root), &mut |flags, key, value| {
             if flags & BUCKET_LEAF != 0 && key == name {

@@ -11,7 +11,7 @@ use crate::catalog::{self, Wanted};
 use crate::error::Error;
 use crate::etcd::{hex_id, OfflineTool};
 use crate::fsutil::TempPath;
-use crate::keyset::{self, Keys};
+use crate::keyset::KeySet;
 use crate::replay;
 use crate::unit::Unit;
 
@@ -96,7 +96,8 @@ impl Backup {
 
 /// The keys under a prefix as a backup holds them.
 pub struct Taken {
-    pub keys: Keys,
+    /// The keys; their values are read from the unpacked db (unlinked already, held open).
+    pub keys: KeySet,
     pub cluster_id: String,
     pub revision: i64,
     /// In words, for the export's head and the results.
@@ -153,7 +154,7 @@ pub fn read(unit: &Unit<'_>, from: &Backup, prefix: &[u8], target: &Path) -> Res
                     let c = ev.change().map_err(|e| {
                         Error::History(format!("change segment `{}`: {e}", f.named.name))
                     })?;
-                    keyset::apply(&mut taken.keys, prefix, c);
+                    taken.keys.apply(prefix, c);
                     changes += 1;
                 }
             }
@@ -190,7 +191,7 @@ fn read_archive(
         checked.shown.display(),
         checked.integrity
     ));
-    let (keys, walked) = keyset::from_db(db.path(), prefix).map_err(|e| Error::BadArchive {
+    let (keys, walked) = KeySet::from_db(db.path(), prefix).map_err(|e| Error::BadArchive {
         path: checked.shown.clone(),
         problem: format!("its db cannot be read: {e}"),
     })?;

@@ -79,10 +79,7 @@ pub fn run(unit: &Unit<'_>, opts: &ExportOptions, results: &mut Results) -> Resu
             description: taken.source.clone(),
         };
         let published = write(unit, &target, opts, &source, |w| {
-            for (k, v) in &taken.keys {
-                w.put(v.kv(k))?;
-            }
-            Ok(())
+            taken.keys.each(prefix, &mut |kv| w.put(kv))
         })?;
         unit.log(&format!(
             "walked {} revisions of the db and its history",

@@ -136,15 +136,7 @@ impl Source {
                 }
                 Ok(())
             }
-            Source::Backup(taken) => {
-                for (k, v) in taken.keys.range(prefix.to_vec()..) {
-                    if !k.starts_with(prefix) {
-                        break;
-                    }
-                    f(v.kv(k))?;
-                }
-                Ok(())
-            }
+            Source::Backup(taken) => taken.keys.each(prefix, f),
         }
     }
 }
