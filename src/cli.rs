@@ -508,14 +508,8 @@ pub struct SnapshotArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
-    /// Snapshot archive (or plain `etcdctl snapshot save` db) to restore. In Juju mode the
-    /// `snapshot` resource is used when neither this nor --backup-id is given.
-    #[arg(long)]
-    pub snapshot: Option<PathBuf>,
-
-    /// A backup id from list-backups: an archive in --target or in the object store.
-    #[arg(long)]
-    pub backup_id: Option<String>,
+    #[command(flatten)]
+    pub from: BackupSourceArgs,
 
     /// Directory the unit's current data is backed up to first.
     #[arg(long, default_value = DEFAULT_TARGET)]
@@ -528,22 +522,6 @@ pub struct RestoreArgs {
     /// Expected sha256 of the archive (hex).
     #[arg(long)]
     pub sha256: Option<String>,
-
-    /// Restore to this revision: the newest full snapshot at or below it (in --target or the
-    /// store) with the change history `follow` recorded replayed up to it.
-    #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_time"])]
-    pub to_revision: Option<i64>,
-
-    /// Restore to the last revision received at or before this time (RFC 3339, e.g.
-    /// `2026-11-30T14:05:00Z`).
-    #[arg(long, conflicts_with_all = ["snapshot", "backup_id"])]
-    pub to_time: Option<String>,
-
-    /// The Juju application whose store folder holds the full snapshots and the change
-    /// history of --to-revision/--to-time (a clone or migration into another application);
-    /// with --backup-id, the application whose folder holds that archive. Default: this one.
-    #[arg(long)]
-    pub from_app: Option<String>,
 
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -564,7 +542,8 @@ pub struct RestoreArgs {
 /// A backup as the source of an export or an import.
 #[derive(Debug, Clone, Default, Args)]
 pub struct BackupSourceArgs {
-    /// Archive (or plain db) to read the keys from, offline.
+    /// Snapshot archive (or plain `etcdctl snapshot save` db). In Juju mode a restore uses the
+    /// `snapshot` resource when neither this nor --backup-id is given.
     #[arg(long)]
     pub snapshot: Option<PathBuf>,
 
@@ -572,16 +551,19 @@ pub struct BackupSourceArgs {
     #[arg(long, conflicts_with = "snapshot")]
     pub backup_id: Option<String>,
 
-    /// The keys at this revision: the newest full snapshot at or below it with the change
-    /// history `follow` recorded applied up to it.
+    /// This revision: the newest full snapshot at or below it (in --target or the store) with
+    /// the change history `follow` recorded applied up to it.
     #[arg(long, conflicts_with_all = ["snapshot", "backup_id", "to_time"])]
     pub to_revision: Option<i64>,
 
-    /// The keys at the last revision received at or before this time (RFC 3339).
+    /// The last revision received at or before this time (RFC 3339, e.g.
+    /// `2026-11-30T14:05:00Z`).
     #[arg(long, conflicts_with_all = ["snapshot", "backup_id"])]
     pub to_time: Option<String>,
 
-    /// The Juju application whose store folder holds the backups (default: this one).
+    /// The Juju application whose store folder holds the full snapshots and the change
+    /// history (a clone or migration into another application); with --backup-id, the
+    /// application whose folder holds that archive. Default: this one.
     #[arg(long)]
     pub from_app: Option<String>,
 }

@@ -1121,14 +1121,27 @@ impl Session {
                 })
             }
         });
+        self.together("txn", calls)
+    }
+
+    /// Runs `calls` together on this connection, all within one call's timeout; the first
+    /// failure is the error.
+    fn together<T, Fut>(
+        &self,
+        call: &str,
+        calls: impl Iterator<Item = Fut>,
+    ) -> Result<Vec<T>, Error>
+    where
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let all = self
             .rt
             .block_on(async {
                 tokio::time::timeout(CALL_TIMEOUT, futures::future::join_all(calls)).await
             })
-            .map_err(|_| self.client.timed_out("txn", CALL_TIMEOUT))?;
+            .map_err(|_| self.client.timed_out(call, CALL_TIMEOUT))?;
         all.into_iter()
-            .map(|r| r.map_err(|s| self.client.error("txn", &CallError::Status(s))))
+            .map(|r| r.map_err(|s| self.client.error(call, &CallError::Status(s))))
             .collect()
     }
 

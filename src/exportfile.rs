@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::archive::HashingFileWriter;
 use crate::crypt::{Keys, Sealed};
 use crate::error::{Error, IoContext};
+use crate::history::b64;
 use crate::keyset::Kv;
 use crate::store::TeeFile;
 
@@ -35,10 +36,6 @@ pub const REQUEST_MAX: usize = 1_572_864;
 const REQUEST_OVERHEAD: usize = 512;
 /// Longest line read: a key and value at the request limit, in base64, with room to spare.
 const LINE_MAX: u64 = 4 << 20;
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
-}
 
 /// The first line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -30,7 +30,8 @@ const PREFIX: &str = "etcd-changes-";
 /// Largest segment file read back: a segment is flushed at 8 MiB of changes.
 pub const FILE_MAX: u64 = 256 << 20;
 
-fn b64() -> base64::engine::GeneralPurpose {
+/// The base64 of keys and values in change segments and exports: standard, padded.
+pub fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 

@@ -69,11 +69,6 @@ impl Backup {
 
     /// Refuses an archive and a point together: the point picks its full snapshot.
     pub fn check(&self) -> Result<Option<replay::Wanted>, Error> {
-        if self.snapshot.is_some() && self.backup_id.is_some() {
-            return Err(Error::usage(
-                "snapshot and backup-id both given: give one archive",
-            ));
-        }
         let wanted = replay::wanted(self.to_revision, self.to_time.as_deref())?;
         if wanted.is_some() && (self.snapshot.is_some() || self.backup_id.is_some()) {
             return Err(Error::usage(
@@ -94,6 +89,43 @@ impl Backup {
     }
 }
 
+impl Backup {
+    /// Checks the params, resolves the point of the history when one is asked for, and
+    /// names the archive to read: the point's full snapshot, or the backup id given (another
+    /// application's archive is `<app>/<id>`, its store folder).
+    pub fn resolve(
+        &self,
+        unit: &Unit<'_>,
+        target: &Path,
+    ) -> Result<(Option<replay::Point>, Option<String>), Error> {
+        let wanted = self.check()?;
+        let in_app = |id: &str| match &self.from_app {
+            Some(app) if !id.contains('/') => format!("{app}/{id}"),
+            _ => id.to_string(),
+        };
+        let point = match &wanted {
+            Some(w) => {
+                let store = unit.store()?;
+                Some(replay::resolve(
+                    unit,
+                    target,
+                    store.as_ref(),
+                    w,
+                    self.from_app.as_deref(),
+                )?)
+            }
+            None => None,
+        };
+        let backup_id = match &point {
+            // A base that is in the target too is read from there.
+            Some(p) if p.base.path.is_some() => Some(p.base.id.clone()),
+            Some(p) => Some(in_app(&p.base.id)),
+            None => self.backup_id.as_deref().map(in_app),
+        };
+        Ok((point, backup_id))
+    }
+}
+
 /// The keys under a prefix as a backup holds them.
 pub struct Taken {
     /// The keys; their values are read from the unpacked db (unlinked already, held open).
@@ -109,29 +141,7 @@ pub struct Taken {
 /// Reads the keys under `prefix` from the backup `from` names; `target` holds the local
 /// archives and history.
 pub fn read(unit: &Unit<'_>, from: &Backup, prefix: &[u8], target: &Path) -> Result<Taken, Error> {
-    let wanted = from.check()?;
-    let in_app = |id: &str| match &from.from_app {
-        Some(app) if !id.contains('/') => format!("{app}/{id}"),
-        _ => id.to_string(),
-    };
-    let point = match &wanted {
-        Some(w) => {
-            let store = unit.store()?;
-            Some(replay::resolve(
-                unit,
-                target,
-                store.as_ref(),
-                w,
-                from.from_app.as_deref(),
-            )?)
-        }
-        None => None,
-    };
-    let backup_id = match &point {
-        Some(p) if p.base.path.is_some() => Some(p.base.id.clone()),
-        Some(p) => Some(in_app(&p.base.id)),
-        None => from.backup_id.as_deref().map(in_app),
-    };
+    let (point, backup_id) = from.resolve(unit, target)?;
     let mut taken = read_archive(
         unit,
         from.snapshot.as_deref(),

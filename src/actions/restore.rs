@@ -42,53 +42,33 @@ pub const CRASH_POINTS: &[&str] = &[
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    pub snapshot: Option<PathBuf>,
-    pub backup_id: Option<String>,
+    /// The archive, or the point of the history (the newest full snapshot at or below it,
+    /// and the change history replayed up to it).
+    pub from: crate::sources::Backup,
     pub target: PathBuf,
     pub skip_backup: bool,
     pub sha256: Option<String>,
-    /// Restore to this revision: the newest full snapshot at or below it, and the change
-    /// history replayed up to it.
-    pub to_revision: Option<i64>,
-    /// Restore to the last revision received at or before this time (RFC 3339).
-    pub to_time: Option<String>,
-    /// The application whose store folder holds the archives and the history.
-    pub from_app: Option<String>,
 }
 
 impl From<crate::cli::RestoreArgs> for RestoreOptions {
     fn from(a: crate::cli::RestoreArgs) -> RestoreOptions {
         RestoreOptions {
-            snapshot: a.snapshot,
-            backup_id: a.backup_id,
+            from: a.from.into(),
             target: a.target,
             skip_backup: a.skip_backup,
             sha256: a.sha256,
-            to_revision: a.to_revision,
-            to_time: a.to_time,
-            from_app: a.from_app.filter(|a| !a.trim().is_empty()),
         }
     }
 }
 
 impl TakesParams for RestoreOptions {
     fn take(&mut self, params: &mut Params) -> Result<(), Error> {
-        params.archive(&mut self.target, &mut self.snapshot, &mut self.backup_id)?;
+        self.from.take(params, &mut self.target)?;
         if let Some(s) = params.string("sha256")? {
             self.sha256 = Some(s);
         }
         if let Some(b) = params.boolean("skip-backup")? {
             self.skip_backup = b;
-        }
-        if let Some(r) = params.integer("to-revision")? {
-            // Juju's schema gives 0 as the default: no point.
-            self.to_revision = Some(r).filter(|r| *r != 0);
-        }
-        if let Some(t) = params.string("to-time")? {
-            self.to_time = Some(t).filter(|t| !t.trim().is_empty());
-        }
-        if let Some(a) = params.string("from-app")? {
-            self.from_app = Some(a.trim().to_string()).filter(|a| !a.is_empty());
         }
         Ok(())
     }
@@ -600,31 +580,20 @@ fn plan(
 
     unit.reporter
         .status("maintenance", "restore: checking the snapshot");
-    if let Some(app) = &opts.from_app {
-        crate::catalog::check_id(app).map_err(|_| {
-            Error::usage(format!(
-                "from-app `{}` is not an application name; give the name of the application \
-                 whose backups to use (as `juju status` shows it)",
-                crate::error::bounded(app, 100)
-            ))
-        })?;
+    let (point, backup_id) = opts.from.resolve(unit, &opts.target)?;
+    if let Some(point) = &point {
+        unit.log(&format!(
+            "restoring to {}: the full snapshot {} at revision {}, then {} change segment(s)",
+            point.asked,
+            point.base.id,
+            point.base_revision,
+            point.segments.len()
+        ));
     }
-    let point = resolve_point(unit, opts)?;
-    // Another application's archive is named `<app>/<id>` (its store folder).
-    let in_app = |id: &str| match &opts.from_app {
-        Some(app) if !id.contains('/') => format!("{app}/{id}"),
-        _ => id.to_string(),
-    };
-    let backup_id = match &point {
-        // A base that is in the target too is read from there.
-        Some(p) if p.base.path.is_some() => Some(p.base.id.clone()),
-        Some(p) => Some(in_app(&p.base.id)),
-        None => opts.backup_id.as_deref().map(in_app),
-    };
     let located = crate::catalog::locate(
         unit,
         &crate::catalog::Wanted {
-            snapshot: opts.snapshot.as_deref(),
+            snapshot: opts.from.snapshot.as_deref(),
             backup_id: backup_id.as_deref(),
             target: &opts.target,
         },
@@ -736,39 +705,6 @@ fn revision_bump(
         ));
     }
     margin.saturating_add(behind)
-}
-
-/// The point of a restore to a revision or a time, when one is asked for: refuses a point
-/// together with an archive (the point picks its full snapshot), and a point outside the
-/// recorded history.
-fn resolve_point(
-    unit: &Unit<'_>,
-    opts: &RestoreOptions,
-) -> Result<Option<crate::replay::Point>, Error> {
-    let Some(wanted) = crate::replay::wanted(opts.to_revision, opts.to_time.as_deref())? else {
-        return Ok(None);
-    };
-    if opts.snapshot.is_some() || opts.backup_id.is_some() {
-        return Err(Error::usage(
-            "to-revision and to-time pick the full snapshot themselves: leave snapshot and backup-id empty",
-        ));
-    }
-    let store = unit.store()?;
-    let point = crate::replay::resolve(
-        unit,
-        &opts.target,
-        store.as_ref(),
-        &wanted,
-        opts.from_app.as_deref(),
-    )?;
-    unit.log(&format!(
-        "restoring to {}: the full snapshot {} at revision {}, then {} change segment(s)",
-        point.asked,
-        point.base.id,
-        point.base_revision,
-        point.segments.len()
-    ));
-    Ok(Some(point))
 }
 
 /// The backup `back_up` took, or the raw copy it left for `swap` (etcd is stopped then).

@@ -2,7 +2,7 @@
 //! at one revision, guarded txns sent together, and the cluster's health as its status says.
 
 use super::pb;
-use super::{CallError, Session, CALL_TIMEOUT};
+use super::Session;
 use crate::error::Error;
 use pb::kv_client::KvClient;
 use pb::maintenance_client::MaintenanceClient;
@@ -138,15 +138,7 @@ impl Session {
                     .map(|r| r.into_inner().succeeded)
             }
         });
-        let all = self
-            .rt
-            .block_on(async {
-                tokio::time::timeout(CALL_TIMEOUT, futures::future::join_all(calls)).await
-            })
-            .map_err(|_| self.client.timed_out("txn", CALL_TIMEOUT))?;
-        all.into_iter()
-            .map(|r| r.map_err(|s| self.client.error("txn", &CallError::Status(s))))
-            .collect()
+        self.together("txn", calls)
     }
 }
 
