@@ -10,6 +10,9 @@ pub const DEFAULT_TARGET: &str = "/home/ubuntu/etcd-snapshots";
 
 /// When `follow` takes a new full snapshot unless told otherwise (`--full-every`).
 pub const FULL_EVERY_DEFAULT: &str = "1h,128MiB";
+/// Keys an import may touch (add, change or delete) unless `max-keys` is raised: a whole
+/// Kubernetes namespace fits, a mistyped prefix that would rewrite the cluster does not.
+pub const IMPORT_MAX_KEYS: i64 = 10_000;
 pub const DEFAULT_STOP: &str = "systemctl stop snap.etcd.etcd";
 pub const DEFAULT_START: &str = "systemctl start snap.etcd.etcd";
 
@@ -624,7 +627,7 @@ pub struct ImportArgs {
     pub skip_backup: bool,
 
     /// Refuse to write when the import would touch more keys than this.
-    #[arg(long, default_value_t = crate::config::IMPORT_MAX_KEYS)]
+    #[arg(long, default_value_t = IMPORT_MAX_KEYS)]
     pub max_keys: i64,
 
     /// Directory of the snapshot taken first (and of local archives and history).

@@ -14,10 +14,6 @@ use crate::cli::{
 };
 use crate::error::{Error, IoContext};
 
-/// Keys an import may touch (add, change or delete) unless `max-keys` is raised: a whole
-/// Kubernetes namespace fits, a mistyped prefix that would rewrite the cluster does not.
-pub const IMPORT_MAX_KEYS: i64 = 10_000;
-
 /// The settings every action uses.
 #[derive(Debug, Clone)]
 pub struct Settings {
