@@ -653,9 +653,18 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
     let Some(first) = args.first() else {
         return vec!["etcd-actions".into()];
     };
-    let name = Path::new(first)
+    let argv0 = Path::new(first)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
+    // Run by the charm's `dispatch` (Juju 2.8+): the hook or action is JUJU_DISPATCH_PATH's.
+    let dispatched = (args.len() == 1 && argv0.as_deref() == Some("etcd-actions"))
+        .then(|| std::env::var("JUJU_DISPATCH_PATH").ok())
+        .flatten()
+        .filter(|p| p.starts_with("hooks/") || p.starts_with("actions/"));
+    let name = match &dispatched {
+        Some(p) => p.rsplit('/').next().map(str::to_string),
+        None => argv0,
+    };
     match name.as_deref() {
         Some(
             action @ ("snapshot" | "restore" | "list-backups" | "verify" | "prune" | "export"
@@ -677,6 +686,14 @@ pub fn normalize_args(args: Vec<OsString>) -> Vec<OsString> {
                 || hook == "config-changed"
                 || hook == "secret-changed"
                 || hook == "update-status" =>
+        {
+            vec!["etcd-actions".into(), "hook".into(), hook.into()]
+        }
+        // Any other hook `dispatch` runs: the hook command says there is nothing to do.
+        Some(hook)
+            if dispatched
+                .as_deref()
+                .is_some_and(|p| p.starts_with("hooks/")) =>
         {
             vec!["etcd-actions".into(), "hook".into(), hook.into()]
         }

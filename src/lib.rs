@@ -107,8 +107,19 @@ pub fn run(args: Vec<OsString>) -> u8 {
         } else if name == "secret-changed" {
             // config-changed's checks: a secret without a usable recipient blocks the unit.
             actions::schedule::config_changed(&settings).map(|m| format!("secret-changed: {m}"))
-        } else {
+        } else if juju::STORE_ENDPOINTS.iter().any(|e| {
+            name.strip_prefix(e)
+                .is_some_and(|rest| rest == "-relation-joined" || rest == "-relation-changed")
+        }) {
             juju::s3_relation_hook(name).map(refreshed)
+        } else if juju::STORE_ENDPOINTS
+            .iter()
+            .any(|e| name.starts_with(&format!("{e}-relation-")))
+        {
+            // A store relation departing or broken: the follow service loses it too.
+            Ok(refreshed(format!("{name}: the store relation changed")))
+        } else {
+            Ok(format!("{name}: nothing to do"))
         };
         return match outcome {
             Ok(msg) => {
