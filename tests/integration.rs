@@ -4,6 +4,7 @@
 
 mod util;
 
+mod charm;
 mod crash;
 mod encryption;
 mod errors;
