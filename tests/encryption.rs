@@ -43,7 +43,7 @@ pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 }
 
 /// `age -d -i key archive`: the plaintext, or the failure.
-fn age_decrypt(key: &Path, archive: &Path) -> Result<Vec<u8>, String> {
+pub fn age_decrypt(key: &Path, archive: &Path) -> Result<Vec<u8>, String> {
     let out = Command::new(age_bin("age"))
         .arg("-d")
         .arg("-i")

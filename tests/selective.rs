@@ -580,6 +580,59 @@ fn an_encrypted_archive_in_the_store_exports_by_id() {
         .to_string();
     std::fs::remove_dir_all(&target).unwrap();
     let live = under(&range(&node, at), "/enc/");
+
+    // An encrypted export opens with the stock age, and imports with the identity.
+    let r = Agent::standalone(
+        &node,
+        &[
+            "export",
+            "--target",
+            target.to_str().unwrap(),
+            "--prefix",
+            "/enc/",
+        ],
+    )
+    .env("ETCD_ACTIONS_ENCRYPT_TO", &recipient)
+    .run()
+    .success();
+    let sealed = PathBuf::from(r["export"]["path"].as_str().unwrap());
+    assert!(
+        sealed.to_str().unwrap().ends_with(".jsonl.gz.age"),
+        "{sealed:?}"
+    );
+    assert_eq!(r["export"]["encryption"].as_str(), Some("age"));
+    let opened = tmp.path().join("opened.jsonl.gz");
+    std::fs::write(
+        &opened,
+        crate::encryption::age_decrypt(&key, &sealed).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(read_export(&opened).1, live, "the stock age opens it");
+    node.ctl_ok(&["del", "/enc/", "--prefix"]);
+    let msg = import(
+        &node,
+        &target,
+        &["--file", sealed.to_str().unwrap(), "--dry-run=false"],
+    )
+    .failure();
+    assert!(msg.contains("identity"), "no identity, no import: {msg}");
+    let r = Agent::standalone(
+        &node,
+        &[
+            "import",
+            "--target",
+            target.to_str().unwrap(),
+            "--file",
+            sealed.to_str().unwrap(),
+            "--dry-run=false",
+            "--skip-backup",
+        ],
+    )
+    .env("ETCD_ACTIONS_IDENTITY_FILE", &key)
+    .run()
+    .success();
+    assert_eq!(count(&r, "added"), 150);
+    assert_eq!(values(&under(&range(&node, 0), "/enc/")), values(&live));
     node.stop();
     let out = tmp.path().join("out");
     let agent = Agent::standalone(
