@@ -148,6 +148,33 @@ fn the_packed_charm_lints_clean_and_dispatch_runs_the_binary() {
     assert!(run.status.success(), "{run:?}");
     let logged = std::fs::read_to_string(juju.state.join("juju-log.txt")).unwrap_or_default();
     assert!(logged.contains("start: nothing to do"), "{logged}");
+
+    // And an action: `dispatch` with JUJU_DISPATCH_PATH=actions/<name>, on a real etcd.
+    let node = Node::single(tmp.path(), "d0", &v3530());
+    node.fill("/d/", 5);
+    let backups = tmp.path().join("backups");
+    juju.params(
+        "snapshot",
+        serde_json::json!({"target": backups.to_str().unwrap()}),
+    );
+    let run = Command::new(unpacked.join("dispatch"))
+        .current_dir(tmp.path())
+        .env("PATH", &path)
+        .env("JUJU_DISPATCH_PATH", "actions/snapshot")
+        .env("JUJU_ACTION_NAME", "snapshot")
+        .env("JUJU_ACTION_UUID", "9")
+        .env("JUJU_UNIT_NAME", "etcd/0")
+        .env("JUJU_CHARM_DIR", &unpacked)
+        .env("FAKE_JUJU_STATE", &juju.state)
+        .env("ETCD_ACTIONS_ETCD_CONFIG", node.config_path())
+        .env("ETCD_ACTIONS_LOCK_TIMEOUT", "60")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(juju.failure(), None, "{run:?}");
+    let r = juju.results();
+    assert_eq!(r["snapshot"]["keys"].as_str(), Some("5"), "{r}");
+    assert!(Path::new(r["snapshot"]["path"].as_str().unwrap()).is_file());
 }
 
 /// The `--flags` a `--help` text names.

@@ -731,3 +731,58 @@ fn under_juju_export_then_import_is_a_dry_run_until_asked_and_works_on_three_uni
         "{msg}"
     );
 }
+
+#[test]
+fn an_import_killed_halfway_leaves_written_keys_whole_and_a_rerun_finishes_it() {
+    let tmp = tempdir();
+    let node = Node::single(tmp.path(), "k0", &v3530());
+    let target = tmp.path().join("backups");
+    node.fill("/ns/", 3000);
+    let snap = Agent::snapshot(&node, target.to_str().unwrap())
+        .run()
+        .success();
+    let archive = snap["snapshot"]["path"].as_str().unwrap().to_string();
+    let backup = under(&range(&node, 0), "/ns/");
+    node.ctl_ok(&["del", "/ns/", "--prefix"]);
+
+    let pause = tmp.path().join("pause");
+    std::fs::create_dir_all(&pause).unwrap();
+    let args = [
+        "import",
+        "--target",
+        target.to_str().unwrap(),
+        "--snapshot",
+        &archive,
+        "--prefix",
+        "/ns/",
+        "--dry-run=false",
+        "--skip-backup",
+    ];
+    let mut child = Agent::standalone(&node, &args)
+        .env(
+            "ETCD_ACTIONS_PAUSE",
+            format!("import-window-sent:{}", pause.display()),
+        )
+        .spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !pause.join("import-window-sent.reached").exists() {
+        assert!(std::time::Instant::now() < deadline, "never wrote a window");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let halfway = under(&range(&node, 0), "/ns/");
+    assert!(
+        !halfway.is_empty() && halfway.len() < 3000,
+        "{} written",
+        halfway.len()
+    );
+    for (k, v) in &halfway {
+        assert_eq!(v.0, backup[k].0, "a written key holds the backup's value");
+    }
+
+    let r = import(&node, &target, &args[3..]).run_ok();
+    assert_eq!(count(&r, "added"), (3000 - halfway.len()) as u64);
+    assert_eq!(count(&r, "unchanged"), halfway.len() as u64);
+    assert_eq!(values(&under(&range(&node, 0), "/ns/")), values(&backup));
+}

@@ -512,6 +512,7 @@ impl Writer<'_> {
         let ready = std::mem::take(&mut self.ready);
         let batches: Vec<&[Guarded]> = ready.iter().map(|(b, _)| b.as_slice()).collect();
         let applied = self.session.guarded_txns(&batches)?;
+        crate::points::pause_point("import-window-sent");
         for ((batch, ops), ok) in ready.iter().zip(applied) {
             if ok {
                 for (g, op) in batch.iter().zip(ops) {
