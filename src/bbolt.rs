@@ -309,10 +309,7 @@ impl Bolt {
                 let child = le_u64(&page, e + 8).ok_or_else(bad)?;
                 page = self.page(child)?;
             } else if flags & LEAF != 0 {
-                let pos = le_u32(&page, e + 4).ok_or_else(bad)? as usize;
-                let ksize = le_u32(&page, e + 8).ok_or_else(bad)? as usize;
-                let k = e.checked_add(pos).ok_or_else(bad)?;
-                let key = page.get(k..k + ksize).ok_or_else(bad)?;
+                let key = elem_key(&page, e, 4, 8).ok_or_else(bad)?;
                 return Ok(Some(key.to_vec()));
             } else {
                 return Err(format!("unexpected page type {flags:#x}"));

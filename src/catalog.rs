@@ -570,13 +570,10 @@ pub fn time_from_name(name: &str) -> Option<String> {
 }
 
 fn read_sidecar(dir: &Dir, name: &str) -> Option<String> {
-    let side = format!("{name}.sha256");
-    let mut f = dir.open_file(&side).ok()?;
-    let mut text = String::new();
-    f.by_ref().take(4096).read_to_string(&mut text).ok()?;
-    let sha = text.split_whitespace().next()?;
-    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| sha.to_ascii_lowercase())
+    match dir.sha256_sidecar(name) {
+        Ok(crate::fsutil::Sidecar::Sha256(sha)) => Some(sha),
+        _ => None,
+    }
 }
 
 /// The archives in `target` (ours, by name) and in the store folder of this application.

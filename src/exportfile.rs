@@ -21,6 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::archive::HashingFileWriter;
 use crate::crypt::{Keys, Sealed};
 use crate::error::{Error, IoContext};
+use crate::etcd::pb::KeyValue;
+use crate::fsutil::Sidecar;
 use crate::history::b64;
 use crate::keyset::Kv;
 use crate::store::TeeFile;
@@ -72,7 +74,8 @@ pub struct ExportWriter {
     line: Vec<u8>,
     expected: u64,
     written: u64,
-    last: Option<Vec<u8>>,
+    /// The last key written (empty before the first: no key is empty).
+    last: Vec<u8>,
 }
 
 /// What an `ExportWriter` wrote: the file, its sha256 and its length.
@@ -96,7 +99,7 @@ impl ExportWriter {
             line: Vec::with_capacity(4096),
             expected: head.count,
             written: 0,
-            last: None,
+            last: Vec::new(),
         };
         serde_json::to_writer(&mut w.line, head).map_err(|e| Error::Internal(e.to_string()))?;
         w.line.push(b'\n');
@@ -106,10 +109,11 @@ impl ExportWriter {
 
     /// Writes one key; keys come in strictly increasing order.
     pub fn put(&mut self, kv: Kv<'_>) -> Result<(), Error> {
-        if self.last.as_deref().is_some_and(|l| l >= kv.key) {
+        if self.last.as_slice() >= kv.key {
             return Err(Error::Internal("export keys out of order".into()));
         }
-        self.last = Some(kv.key.to_vec());
+        self.last.clear();
+        self.last.extend_from_slice(kv.key);
         self.line.clear();
         let line = Line {
             key: b64().encode(kv.key),
@@ -171,30 +175,6 @@ impl<R: Read> Read for Tap<R> {
     }
 }
 
-/// One key read from an export, owned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnedKv {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-    pub create_revision: i64,
-    pub mod_revision: i64,
-    pub version: i64,
-    pub lease: i64,
-}
-
-impl OwnedKv {
-    pub fn kv(&self) -> Kv<'_> {
-        Kv {
-            key: &self.key,
-            value: &self.value,
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            version: self.version,
-            lease: self.lease,
-        }
-    }
-}
-
 /// Reads an export, checking as it goes (see the module's text).
 pub struct ExportReader {
     path: PathBuf,
@@ -205,7 +185,8 @@ pub struct ExportReader {
     pub head: Head,
     prefix: Vec<u8>,
     read: u64,
-    last: Option<Vec<u8>>,
+    /// The last key read (empty before the first: an empty key is refused).
+    last: Vec<u8>,
     buf: Vec<u8>,
     /// The sha256 its sidecar records, when it has one.
     pub recorded: Option<String>,
@@ -265,7 +246,7 @@ impl ExportReader {
             },
             prefix: Vec::new(),
             read: 0,
-            last: None,
+            last: Vec::new(),
             buf: Vec::new(),
             recorded,
             computed: None,
@@ -327,7 +308,7 @@ impl ExportReader {
 
     /// The next key, checked; `None` after the last, once the count and the sha256 are
     /// checked too.
-    pub fn next_kv(&mut self) -> Result<Option<OwnedKv>, Error> {
+    pub fn next_kv(&mut self) -> Result<Option<KeyValue>, Error> {
         if self.done {
             return Ok(None);
         }
@@ -350,7 +331,7 @@ impl ExportReader {
                 .decode(s)
                 .map_err(|e| self.refuse(format!("key line {at}: its {what} is not base64 ({e})")))
         };
-        let kv = OwnedKv {
+        let kv = KeyValue {
             key: decode("key", &line.key)?,
             value: decode("value", &line.value)?,
             create_revision: line.create_revision,
@@ -366,7 +347,7 @@ impl ExportReader {
                 self.head.prefix
             )));
         }
-        if self.last.as_deref().is_some_and(|l| l >= kv.key.as_slice()) {
+        if self.last >= kv.key {
             return Err(self.refuse(format!(
                 "key `{}` (line {at}) is out of order: an export lists each key once, in order",
                 shown()
@@ -381,7 +362,8 @@ impl ExportReader {
                 crate::error::human_size(REQUEST_MAX as u64)
             )));
         }
-        self.last = Some(kv.key.clone());
+        self.last.clear();
+        self.last.extend_from_slice(&kv.key);
         Ok(Some(kv))
     }
 
@@ -428,23 +410,21 @@ impl ExportReader {
 
 /// The sha256 in `<path>.sha256`, when there is such a file.
 fn read_sidecar(path: &Path) -> Result<Option<String>, Error> {
-    let side = PathBuf::from(format!("{}.sha256", path.display()));
-    match std::fs::read_to_string(&side) {
-        Ok(text) => {
-            let sha = text.split_whitespace().next().unwrap_or("").to_string();
-            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(Error::BadExport {
-                    path: path.to_path_buf(),
-                    problem: format!(
-                        "its sidecar `{}` holds no sha256; remove it or copy it again",
-                        side.display()
-                    ),
-                });
-            }
-            Ok(Some(sha.to_ascii_lowercase()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(format!("cannot read `{}`", side.display()), e)),
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match crate::fsutil::Dir::open(parent)?.sha256_sidecar(&name)? {
+        Sidecar::Missing => Ok(None),
+        Sidecar::Sha256(sha) => Ok(Some(sha)),
+        Sidecar::NotASha256 => Err(Error::BadExport {
+            path: path.to_path_buf(),
+            problem: format!(
+                "its sidecar `{}.sha256` holds no sha256; remove it or copy it again",
+                path.display()
+            ),
+        }),
     }
 }
 

@@ -20,6 +20,15 @@ use nix::NixPath;
 
 use crate::error::{human_size, Error, IoContext};
 
+/// What a `.sha256` sidecar says (see `Dir::sha256_sidecar`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sidecar {
+    Missing,
+    Sha256(String),
+    /// It exists but holds no sha256.
+    NotASha256,
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> Result<u64, Error> {
     let st =
@@ -190,6 +199,29 @@ impl Dir {
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDWR))
             .ctx(|| format!("cannot use `{}`", shown.display()))?;
         Ok(File::from(fd))
+    }
+
+    /// What the sidecar `<name>.sha256` (`sha256sum` format) records: read bounded, never
+    /// through a symlink. Archives and exports both have one.
+    pub fn sha256_sidecar(&self, name: &str) -> Result<Sidecar, Error> {
+        use std::io::Read;
+        let side = format!("{name}.sha256");
+        if self.entry_stat(&side)?.is_none() {
+            return Ok(Sidecar::Missing);
+        }
+        let mut text = String::new();
+        self.open_file(&side)?
+            .take(4096)
+            .read_to_string(&mut text)
+            .ctx(|| format!("cannot read `{}`", self.join(&side).display()))?;
+        let sha = text.split_whitespace().next().unwrap_or_default();
+        Ok(
+            if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Sidecar::Sha256(sha.to_ascii_lowercase())
+            } else {
+                Sidecar::NotASha256
+            },
+        )
     }
 
     /// `lstat` of `name` in this directory; `None` when it does not exist.

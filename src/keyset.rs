@@ -17,6 +17,7 @@ use prost::Message;
 use crate::bbolt::{Bolt, Root};
 use crate::etcd::pb;
 use crate::etcd::Change;
+use crate::revision::{is_revision_key, main_revision};
 
 /// One key as an export holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,14 +142,18 @@ impl KeySet {
         let mut entries = 0u64;
         bolt.for_each(b"key", &mut |rev, msg| {
             entries += 1;
-            if rev.len() < 17 || rev[8] != b'_' {
+            if !is_revision_key(rev) {
                 return Err(format!(
                     "the key bucket holds `{}`, which is not a revision",
                     hex::encode(&rev[..rev.len().min(32)])
                 ));
             }
-            let r = record(msg)
-                .ok_or_else(|| format!("a key's record at revision {} is damaged", main(rev)))?;
+            let r = record(msg).ok_or_else(|| {
+                format!(
+                    "a key's record at revision {} is damaged",
+                    main_revision(rev)
+                )
+            })?;
             if !r.key.starts_with(prefix) {
                 return Ok(());
             }
@@ -224,10 +229,9 @@ impl KeySet {
             let value: &[u8] = match (&v.value, &self.db) {
                 (Value::Held(bytes), _) => bytes,
                 (Value::InDb(rev), Some((bolt, root))) => {
-                    let msg = bolt
-                        .get(root, rev)
-                        .map_err(reread)?
-                        .ok_or_else(|| reread(format!("revision {} is gone", main(rev))))?;
+                    let msg = bolt.get(root, rev).map_err(reread)?.ok_or_else(|| {
+                        reread(format!("revision {} is gone", main_revision(rev)))
+                    })?;
                     read = pb::KeyValue::decode(msg.as_slice())
                         .map_err(|e| reread(e.to_string()))?
                         .value;
@@ -246,12 +250,6 @@ impl KeySet {
         }
         Ok(())
     }
-}
-
-fn main(rev: &[u8]) -> i64 {
-    rev.get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, i64::from_be_bytes)
 }
 
 #[cfg(test)]

@@ -36,11 +36,11 @@ const MAX_CAPTURE: usize = 1 << 20;
 
 /// A key of the `key` bucket: 8-byte big-endian main revision, `_`, 8-byte sub revision, and
 /// an optional `t` (tombstone).
-fn is_revision_key(k: &[u8]) -> bool {
+pub(crate) fn is_revision_key(k: &[u8]) -> bool {
     (k.len() == 17 || k.len() == 18) && k[8] == b'_'
 }
 
-fn main_revision(k: &[u8]) -> i64 {
+pub(crate) fn main_revision(k: &[u8]) -> i64 {
     i64::from_be_bytes(k[..8].try_into().expect("8 bytes"))
 }
 

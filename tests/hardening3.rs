@@ -592,17 +592,7 @@ fn a_hostile_store_gets_bounded_answers() {
     assert!(kib < 60 * 1024, "peak RSS {kib} KiB");
 
     // A redirect to another host: not followed, and that host's body is never shown.
-    let elsewhere = FakeStore::start(std::sync::Arc::new(|_: &str| {
-        http("403 Forbidden", &[], b"ELSEWHERE-SAYS-SECRET")
-    }));
-    let target = format!("http://127.0.0.2:{}/x", elsewhere.port);
-    let redirecting = FakeStore::start(std::sync::Arc::new(move |_: &str| {
-        http(
-            "307 Temporary Redirect",
-            &[("Location", target.clone())],
-            b"",
-        )
-    }));
+    let (redirecting, elsewhere) = redirecting_elsewhere();
     let msg = list_backups_against(&node, &redirecting.endpoint(), "bk").failure();
     assert!(!msg.contains("ELSEWHERE"), "{msg}");
     assert_eq!(
@@ -989,17 +979,7 @@ fn hostile_azure_and_gcs_stores_get_bounded_answers() {
     assert!(started.elapsed() < Duration::from_secs(100));
     assert!(!msg.contains("c2VjcmV0LWtleQ"), "the key leaked: {msg}");
 
-    let elsewhere = FakeStore::start(std::sync::Arc::new(|_: &str| {
-        http("403 Forbidden", &[], b"ELSEWHERE-SAYS-SECRET")
-    }));
-    let target = format!("http://127.0.0.2:{}/x", elsewhere.port);
-    let redirecting = FakeStore::start(std::sync::Arc::new(move |_: &str| {
-        http(
-            "307 Temporary Redirect",
-            &[("Location", target.clone())],
-            b"",
-        )
-    }));
+    let (redirecting, elsewhere) = redirecting_elsewhere();
     let key = tmp.path().join("key.json");
     fs::write(
         &key,
@@ -1022,4 +1002,21 @@ fn hostile_azure_and_gcs_stores_get_bounded_answers() {
         0,
         "the other host was never asked"
     );
+}
+
+/// A store that answers every request with a redirect to another host (127.0.0.2), and that
+/// host, which would answer with a body that must never be shown.
+fn redirecting_elsewhere() -> (FakeStore, FakeStore) {
+    let elsewhere = FakeStore::start(std::sync::Arc::new(|_: &str| {
+        http("403 Forbidden", &[], b"ELSEWHERE-SAYS-SECRET")
+    }));
+    let target = format!("http://127.0.0.2:{}/x", elsewhere.port);
+    let redirecting = FakeStore::start(std::sync::Arc::new(move |_: &str| {
+        http(
+            "307 Temporary Redirect",
+            &[("Location", target.clone())],
+            b"",
+        )
+    }));
+    (redirecting, elsewhere)
 }

@@ -58,18 +58,39 @@ fn values(keys: &Keys) -> BTreeMap<String, String> {
     keys.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()
 }
 
-fn export(node: &Node, target: &Path, args: &[&str]) -> (PathBuf, serde_yaml::Value) {
-    let mut all = vec!["export", "--target", target.to_str().unwrap()];
+/// `etcd-actions <command> --target <target> <args>` standalone, for `node`.
+fn agent(node: &Node, command: &str, target: &Path, args: &[&str]) -> Agent {
+    let mut all = vec![command, "--target", target.to_str().unwrap()];
     all.extend_from_slice(args);
-    let r = Agent::standalone(node, &all).run().success();
+    Agent::standalone(node, &all)
+}
+
+fn export(node: &Node, target: &Path, args: &[&str]) -> (PathBuf, serde_yaml::Value) {
+    let r = agent(node, "export", target, args).run().success();
     let path = PathBuf::from(r["export"]["path"].as_str().unwrap());
     (path, r)
 }
 
 fn import(node: &Node, target: &Path, args: &[&str]) -> Run {
-    let mut all = vec!["import", "--target", target.to_str().unwrap()];
-    all.extend_from_slice(args);
-    Agent::standalone(node, &all).run()
+    agent(node, "import", target, args).run()
+}
+
+/// Starts `agent` stopped at the pause point `point` (files in `dir`); returns once it is
+/// there. Creating `<dir>/<point>.go` lets it go on.
+fn paused_at(agent: Agent, point: &str, dir: &Path) -> std::process::Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let child = agent
+        .env("ETCD_ACTIONS_PAUSE", format!("{point}:{}", dir.display()))
+        .spawn();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !dir.join(format!("{point}.reached")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
 }
 
 fn count(r: &serde_yaml::Value, what: &str) -> u64 {
@@ -144,7 +165,7 @@ fn a_deleted_prefix_comes_back_from_the_newest_backup_while_others_write() {
         &target,
         &["--snapshot", &archive, "--prefix", ns, "--mode", "add"],
     )
-    .run_ok();
+    .success();
     assert_eq!(counts(&dry), [2001, 0, 0, 0, 0]);
     assert_eq!(dry["import"]["dry-run"].as_str(), Some("true"));
     assert_eq!(
@@ -156,32 +177,24 @@ fn a_deleted_prefix_comes_back_from_the_newest_backup_while_others_write() {
 
     // The real run, paused after planning: a key changed then is a conflict.
     let pause = tmp.path().join("pause");
-    std::fs::create_dir_all(&pause).unwrap();
-    let child = Agent::standalone(
-        &node,
-        &[
+    let child = paused_at(
+        agent(
+            &node,
             "import",
-            "--target",
-            target.to_str().unwrap(),
-            "--snapshot",
-            &archive,
-            "--prefix",
-            ns,
-            "--mode",
-            "add",
-            "--dry-run=false",
-        ],
-    )
-    .env(
-        "ETCD_ACTIONS_PAUSE",
-        format!("import-planned:{}", pause.display()),
-    )
-    .spawn();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !pause.join("import-planned.reached").exists() {
-        assert!(std::time::Instant::now() < deadline, "never planned");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+            &target,
+            &[
+                "--snapshot",
+                &archive,
+                "--prefix",
+                ns,
+                "--mode",
+                "add",
+                "--dry-run=false",
+            ],
+        ),
+        "import-planned",
+        &pause,
+    );
     node.put(&format!("{ns}0005"), "changed by someone");
     std::fs::write(pause.join("import-planned.go"), b"").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -224,7 +237,7 @@ fn a_deleted_prefix_comes_back_from_the_newest_backup_while_others_write() {
             "--skip-backup",
         ],
     )
-    .run_ok();
+    .success();
     assert_eq!(counts(&dry), [0, 1, 1, 2000, 0]);
     let real = import(
         &node,
@@ -240,7 +253,7 @@ fn a_deleted_prefix_comes_back_from_the_newest_backup_while_others_write() {
             "--dry-run=false",
         ],
     )
-    .run_ok();
+    .success();
     assert_eq!(
         counts(&real),
         counts(&dry),
@@ -287,16 +300,6 @@ fn a_deleted_prefix_comes_back_from_the_newest_backup_while_others_write() {
     .failure();
     assert!(refused.contains("max-keys"), "{refused}");
     assert!(under(&range(&node, 0), ns).is_empty(), "nothing written");
-}
-
-trait RunOk {
-    fn run_ok(&self) -> serde_yaml::Value;
-}
-
-impl RunOk for Run {
-    fn run_ok(&self) -> serde_yaml::Value {
-        self.success()
-    }
 }
 
 /// Writes an export by hand: `head` then `lines`, gzipped.
@@ -479,7 +482,7 @@ fn exports_equal_across_sources_and_hostile_files_are_refused_before_any_write()
             "--skip-backup",
         ],
     )
-    .run_ok();
+    .success();
     assert_eq!(counts(&r), [0, 1, 0, 299, 0]);
     assert_eq!(range(&node, 0)["/app/0003"].0, "value-/app/-3");
 }
@@ -548,7 +551,7 @@ fn export_at_a_point_of_the_history_equals_etcds_range_there() {
             "--skip-backup",
         ],
     )
-    .run_ok();
+    .success();
     assert_eq!(count(&r, "added"), at_mid.len() as u64);
     assert_eq!(values(&under(&range(&node, 0), "/p/")), values(&at_mid));
 }
@@ -582,19 +585,10 @@ fn an_encrypted_archive_in_the_store_exports_by_id() {
     let live = under(&range(&node, at), "/enc/");
 
     // An encrypted export opens with the stock age, and imports with the identity.
-    let r = Agent::standalone(
-        &node,
-        &[
-            "export",
-            "--target",
-            target.to_str().unwrap(),
-            "--prefix",
-            "/enc/",
-        ],
-    )
-    .env("ETCD_ACTIONS_ENCRYPT_TO", &recipient)
-    .run()
-    .success();
+    let r = agent(&node, "export", &target, &["--prefix", "/enc/"])
+        .env("ETCD_ACTIONS_ENCRYPT_TO", &recipient)
+        .run()
+        .success();
     let sealed = PathBuf::from(r["export"]["path"].as_str().unwrap());
     assert!(
         sealed.to_str().unwrap().ends_with(".jsonl.gz.age"),
@@ -616,12 +610,11 @@ fn an_encrypted_archive_in_the_store_exports_by_id() {
     )
     .failure();
     assert!(msg.contains("identity"), "no identity, no import: {msg}");
-    let r = Agent::standalone(
+    let r = agent(
         &node,
+        "import",
+        &target,
         &[
-            "import",
-            "--target",
-            target.to_str().unwrap(),
             "--file",
             sealed.to_str().unwrap(),
             "--dry-run=false",
@@ -635,20 +628,14 @@ fn an_encrypted_archive_in_the_store_exports_by_id() {
     assert_eq!(values(&under(&range(&node, 0), "/enc/")), values(&live));
     node.stop();
     let out = tmp.path().join("out");
-    let agent = Agent::standalone(
+    let by_id = agent(
         &node,
-        &[
-            "export",
-            "--target",
-            out.to_str().unwrap(),
-            "--prefix",
-            "/enc/",
-            "--backup-id",
-            &id,
-        ],
+        "export",
+        &out,
+        &["--prefix", "/enc/", "--backup-id", &id],
     );
     let r = s3
-        .env(agent, "etcd-bk", "etcd")
+        .env(by_id, "etcd-bk", "etcd")
         .env("ETCD_ACTIONS_IDENTITY_FILE", &key)
         .run()
         .success();
@@ -745,12 +732,7 @@ fn an_import_killed_halfway_leaves_written_keys_whole_and_a_rerun_finishes_it() 
     let backup = under(&range(&node, 0), "/ns/");
     node.ctl_ok(&["del", "/ns/", "--prefix"]);
 
-    let pause = tmp.path().join("pause");
-    std::fs::create_dir_all(&pause).unwrap();
     let args = [
-        "import",
-        "--target",
-        target.to_str().unwrap(),
         "--snapshot",
         &archive,
         "--prefix",
@@ -758,17 +740,11 @@ fn an_import_killed_halfway_leaves_written_keys_whole_and_a_rerun_finishes_it() 
         "--dry-run=false",
         "--skip-backup",
     ];
-    let mut child = Agent::standalone(&node, &args)
-        .env(
-            "ETCD_ACTIONS_PAUSE",
-            format!("import-window-sent:{}", pause.display()),
-        )
-        .spawn();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !pause.join("import-window-sent.reached").exists() {
-        assert!(std::time::Instant::now() < deadline, "never wrote a window");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut child = paused_at(
+        agent(&node, "import", &target, &args),
+        "import-window-sent",
+        &tmp.path().join("pause"),
+    );
     child.kill().unwrap();
     let _ = child.wait();
     let halfway = under(&range(&node, 0), "/ns/");
@@ -781,7 +757,7 @@ fn an_import_killed_halfway_leaves_written_keys_whole_and_a_rerun_finishes_it() 
         assert_eq!(v.0, backup[k].0, "a written key holds the backup's value");
     }
 
-    let r = import(&node, &target, &args[3..]).run_ok();
+    let r = import(&node, &target, &args).success();
     assert_eq!(count(&r, "added"), (3000 - halfway.len()) as u64);
     assert_eq!(count(&r, "unchanged"), halfway.len() as u64);
     assert_eq!(values(&under(&range(&node, 0), "/ns/")), values(&backup));

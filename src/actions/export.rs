@@ -123,8 +123,8 @@ fn export_live(
     opts: &ExportOptions,
 ) -> Result<(Published, Source), Error> {
     let client = Client::new(&unit.config);
-    let status = client.status()?;
     let session = client.session()?;
+    let status = session.health()?;
     let prefix = opts.prefix.as_bytes();
     let end = prefix_end(prefix);
     let revision = opts.revision.unwrap_or(status.revision);

@@ -131,7 +131,7 @@ impl Source {
                 r.recorded = Some(sha256.clone());
                 while let Some(kv) = r.next_kv()? {
                     if kv.key.starts_with(prefix) {
-                        f(kv.kv())?;
+                        f(Kv::of(&kv))?;
                     }
                 }
                 Ok(())

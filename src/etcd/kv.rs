@@ -31,6 +31,7 @@ pub struct Health {
     /// The member's errors: its alarms (NOSPACE, CORRUPT) among them.
     pub errors: Vec<String>,
     pub revision: i64,
+    pub cluster_id: u64,
 }
 
 /// The end of etcd's range over every key starting with `prefix` (etcdctl's `--prefix`):
@@ -93,10 +94,12 @@ impl Session {
             "status",
             async move { m.status(pb::StatusRequest {}).await },
         )?;
+        let header = r.header.unwrap_or_default();
         Ok(Health {
             leader: r.leader,
             errors: r.errors,
-            revision: r.header.map_or(0, |h| h.revision),
+            revision: header.revision,
+            cluster_id: header.cluster_id,
         })
     }
 

@@ -171,7 +171,8 @@ fn part_of(uri: &http::Uri) -> Option<(String, u32)> {
     Some((id, get("partNumber")?.parse().ok()?))
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes of a URL's path or query decoded (an invalid escape is kept as it is).
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

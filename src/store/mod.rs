@@ -22,6 +22,7 @@ mod azure;
 mod caps;
 mod gcs;
 mod guard;
+pub use guard::percent_decode;
 mod names;
 mod s3;
 

@@ -381,24 +381,6 @@ fn error_answer(status: u16, code: &str) -> Answer {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8(out).unwrap()
-}
-
 /// Serves one client connection, request after request.
 fn serve(client: TcpStream, upstream: u16, dir: &Path, rules: Rules, seen: &Seen) {
     let mut out = client.try_clone().unwrap();
@@ -432,7 +414,9 @@ fn serve(client: TcpStream, upstream: u16, dir: &Path, rules: Rules, seen: &Seen
             error_answer(501, "NotImplemented")
         } else {
             if rules.ignore_conditional && has("if-none-match") {
-                let _ = fs::remove_file(dir.join(percent_decode(path.trim_start_matches('/'))));
+                let _ = fs::remove_file(dir.join(etcd_actions::store::percent_decode(
+                    path.trim_start_matches('/'),
+                )));
                 note.push_str("ignored if-none-match ");
             }
             let mut lie = None;
